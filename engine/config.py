@@ -1,0 +1,216 @@
+"""Typed, validated configuration for one diffusion candidate.
+
+Every config is a frozen dataclass that validates itself on construction and
+round-trips through JSON: configs cross process boundaries and live in the study
+storage. A bad value raises ``ValueError`` naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ACTIVATIONS = ("silu", "gelu", "relu")
+RESAMPLES = ("nearest", "transposed")
+NORMS = ("group", "layer")
+BETA_SCHEDULES = ("linear", "cosine", "sigmoid")
+PREDICTIONS = ("eps", "v", "x0")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")
+SPACINGS = ("uniform", "quadratic", "karras", "trailing", "explicit", "optimized")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _fail(owner: str, name: str, value: Any, why: str) -> None:
+    raise ValueError(f"{owner}.{name}={value!r}: {why}")
+
+
+def _check(cond: bool, owner: str, name: str, value: Any, why: str) -> None:
+    if not cond:
+        _fail(owner, name, value, why)
+
+
+def _choice(owner: str, name: str, value: Any, options: tuple[str, ...]) -> None:
+    _check(value in options, owner, name, value, f"must be one of {', '.join(options)}")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of the noise-prediction U-Net (NHWC).
+
+    ``width_mults[l] * base_width`` is the width of level ``l``; every level but the
+    last halves the resolution. ``attn_levels`` lists the levels with self-attention.
+    """
+
+    image_size: int = 16
+    channels: int = 1
+    base_width: int = 32
+    width_mults: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    attn_levels: tuple[int, ...] = ()
+    head_dim: int = 32
+    norm_groups: int = 8
+    norm: str = "group"
+    activation: str = "silu"
+    dropout: float = 0.0
+    resample: str = "nearest"
+    separable: bool = False
+    time_emb_dim: int = 128
+
+    def __post_init__(self) -> None:
+        o = "UNetConfig"
+        object.__setattr__(self, "width_mults", tuple(int(m) for m in self.width_mults))
+        object.__setattr__(self, "attn_levels", tuple(int(a) for a in self.attn_levels))
+        _check(4 <= self.image_size <= 512, o, "image_size", self.image_size, "must be in [4, 512]")
+        _check(self.channels in (1, 3, 4), o, "channels", self.channels, "must be 1, 3 or 4")
+        _check(self.base_width >= 4, o, "base_width", self.base_width, "must be >= 4")
+        _check(len(self.width_mults) >= 1, o, "width_mults", self.width_mults, "needs >= 1 level")
+        _check(all(m >= 1 for m in self.width_mults), o, "width_mults", self.width_mults,
+               "multipliers must be >= 1")
+        downs = len(self.width_mults) - 1
+        _check(self.image_size % (2**downs) == 0, o, "image_size", self.image_size,
+               f"must be divisible by 2**{downs} for {len(self.width_mults)} levels")
+        _check(self.num_res_blocks >= 1, o, "num_res_blocks", self.num_res_blocks, "must be >= 1")
+        _check(all(0 <= a < len(self.width_mults) for a in self.attn_levels), o, "attn_levels",
+               self.attn_levels, f"levels must be in [0, {len(self.width_mults) - 1}]")
+        _check(self.head_dim >= 1, o, "head_dim", self.head_dim, "must be >= 1")
+        _choice(o, "norm", self.norm, NORMS)
+        _choice(o, "activation", self.activation, ACTIVATIONS)
+        _choice(o, "resample", self.resample, RESAMPLES)
+        _check(0.0 <= self.dropout < 1.0, o, "dropout", self.dropout, "must be in [0, 1)")
+        _check(self.time_emb_dim >= 4 and self.time_emb_dim % 2 == 0, o, "time_emb_dim",
+               self.time_emb_dim, "must be even and >= 4")
+        for width in self.widths:
+            _check(width % self.norm_groups == 0, o, "norm_groups", self.norm_groups,
+                   f"must divide every level width (width {width})")
+        for level in self.attn_levels:
+            _check(self.widths[level] % self.head_dim == 0, o, "head_dim", self.head_dim,
+                   f"must divide the width {self.widths[level]} of attention level {level}")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(self.base_width * m for m in self.width_mults)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Noise schedule, prediction target and sampler.
+
+    Time is continuous, ``t`` in [0, 1]; ``timesteps`` (for ``explicit`` and
+    ``optimized`` spacing) lists the sampler's times from high to low, excluding 0.
+    """
+
+    beta_schedule: str = "cosine"
+    prediction: str = "eps"
+    sampler: str = "ddim"
+    steps: int = 20
+    eta: float = 0.0
+    spacing: str = "trailing"
+    timesteps: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        o = "ScheduleConfig"
+        object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
+        _choice(o, "beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _choice(o, "prediction", self.prediction, PREDICTIONS)
+        _choice(o, "sampler", self.sampler, SAMPLERS)
+        _choice(o, "spacing", self.spacing, SPACINGS)
+        _check(1 <= self.steps <= 4000, o, "steps", self.steps, "must be in [1, 4000]")
+        _check(0.0 <= self.eta <= 1.0, o, "eta", self.eta, "must be in [0, 1]")
+        if self.spacing in ("explicit", "optimized"):
+            ts = self.timesteps
+            _check(len(ts) == self.steps, o, "timesteps", ts,
+                   f"needs exactly steps={self.steps} values for spacing={self.spacing}")
+            _check(all(0.0 < t <= 1.0 for t in ts), o, "timesteps", ts, "values must be in (0, 1]")
+            _check(all(a > b for a, b in zip(ts, ts[1:])), o, "timesteps", ts,
+                   "must be strictly decreasing")
+        else:
+            _check(not self.timesteps, o, "timesteps", self.timesteps,
+                   "only allowed with spacing=explicit or optimized")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings: AdamW with linear warm-up, EMA and gradient clipping."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "float32"
+    eval_every: int = 100
+    checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        o = "TrainConfig"
+        _check(self.steps >= 1, o, "steps", self.steps, "must be >= 1")
+        _check(self.batch_size >= 1, o, "batch_size", self.batch_size, "must be >= 1")
+        _check(self.learning_rate > 0.0, o, "learning_rate", self.learning_rate, "must be > 0")
+        _check(self.warmup_steps >= 0, o, "warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.weight_decay >= 0.0, o, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(0.0 <= self.ema_decay < 1.0, o, "ema_decay", self.ema_decay, "must be in [0, 1)")
+        _check(self.grad_clip >= 0.0, o, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        _check(self.eval_every >= 1, o, "eval_every", self.eval_every, "must be >= 1")
+        _choice(o, "dtype", self.dtype, DTYPES)
+
+
+_SECTIONS = {"unet": UNetConfig, "schedule": ScheduleConfig, "train": TrainConfig}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One candidate: architecture, sampling schedule and training settings."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build a config from plain data; unknown sections or keys raise ``ValueError``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"config: expected an object, got {type(data).__name__}")
+        unknown = set(data) - set(_SECTIONS)
+        if unknown:
+            raise ValueError(f"config: unknown section {sorted(unknown)[0]!r}")
+        parts = {name: _section(kind, data.get(name, {}), name) for name, kind in _SECTIONS.items()}
+        return cls(**parts)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        """Read a JSON config file; every error names the file."""
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path}: config file not found") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+def _section(kind: type, data: Any, name: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"config.{name}: expected an object, got {type(data).__name__}")
+    known = {f.name for f in fields(kind)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{kind.__name__}: unknown field {sorted(unknown)[0]!r}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return kind(**values)
