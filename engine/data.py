@@ -142,7 +142,8 @@ def load_dataset(
         return _load_folder(path, image_size, channels)
     if path.suffix.lower() == ".npz":
         images, labels = _load_npz(path)
-        images = _to_channels(resize_images(_center_crop(images), image_size), channels)
+        images = np.clip(resize_images(_center_crop(images), image_size), -1.0, 1.0)
+        images = _to_channels(images, channels)
         return Dataset(images, labels, path.stem)
     raise DatasetError(f"unsupported dataset {path}: expected a folder of images or an .npz file")
 
@@ -203,7 +204,8 @@ def _load_digits(image_size: int) -> tuple[np.ndarray, np.ndarray]:
     if image_size == 32:
         images = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1.0)
     elif image_size != 28:
-        images = resize_images(images, image_size)
+        # Float rounding of the area average can step a hair outside [-1, 1].
+        images = np.clip(resize_images(images, image_size), -1.0, 1.0)
     return images, labels.astype(np.int64)
 
 

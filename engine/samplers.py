@@ -12,8 +12,11 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
-from engine.diffusion import Denoise
-from engine.schedules import Grid
+import mlx.nn as nn
+
+from engine.config import ScheduleConfig
+from engine.diffusion import Denoise, denoiser
+from engine.schedules import Grid, grid
 
 Sampler = Callable[[Denoise, mx.array, Grid, mx.array, float], mx.array]
 
@@ -85,3 +88,14 @@ def get_sampler(name: str) -> Sampler:
         return SAMPLERS[name]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}") from None
+
+
+def generate(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, image_size: int,
+             channels: int, clip_x0: bool = True) -> mx.array:
+    """Draw ``n`` images (n, H, W, C) from ``model`` with the configured sampler and grid."""
+    k_noise, k_sample = mx.random.split(mx.random.key(seed))
+    x = mx.random.normal((n, image_size, image_size, channels), key=k_noise)
+    denoise = denoiser(model, schedule.prediction, schedule.beta_schedule, clip_x0)
+    out = get_sampler(schedule.sampler)(denoise, x, grid(schedule), k_sample, schedule.eta)
+    mx.eval(out)
+    return out

@@ -1,0 +1,176 @@
+"""Training: a plain loss function plus one compiled AdamW update, with EMA weights.
+
+Every step draws its batch and noise from ``(seed, step)`` alone, so training that is
+stopped, checkpointed and resumed follows the uninterrupted loss curve exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_map
+
+from engine.config import Config, TrainConfig
+from engine.diffusion import diffusion_loss
+from engine.unet import UNet
+
+VAL_BATCH = 256
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; raised instead of continuing with garbage."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"training diverged at step {step}: loss={loss}")
+        self.step = step
+        self.loss = loss
+
+
+@dataclass(frozen=True)
+class EvalPoint:
+    """Train loss (mean since the previous point) and validation loss at ``step``."""
+
+    step: int
+    train_loss: float
+    val_loss: float
+    elapsed_s: float
+
+
+Callback = Callable[[EvalPoint], bool | None]
+"""Called every ``eval_every`` steps; returning ``False`` stops training (a prune)."""
+
+
+@dataclass
+class TrainState:
+    """Everything training needs to continue: weights, EMA weights, optimizer, step."""
+
+    config: Config
+    model: UNet
+    ema: dict
+    optimizer: optim.Optimizer
+    step: int = 0
+    history: list[EvalPoint] = field(default_factory=list)
+    pending_losses: list[float] = field(default_factory=list)  # since the last EvalPoint
+
+    def ema_model(self) -> UNet:
+        """A fresh U-Net carrying the EMA weights (what sampling uses)."""
+        model = UNet(self.config.unet)
+        model.update(self.ema)
+        return model
+
+
+def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
+    """AdamW with linear warm-up to a constant learning rate."""
+    lr: float | Callable = cfg.learning_rate
+    if cfg.warmup_steps > 0:
+        lr = optim.linear_schedule(cfg.learning_rate / cfg.warmup_steps, cfg.learning_rate,
+                                   cfg.warmup_steps)
+        lr = optim.join_schedules([lr, optim.linear_schedule(cfg.learning_rate,
+                                                             cfg.learning_rate, 1)],
+                                  [cfg.warmup_steps])
+    return optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
+
+
+def init_state(config: Config) -> TrainState:
+    """A new model (seeded by ``config.train.seed``), its EMA copy and a fresh optimizer."""
+    mx.random.seed(config.train.seed)
+    model = UNet(config.unet)
+    mx.eval(model.parameters())
+    ema = tree_map(lambda p: mx.array(p), model.parameters())
+    optimizer = make_optimizer(config.train)
+    optimizer.init(model.trainable_parameters())
+    return TrainState(config, model, ema, optimizer)
+
+
+def _step_key(seed: int, step: int) -> mx.array:
+    return mx.random.key((seed * 1_000_003 + step) % (2**63))
+
+
+def _batch(images: np.ndarray, seed: int, step: int, size: int) -> mx.array:
+    rng = np.random.default_rng([seed, step])
+    return mx.array(images[rng.integers(0, len(images), size)])
+
+
+def _ema_decay(decay: float, step: int) -> float:
+    """EMA warm-up, ``min(decay, (1 + n) / (10 + n))``, so early EMA weights are usable."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def _compiled_step(state: TrainState) -> Callable[[mx.array, mx.array], mx.array]:
+    cfg, model, opt = state.config, state.model, state.optimizer
+    loss_fn = partial(diffusion_loss, prediction=cfg.schedule.prediction,
+                      kind=cfg.schedule.beta_schedule)
+    loss_and_grad = nn.value_and_grad(model, lambda x0, key: loss_fn(model, x0, key))
+    compiled_state = [model.state, opt.state, mx.random.state]
+
+    @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
+    def step(x0: mx.array, key: mx.array) -> mx.array:
+        loss, grads = loss_and_grad(x0, key)
+        if cfg.train.grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, cfg.train.grad_clip)
+        opt.update(model, grads)
+        return loss
+
+    return step
+
+
+def validation_loss(model: nn.Module, config: Config, val: np.ndarray) -> float:
+    """Loss on a fixed validation batch with fixed noise, so values compare across steps."""
+    x0 = mx.array(val[:VAL_BATCH])
+    loss = diffusion_loss(model, x0, mx.random.key(12345), config.schedule.prediction,
+                          config.schedule.beta_schedule)
+    return float(loss.item())
+
+
+def train(state: TrainState, images: np.ndarray, val: np.ndarray, until: int | None = None,
+          callback: Callback | None = None) -> TrainState:
+    """Train ``state`` in place up to step ``until`` (default: ``config.train.steps``).
+
+    Args:
+        state: from :func:`init_state` or :func:`engine.io.load_checkpoint`.
+        images: training images, (N, H, W, C) float32 in [-1, 1].
+        val: validation images, same layout; the loss is reported on the EMA weights.
+        until: stop after this many total steps (for training in rungs).
+        callback: receives an :class:`EvalPoint` every ``eval_every`` steps and at the last step;
+            returning ``False`` stops training early.
+
+    Returns:
+        The same ``state``, advanced.
+
+    Raises:
+        TrainingDiverged: the loss became NaN or infinite.
+    """
+    tc = state.config.train
+    until = tc.steps if until is None else min(until, tc.steps)
+    step_fn = _compiled_step(state)
+    start, losses = time.perf_counter(), state.pending_losses
+    while state.step < until:
+        n = state.step
+        mx.random.seed(tc.seed * 7919 + n)  # dropout draws from the global generator
+        loss = step_fn(_batch(images, tc.seed, n, tc.batch_size), _step_key(tc.seed, n))
+        d = _ema_decay(tc.ema_decay, n)
+        state.ema = tree_map(lambda e, p: d * e + (1 - d) * p, state.ema,
+                             state.model.parameters())
+        mx.eval(loss, state.ema, state.model.state, state.optimizer.state)
+        value = float(loss.item())
+        if not math.isfinite(value):
+            raise TrainingDiverged(n + 1, value)
+        losses.append(value)
+        state.step = n + 1
+        if state.step % tc.eval_every == 0 or state.step == tc.steps:
+            point = EvalPoint(state.step, float(np.mean(losses)),
+                              validation_loss(state.ema_model(), state.config, val),
+                              time.perf_counter() - start)
+            state.history.append(point)
+            losses.clear()
+            if callback is not None and callback(point) is False:
+                break
+    return state
