@@ -195,3 +195,11 @@ def bench(config: Config, batch_n: int = 16, model: UNet | None = None) -> Bench
         params=model.num_params(),
         gflops_per_forward=flops(config.unet) / 1e9,
     )
+
+
+def forward_latency(model: UNet, config: Config, batch: int = 1) -> LatencyStat:
+    """Latency of one network evaluation: the unit the step budget is counted in."""
+    u = config.unet
+    x = mx.random.normal((batch, u.image_size, u.image_size, u.channels))
+    t = mx.full((batch,), 0.5)
+    return time_call(lambda: mx.eval(model(x, t)))

@@ -1,0 +1,100 @@
+"""Train one config end to end and write what a user keeps: checkpoint, samples, metrics.
+
+``run(config, dataset, out)`` is what ``diffnas train`` calls; a notebook can call it too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.bench import device_fingerprint, sampling_latency, sampling_peak_mb, training_peak_mb
+from engine.config import Config
+from engine.data import Dataset
+from engine.images import save_grid
+from engine.io import save_checkpoint
+from engine.samplers import generate
+from engine.train import Callback, EvalPoint, init_state, train
+from engine.unet import UNet
+
+GRID_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class QualityEval:
+    """Settings of the FID/KID evaluation: sample count and seed."""
+
+    n: int = 1000
+    seed: int = 0
+
+
+def sample_images(model: UNet, config: Config, n: int, seed: int, batch: int = 250) -> np.ndarray:
+    """``n`` samples as a numpy array, drawn in batches to bound memory."""
+    u = config.unet
+    chunks = [np.array(generate(model, config.schedule, min(batch, n - i), seed + i, u.image_size,
+                                u.channels)) for i in range(0, n, batch)]
+    return np.concatenate(chunks)
+
+
+def quality(model: UNet, config: Config, dataset: Dataset, settings: QualityEval,
+            cache_dir: Path | None = None) -> dict[str, Any]:
+    """FID, KID, precision and recall of ``model``'s samples, with the real-vs-real floor."""
+    from engine.features import feature_network_for
+    from engine.metrics import evaluate_quality
+
+    net = feature_network_for(dataset, cache_dir or Path("results") / "feature-nets")
+    fake = sample_images(model, config, settings.n, settings.seed)
+    record = evaluate_quality(fake, dataset.images, net, settings.n, settings.seed)
+    return asdict(record)
+
+
+def measure(model: UNet, config: Config) -> dict[str, Any]:
+    """Sampling latency at batch 1 and peak memory for training and sampling."""
+    latency = sampling_latency(model, config, batch=1)
+    return {"latency_ms": latency.median_ms, "latency_spread": latency.spread,
+            "peak_train_mb": training_peak_mb(config),
+            "peak_sample_mb": sampling_peak_mb(model, config, 1)}
+
+
+def progress_printer(total: int, emit: Callable[[str], None] = print) -> Callback:
+    """A training callback that prints step, losses, speed and ETA."""
+
+    def report(point: EvalPoint) -> None:
+        rate = point.step / max(point.elapsed_s, 1e-9)
+        eta = (total - point.step) / rate if rate > 0 else float("nan")
+        emit(f"step {point.step}/{total}  train {point.train_loss:.4f}  val {point.val_loss:.4f}"
+             f"  {rate:.1f} it/s  ETA {eta:.0f}s")
+
+    return report
+
+
+def run(config: Config, dataset: Dataset, out: Path, settings: QualityEval = QualityEval(),
+        emit: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``config`` on ``dataset`` and write checkpoint, samples.png, metrics.json, config.json.
+
+    Returns:
+        The metrics written to ``metrics.json``.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(config.to_json())
+    train_set, val_set = dataset.split(0.1, config.train.seed)
+    start = time.perf_counter()
+    state = train(init_state(config), train_set.images, val_set.images,
+                  callback=progress_printer(config.train.steps, emit))
+    train_s = time.perf_counter() - start
+    save_checkpoint(state, out / "checkpoint")
+    model = state.ema_model()
+    save_grid(sample_images(model, config, GRID_IMAGES, settings.seed), out / "samples.png")
+    emit("evaluating: FID/KID, latency, memory")
+    metrics = {"train_seconds": train_s, "steps": state.step,
+               "final_val_loss": state.history[-1].val_loss if state.history else None,
+               **quality(model, config, dataset, settings), **measure(model, config),
+               "device": device_fingerprint()}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
