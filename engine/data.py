@@ -99,11 +99,13 @@ class Dataset:
         """
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        n_val = int(round(len(self) * val_fraction))
+        n_val = round(len(self) * val_fraction)
         if not 0 < n_val < len(self):
             raise ValueError(f"val_fraction={val_fraction} leaves an empty part of {len(self)}")
         order = np.random.default_rng(seed).permutation(len(self))
-        return self.subset(np.sort(order[n_val:]), "train"), self.subset(np.sort(order[:n_val]), "val")
+        return self.subset(np.sort(order[n_val:]), "train"), self.subset(
+            np.sort(order[:n_val]), "val"
+        )
 
 
 def load_dataset(
@@ -141,10 +143,7 @@ def load_dataset(
     if path.is_dir():
         return _load_folder(path, image_size, channels)
     if path.suffix.lower() == ".npz":
-        images, labels = _load_npz(path)
-        images = np.clip(resize_images(_center_crop(images), image_size), -1.0, 1.0)
-        images = _to_channels(images, channels)
-        return Dataset(images, labels, path.stem)
+        return _load_npz_dataset(path, image_size, channels)
     raise DatasetError(f"unsupported dataset {path}: expected a folder of images or an .npz file")
 
 
@@ -163,7 +162,7 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     Shrinking averages each output pixel's footprint (exact area resampling); enlarging
     interpolates bilinearly with aligned pixel centres. Both are separable linear maps.
     """
-    n, h, w, c = images.shape
+    h, w = images.shape[1:3]
     if h == size and w == size:
         return images.astype(np.float32, copy=False)
     rows, cols = _resize_matrix(h, size), _resize_matrix(w, size)
@@ -228,6 +227,12 @@ def _center_crop(images: np.ndarray) -> np.ndarray:
     return images[:, top : top + side, left : left + side]
 
 
+def _load_npz_dataset(path: Path, image_size: int, channels: int | None) -> Dataset:
+    raw, labels = _load_npz(path)
+    images = np.clip(resize_images(_center_crop(raw), image_size), -1.0, 1.0)
+    return Dataset(_to_channels(images, channels), labels, path.stem)
+
+
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -253,7 +258,9 @@ def _npz_images(path: Path, images: np.ndarray) -> np.ndarray:
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[3] not in (1, 3) or 0 in images.shape:
-        hint = " (NCHW? transpose to NHWC)" if images.ndim == 4 and images.shape[1] in (1, 3) else ""
+        hint = (
+            " (NCHW? transpose to NHWC)" if images.ndim == 4 and images.shape[1] in (1, 3) else ""
+        )
         raise DatasetError(
             f"{path}: 'images' must be NHW or NHWC with 1 or 3 channels, got {images.shape}{hint}"
         )
@@ -264,11 +271,13 @@ def _npz_images(path: Path, images: np.ndarray) -> np.ndarray:
         return images.astype(np.float32) / 127.5 - 1.0
     if not np.issubdtype(images.dtype, np.floating):
         raise DatasetError(f"{path}: 'images' must be uint8 or float, got {images.dtype}")
-    lo, hi = float(images.min()), float(images.max())
-    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < -1.0 or hi > 1.0:
-        raise DatasetError(f"{path}: float 'images' must lie in [0, 1] or [-1, 1], got {lo}..{hi}")
+    low, high = float(images.min()), float(images.max())
+    if not (np.isfinite(low) and np.isfinite(high)) or low < -1.0 or high > 1.0:
+        raise DatasetError(
+            f"{path}: float 'images' must lie in [0, 1] or [-1, 1], got {low}..{high}"
+        )
     # Without negative values the data is taken as [0, 1]: a [-1, 1] image has a -1 background.
-    scaled = images * 2.0 - 1.0 if lo >= 0.0 else images
+    scaled = images * 2.0 - 1.0 if low >= 0.0 else images
     return scaled.astype(np.float32)
 
 
@@ -308,9 +317,9 @@ def _probe_channels(path: Path) -> int:
 def _read_square(path: Path, size: int, channels: int) -> np.ndarray:
     """Decode, centre-crop to a square and resize one image to ``(size, size, channels)`` uint8."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = _to_8bit(img).convert("L" if channels == 1 else "RGB")
+        with Image.open(path) as raw:
+            raw.load()
+            img = _to_8bit(raw).convert("L" if channels == 1 else "RGB")
     except UNREADABLE as exc:
         raise DatasetError(f"cannot read image {path}: {exc}") from None
     side = min(img.size)
