@@ -1,0 +1,34 @@
+"""The coordinator's side of the data: load once, then ship to every worker as one payload.
+
+A worker on another machine needs no copy of the dataset and no shared filesystem: the
+payload (images plus the feature network's weights) travels through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from search.space import DataSettings
+from workers.records import DataPayload
+
+
+def build_payload(settings: DataSettings, cache_dir: Path) -> DataPayload:
+    """Load the dataset, split train/val, and pack the feature network for FID/KID.
+
+    Raises:
+        ValueError: a missing or corrupt dataset (``engine.data.DatasetError``), with the path.
+    """
+    import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
+    from engine.data import load_dataset
+    from engine.features import feature_network_for
+
+    dataset = load_dataset(settings.dataset, image_size=settings.image_size)
+    train, val = dataset.split(settings.val_fraction, settings.split_seed)
+    net = feature_network_for(dataset, cache_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "feature_net.safetensors"
+        net.save(path)
+        weights = path.read_bytes()
+    return DataPayload(name=dataset.name, train=train.images, val=val.images,
+                       real=dataset.images, feature_net=weights)

@@ -1,0 +1,249 @@
+"""Reports on a study: status per trial and per worker, the Pareto table, and its plot.
+
+Everything here reads the storage and renders text or a PNG; the Pareto arithmetic
+itself is :mod:`search.pareto`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search import pareto
+from search import study as st
+from search.space import SearchSpace
+from workers.records import OBJECTIVES
+
+LABELS = {"fid": "FID", "latency_ms": "latency (ms)", "peak_mem_mb": "peak memory (MB)"}
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    body = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join([line, *body])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _reason(trial: FrozenTrial) -> str:
+    return str(trial.user_attrs.get(st.REASON, ""))
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    name: str
+    device: str
+    trials: int
+    busy_s: float
+    per_hour: float
+
+
+def worker_stats(trials: Sequence[FrozenTrial]) -> list[WorkerStats]:
+    """Per worker: finished attempts, device, busy time and trials per hour of busy time."""
+    busy: dict[str, float] = collections.defaultdict(float)
+    count: collections.Counter[str] = collections.Counter()
+    device: dict[str, str] = {}
+    for t in trials:
+        for a in t.user_attrs.get(st.ATTEMPTS, []):
+            busy[a["worker"]] += max(0.0, a["ended"] - a["started"])
+            count[a["worker"]] += 1
+        if t.user_attrs.get(st.WORKER) and t.user_attrs.get(st.DEVICE):
+            device[t.user_attrs[st.WORKER]] = _device(t.user_attrs[st.DEVICE])
+    return [WorkerStats(w, device.get(w, "?"), count[w], busy[w],
+                        3600.0 * count[w] / busy[w] if busy[w] else 0.0) for w in sorted(count)]
+
+
+def _device(d: dict[str, Any]) -> str:
+    blas = f", {str(d.get('blas', '')).split(' ')[0]}" if d.get("backend") == "cpu" else ""
+    return f"{d.get('backend')}: {d.get('chip')} ({d.get('memory_gb')} GB{blas})"
+
+
+def eta_s(study: optuna.Study) -> float | None:
+    """Remaining trials x mean trial wall time / workers now busy (None when idle or unknown)."""
+    trials = study.get_trials(deepcopy=False)
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    walls = [t.user_attrs.get(st.TIMINGS, {}).get("wall_s") for t in trials
+             if t.state == TrialState.COMPLETE]
+    walls = [w for w in walls if w]
+    target = int(study.user_attrs.get("target", 0))
+    remaining = target - sum(st.is_finished(t) for t in trials)
+    if not running or not walls or remaining <= 0:
+        return None
+    return float(np.mean(walls)) * remaining / len(running)
+
+
+def status_text(study: optuna.Study) -> str:
+    """Trials by state, per-worker throughput and device, ETA, and every failure or prune."""
+    trials = study.get_trials(deepcopy=False)
+    states = collections.Counter(t.state for t in trials if st.is_finished(t))
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    requeued = sum(bool(t.user_attrs.get(st.REQUEUED)) for t in trials)
+    eta = eta_s(study)
+    attrs = study.user_attrs
+    head = (f"study {study.study_name}: space {attrs.get('space_name')}, sampler "
+            f"{attrs.get('sampler')} (seed {attrs.get('seed')})")
+    counts = (f"trials: {sum(states.values())}/{attrs.get('target', '?')} finished "
+              f"(complete {states[TrialState.COMPLETE]}, pruned {states[TrialState.PRUNED]}, "
+              f"failed {states[TrialState.FAIL]}); running {running}, waiting {waiting}, "
+              f"re-queued {requeued}" + (f"; ETA {eta / 60:.1f} min" if eta else ""))
+    lines = [head, counts, ""]
+    stats = worker_stats(trials)
+    if stats:
+        lines += [_table(["worker", "trials", "busy s", "trials/h", "device"],
+                         [[w.name, w.trials, round(w.busy_s, 1), round(w.per_hour, 1), w.device]
+                          for w in stats]), ""]
+    rows = [[t.number, t.state.name, *(_values(t)), t.user_attrs.get(st.WORKER, "-"),
+             _wall(t), _reason(t)] for t in trials]
+    lines.append(_table(["trial", "state", *OBJECTIVES, "worker", "wall s", "reason"], rows))
+    return "\n".join(lines)
+
+
+def _values(trial: FrozenTrial) -> list[float | None]:
+    return list(trial.values) if trial.values else [None] * len(OBJECTIVES)
+
+
+def _wall(trial: FrozenTrial) -> float | None:
+    wall = trial.user_attrs.get(st.TIMINGS, {}).get("wall_s")
+    return None if wall is None else round(float(wall), 1)
+
+
+def trial_text(study: optuna.Study, number: int) -> str:
+    """One trial in full: state and reason, params, measurement, rungs with decisions."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        raise st.StudyError(f"study {study.study_name!r} has no trial {number}")
+    t = trials[number]
+    a = t.user_attrs
+    lines = [f"trial {number}: {t.state.name}" + (f" -- {_reason(t)}" if _reason(t) else "")]
+    if t.values:
+        lines.append("values: " + ", ".join(f"{n} {v:.4g}" for n, v in zip(OBJECTIVES, t.values)))
+    if st.REQUEUED_FROM in a:
+        lines.append(f"re-runs the params of trial {a[st.REQUEUED_FROM]}")
+    if t.constraints:
+        lines.append("constraints (> 0 violates): " + ", ".join(
+            f"{k} {v:+.3f}" for k, v in t.constraints.items()))
+    lines.append("params: " + json.dumps(t.params, sort_keys=True))
+    for key in (st.COST, st.MEASUREMENT, st.QUALITY, st.TIMINGS, st.WORKER, st.DEVICE):
+        if key in a:
+            lines.append(f"{key}: {json.dumps(a[key], sort_keys=True, default=str)}")
+    for rung in a.get(st.RUNGS, []):
+        why = f" ({rung['reason']})" if rung.get("reason") else ""
+        lines.append(f"rung step {rung['step']}: val_loss {rung['val_loss']:.4f} -> "
+                     f"{rung['decision']}{why}")
+    for attempt in a.get(st.ATTEMPTS, []):
+        lines.append(f"attempt {attempt['attempt'] + 1} on {attempt['worker']}: "
+                     f"{attempt['status']} {attempt['reason']}".rstrip())
+    return "\n".join(lines)
+
+
+# -- the Pareto front --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Front:
+    """Completed trials split into front / dominated / infeasible, with the hypervolume."""
+
+    trials: tuple[FrozenTrial, ...]
+    points: np.ndarray  # (n, 3) in OBJECTIVES order
+    on_front: np.ndarray  # (n,) bool
+    feasible: np.ndarray  # (n,) bool
+    reference: tuple[float, ...]
+    hypervolume: float
+
+
+def front(study: optuna.Study, space: SearchSpace | None = None,
+          reference: Sequence[float] | None = None) -> Front:
+    """The front among feasible COMPLETE trials; the reference point is, in order of
+    preference, ``reference``, the space's ``reference_point``, or 10% past the worst."""
+    trials = tuple(t for t in study.get_trials(deepcopy=False)
+                   if t.state == TrialState.COMPLETE and t.values)
+    points = st.objective_values(trials)
+    ok = np.array([st.feasible(t) for t in trials], bool)
+    on_front = np.zeros(len(trials), bool)
+    if ok.any():
+        on_front[np.flatnonzero(ok)] = pareto.pareto_mask(points[ok])
+    ref = tuple(reference or (space.study.reference_point if space else ()) or (
+        tuple(pareto.default_reference(points[ok])) if ok.any() else ()))
+    hv = pareto.hypervolume(points[ok], ref) if ok.any() else 0.0
+    return Front(trials, points, on_front, ok, ref, float(hv))
+
+
+def pareto_text(result: Front) -> str:
+    """The non-dominated trials (sorted by FID) with their configs, and the hypervolume."""
+    rows = []
+    for i in np.flatnonzero(result.on_front)[np.argsort(result.points[result.on_front, 0])]:
+        t = result.trials[i]
+        q = t.user_attrs.get(st.QUALITY, {})
+        cfg = t.user_attrs.get(st.CONFIG, {})
+        rows.append([t.number, *result.points[i].tolist(), q.get("fid_floor"),
+                     t.user_attrs.get(st.COST, {}).get("params"), _summary(cfg)])
+    ref = ", ".join(f"{v:.4g}" for v in result.reference)
+    head = (f"{int(result.on_front.sum())} non-dominated of {len(result.trials)} complete trials "
+            f"({int((~result.feasible).sum())} infeasible); hypervolume {result.hypervolume:.4g} "
+            f"w.r.t. ({ref})")
+    return head + "\n" + _table(["trial", *OBJECTIVES, "fid floor", "params", "candidate"], rows)
+
+
+def _summary(cfg: dict[str, Any]) -> str:
+    if not cfg:
+        return "-"
+    u, s = cfg["unet"], cfg["schedule"]
+    widths = "/".join(str(u["base_width"] * m) for m in u["width_mults"])
+    attn = f" attn{u['attn_levels']}" if u["attn_levels"] else ""
+    return (f"w{widths} {u['activation']}{attn} | {s['sampler']} {s['steps']} steps "
+            f"{s['spacing']} {s['beta_schedule']} {s['prediction']}")
+
+
+def plot_front(result: Front, path: Path, title: str = "") -> Path:
+    """One panel per pair of objectives: front, dominated and infeasible drawn distinctly."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(15, 4.6))
+    dominated = result.feasible & ~result.on_front
+    for ax, (i, j) in zip(axes, pairs):
+        p = result.points
+        ax.scatter(p[dominated, i], p[dominated, j], c="0.6", s=22, label="dominated")
+        ax.scatter(p[~result.feasible, i], p[~result.feasible, j], c="tab:red", marker="x",
+                   s=36, label="infeasible")
+        ax.scatter(p[result.on_front, i], p[result.on_front, j], c="tab:blue", marker="*",
+                   s=110, edgecolors="k", linewidths=0.5, label="non-dominated")
+        for k in np.flatnonzero(result.on_front):
+            ax.annotate(str(result.trials[k].number), (p[k, i], p[k, j]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(LABELS[OBJECTIVES[i]])
+        ax.set_ylabel(LABELS[OBJECTIVES[j]])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title + ': ' if title else ''}Pareto front of {len(result.trials)} trials, "
+                 f"hypervolume {result.hypervolume:.4g}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+

@@ -1,0 +1,138 @@
+"""The Ray actor: one per device, claimed through a custom resource; thin by design.
+
+It reports its device profile, runs one trial at a time in a child process
+(:mod:`workers.process`) and relays the trial's reports to the coordinator, which
+long-polls :meth:`DeviceWorker.next_events` and answers with :meth:`DeviceWorker.decide`.
+The worker never touches the study storage: it returns plain records.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+from typing import Any
+
+from workers.process import run_in_child
+from workers.records import DataPayload, Decision, Event, EventKind, TrialOutcome, TrialRequest
+
+RESOURCE = "diffnas_device"
+"""The custom resource a worker claims; give each Mac (or GPU) one unit of it."""
+
+
+def device_profile() -> dict[str, Any]:
+    """This process's device: chip or CPU, backend, memory, MLX and BLAS, plus host and pid."""
+    import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
+    from engine.bench import device_fingerprint
+
+    profile = dict(device_fingerprint())
+    profile.update(host=socket.gethostname(), pid=os.getpid())
+    try:
+        import ray
+
+        profile["node_id"] = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 (outside Ray: the bare class in a test)
+        profile["node_id"] = ""
+    return profile
+
+
+class DeviceWorker:
+    """Runs trials on this device, one at a time; see the module docstring."""
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self._profile = device_profile()
+        self._events: queue.Queue[Event] = queue.Queue()
+        self._answers: dict[tuple[int, int, int], queue.Queue[Decision]] = {}
+        self._lock = threading.Lock()
+        self._running: dict[str, Any] | None = None
+        self._seq = 0
+
+    def profile(self) -> dict[str, Any]:
+        """Device profile; also the readiness probe the coordinator waits on."""
+        return {**self._profile, "worker": self.name}
+
+    def current(self) -> dict[str, Any] | None:
+        """The trial now running here: ``{"number", "attempt", "pid", "since"}`` or ``None``."""
+        return None if self._running is None else dict(self._running)
+
+    def run_trial(self, request: TrialRequest, data: DataPayload) -> TrialOutcome:
+        """Run one attempt in a child process; blocks until it ends."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(f"worker {self.name} is already running a trial")
+        try:
+            self._seq = 0
+            self._running = {"number": request.number, "attempt": request.attempt,
+                             "pid": None, "since": time.time()}
+            outcome = run_in_child(request, data, lambda k, p, n: self._relay(request, k, p, n),
+                                   on_start=lambda pid: self._started(request, pid))
+            return _with_worker(outcome, self.name)
+        finally:
+            self._running = None
+            self._lock.release()
+
+    def next_events(self, timeout_s: float = 1.0) -> list[Event]:
+        """Every event waiting now; blocks up to ``timeout_s`` for the first one."""
+        try:
+            events = [self._events.get(timeout=timeout_s)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    def decide(self, key: tuple[int, int, int], decision: Decision) -> None:
+        """The coordinator's answer to the event ``key``; unknown keys are ignored."""
+        answer = self._answers.get(tuple(key))  # type: ignore[arg-type]
+        if answer is not None:
+            answer.put(decision)
+
+    def _started(self, request: TrialRequest, pid: int) -> None:
+        if self._running is not None:
+            self._running["pid"] = pid
+        self._emit(request, EventKind.STARTED, {"pid": pid}, needs_decision=False)
+
+    def _relay(self, request: TrialRequest, kind: EventKind, payload: Any,
+               needs_decision: bool) -> Decision:
+        event = self._emit(request, kind, payload, needs_decision)
+        if not needs_decision:
+            return Decision()
+        try:
+            return self._answers[event.key].get()
+        finally:
+            del self._answers[event.key]
+
+    def _emit(self, request: TrialRequest, kind: EventKind, payload: Any,
+              needs_decision: bool) -> Event:
+        self._seq += 1
+        event = Event(request.number, request.attempt, self._seq, kind, payload, self.name,
+                      needs_decision)
+        if needs_decision:
+            self._answers[event.key] = queue.Queue(maxsize=1)
+        self._events.put(event)
+        return event
+
+
+def _with_worker(outcome: TrialOutcome, name: str) -> TrialOutcome:
+    from dataclasses import replace
+
+    return replace(outcome, worker=name)
+
+
+def start_worker(name: str, namespace: str | None = None, max_concurrency: int = 4) -> Any:
+    """Start a ``DeviceWorker`` actor claiming one unit of :data:`RESOURCE`; returns its handle.
+
+    ``num_cpus=0``: the trial runs in the worker's child process, outside Ray's CPU
+    accounting, and the device (one Mac's GPU, or one CPU slot) is what is scarce. The
+    actor is threaded so that reports and answers flow while a trial runs.
+    """
+    import ray
+
+    options: dict[str, Any] = {"num_cpus": 0, "resources": {RESOURCE: 1},
+                               "max_concurrency": max_concurrency, "max_restarts": 0,
+                               "max_task_retries": 0, "name": name, "namespace": namespace}
+    return ray.remote(DeviceWorker).options(**options).remote(name)

@@ -1,0 +1,134 @@
+"""Plain records that cross process and machine boundaries (pickled by Ray and by pipes).
+
+They hold only builtins and numpy arrays, so a worker on another machine needs no more
+than this package and ``engine`` to read them. Each is written once and never edited.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+OBJECTIVES = ("fid", "latency_ms", "peak_mem_mb")
+"""The study's objectives, in order; every one is minimised."""
+
+
+@dataclass(frozen=True)
+class DataPayload:
+    """What a worker needs of the dataset: shipped once per study through Ray's object store.
+
+    ``train``/``val``/``real`` are ``(N, H, W, C)`` float32 images in [-1, 1]; ``real`` is what
+    FID/KID compare against. ``feature_net`` is the feature network's safetensors file.
+    """
+
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+    real: np.ndarray
+    feature_net: bytes
+
+
+@dataclass(frozen=True)
+class TrialRequest:
+    """One attempt at one trial: the decoded config plus how to train and evaluate it."""
+
+    number: int
+    attempt: int
+    config: dict[str, Any]
+    rungs: tuple[int, ...]
+    fid_samples: int = 500
+    grid_images: int = 64
+    latency_runs: int = 5
+    memory: str = "sample"
+    eval_seed: int = 0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.number, self.attempt)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Stage 1: latency of the whole sampling loop at batch 1, and peak memory (MB)."""
+
+    latency_ms: float
+    latency_spread: float
+    latency_samples_ms: tuple[float, ...]
+    train_mb: float
+    sample_mb: float
+    seconds: float
+
+    def memory_mb(self, which: str) -> float:
+        """The memory objective: ``sample``, ``train`` or ``max`` of the two."""
+        return {"sample": self.sample_mb, "train": self.train_mb,
+                "max": max(self.sample_mb, self.train_mb)}[which]
+
+
+@dataclass(frozen=True)
+class RungReport:
+    """Stage 2: the quality proxy (validation loss on the EMA weights) at a rung."""
+
+    step: int
+    val_loss: float
+    train_loss: float
+    elapsed_s: float
+
+
+class EventKind(enum.Enum):
+    STARTED = "started"  # the child process is up; payload: {"pid": int}
+    MEASURED = "measured"  # payload: Measurement; waits for a Decision
+    RUNG = "rung"  # payload: RungReport; waits for a Decision
+
+
+@dataclass(frozen=True)
+class Event:
+    """A report from a running trial; ``seq`` orders the events of one attempt."""
+
+    number: int
+    attempt: int
+    seq: int
+    kind: EventKind
+    payload: Any
+    worker: str
+    needs_decision: bool = False
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        return (self.number, self.attempt, self.seq)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The coordinator's answer to a report: continue, or stop with a reason (PRUNED)."""
+
+    proceed: bool = True
+    reason: str = ""
+
+
+class Outcome(enum.Enum):
+    COMPLETED = "completed"  # values and artifacts are set
+    PRUNED = "pruned"  # a Decision stopped it; reason says why
+    FAILED = "failed"  # the candidate itself failed (diverged, invalid, raised): no retry
+    CRASHED = "crashed"  # the process died (signal, exit code) or the worker did: retried
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What one attempt produced. ``artifacts`` maps relative paths to file bytes."""
+
+    number: int
+    attempt: int
+    status: Outcome
+    reason: str = ""
+    values: dict[str, float] = field(default_factory=dict)
+    measurement: Measurement | None = None
+    rungs: tuple[RungReport, ...] = ()
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    device: dict[str, Any] = field(default_factory=dict)
+    worker: str = ""
+    exit_code: int | None = None

@@ -1,0 +1,211 @@
+"""The body of one trial, run in a child process of a worker (``python -m workers.trial FD``).
+
+Measure latency and peak memory, train in rungs (reporting each to the coordinator and
+obeying its continue/prune answer), evaluate FID/KID, draw a sample grid and save the
+checkpoint. Everything goes back as a :class:`TrialOutcome` with the files as bytes.
+
+The child talks to its parent over one inherited socket (a multiprocessing
+``Connection``): ``("run", TrialRequest, DataPayload)`` and ``("decision", Decision)``
+come in; ``("event", kind, payload)`` and ``("done", TrialOutcome)`` go out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from functools import partial
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
+from workers.records import (
+    DataPayload,
+    Decision,
+    EventKind,
+    Measurement,
+    Outcome,
+    RungReport,
+    TrialOutcome,
+    TrialRequest,
+)
+
+Ask = Callable[[EventKind, Any], Decision]
+"""Sends a report to the coordinator and blocks for its answer."""
+
+
+def run_trial(request: TrialRequest, data: DataPayload, ask: Ask) -> TrialOutcome:
+    """Run one attempt of one trial; candidate errors become FAILED outcomes, not exceptions."""
+    from engine.train import TrainingDiverged
+
+    try:
+        return _run(request, data, ask)
+    except TrainingDiverged as err:
+        return _failed(request, f"diverged: {err}")
+    except Exception as err:  # noqa: BLE001 (the candidate's own error: FAILED, no retry)
+        tail = traceback.format_exc(limit=-3)
+        return _failed(request, f"{type(err).__name__}: {err}", {"traceback": tail})
+
+
+def _failed(request: TrialRequest, reason: str, metrics: dict[str, Any] | None = None
+            ) -> TrialOutcome:
+    return TrialOutcome(request.number, request.attempt, Outcome.FAILED, reason=reason,
+                        metrics=metrics or {})
+
+
+def _run(request: TrialRequest, data: DataPayload, ask: Ask) -> TrialOutcome:
+    from engine.bench import device_fingerprint
+    from engine.config import Config
+    from engine.train import init_state, train
+
+    started = time.perf_counter()
+    config = Config.from_dict(request.config)
+    state = init_state(config)
+    measurement = _measure(state.model, config, request.latency_runs)
+    device = device_fingerprint()
+    timings = {"measure_s": measurement.seconds}
+    outcome = partial(TrialOutcome, request.number, request.attempt, measurement=measurement,
+                      device=device, timings=timings)
+    decision = ask(EventKind.MEASURED, measurement)
+    if not decision.proceed:
+        return outcome(Outcome.PRUNED, decision.reason)
+    rungs: list[RungReport] = []
+    train_start = time.perf_counter()
+    for rung in request.rungs:
+        train(state, data.train, data.val, until=rung, callback=_stop_if_orphaned)
+        point = state.history[-1]
+        rungs.append(RungReport(point.step, point.val_loss, point.train_loss,
+                                time.perf_counter() - train_start))
+        decision = ask(EventKind.RUNG, rungs[-1])
+        if not decision.proceed:
+            timings["train_s"] = time.perf_counter() - train_start
+            return outcome(Outcome.PRUNED, decision.reason, rungs=tuple(rungs))
+    timings["train_s"] = time.perf_counter() - train_start
+    eval_start = time.perf_counter()
+    quality, grid = _evaluate(state, config, data, request)
+    timings["eval_s"] = time.perf_counter() - eval_start
+    values = {"fid": quality["fid"], "latency_ms": measurement.latency_ms,
+              "peak_mem_mb": measurement.memory_mb(request.memory)}
+    metrics = _metrics(request, config, values, measurement, quality, rungs, device)
+    artifacts = _artifacts(state, grid, metrics)
+    timings["total_s"] = time.perf_counter() - started
+    timings["cpu_s"] = time.process_time()  # this process's CPU time: the trial's device cost
+    metrics["timings"] = timings
+    artifacts["metrics.json"] = json.dumps(metrics, indent=2).encode()
+    return outcome(Outcome.COMPLETED, values=values, rungs=tuple(rungs), metrics=metrics,
+                   artifacts=artifacts)
+
+
+def _measure(model: Any, config: Any, runs: int) -> Measurement:
+    """Latency of the full sampling loop at batch 1, then peak memory of sampling and training."""
+    from engine.bench import sampling_latency, sampling_peak_mb, training_peak_mb
+
+    start = time.perf_counter()
+    latency = sampling_latency(model, config, batch=1, runs=runs)
+    sample_mb = sampling_peak_mb(model, config, 1)
+    train_mb = training_peak_mb(config)
+    return Measurement(latency.median_ms, latency.spread, latency.samples_ms, train_mb,
+                       sample_mb, time.perf_counter() - start)
+
+
+def _evaluate(state: Any, config: Any, data: DataPayload, request: TrialRequest
+              ) -> tuple[dict[str, Any], bytes]:
+    from engine.experiment import sample_images
+    from engine.features import FeatureNetwork
+    from engine.images import grid_png
+    from engine.metrics import evaluate_quality
+
+    model = state.ema_model()
+    fake = sample_images(model, config, request.fid_samples, request.eval_seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "feature_net.safetensors"
+        path.write_bytes(data.feature_net)
+        net = FeatureNetwork.load(path)
+    quality = evaluate_quality(fake, data.real, net, request.fid_samples, request.eval_seed)
+    return asdict(quality), grid_png(fake[: request.grid_images])
+
+
+def _metrics(request: TrialRequest, config: Any, values: dict[str, float],
+             measurement: Measurement, quality: dict[str, Any], rungs: list[RungReport],
+             device: dict[str, Any]) -> dict[str, Any]:
+    from engine.cost import flops, param_count
+
+    return {"trial": request.number, "attempt": request.attempt, "values": values,
+            "config": config.to_dict(), "params": param_count(config.unet),
+            "flops": flops(config.unet), "measurement": asdict(measurement),
+            "quality": quality, "rungs": [asdict(r) for r in rungs], "device": device}
+
+
+def _artifacts(state: Any, grid: bytes, metrics: dict[str, Any]) -> dict[str, bytes]:
+    from engine.io import save_checkpoint
+
+    files = {"samples.png": grid}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_checkpoint(state, Path(tmp) / "checkpoint")
+        for path in sorted(folder.iterdir()):
+            files[f"checkpoint/{path.name}"] = path.read_bytes()
+    return files
+
+
+def _stop_if_orphaned(_: Any) -> None:
+    if os.getppid() != _PARENT:
+        os._exit(3)
+
+
+_PARENT = os.getppid()
+
+
+def _die_with_parent() -> None:
+    """Exit when the worker dies, so that a retried trial never runs twice at once."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+    def watch() -> None:
+        while os.getppid() == _PARENT:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+class _Channel:
+    """The child's side of the pipe: report, then block for the coordinator's answer."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def ask(self, kind: EventKind, payload: Any) -> Decision:
+        self.conn.send(("event", kind, payload))
+        tag, decision = self.conn.recv()
+        assert tag == "decision", tag
+        assert isinstance(decision, Decision)
+        return decision
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of the child: ``python -m workers.trial FD``."""
+    _die_with_parent()
+    conn = Connection(int(argv[0]))
+    tag, request, data = conn.recv()
+    assert tag == "run", tag
+    outcome = run_trial(request, data, _Channel(conn).ask)
+    conn.send(("done", outcome))
+    conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
