@@ -104,11 +104,42 @@ def _ema_decay(decay: float, step: int) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
+LOSS_SCALE = {"float32": 1.0, "bfloat16": 1.0, "float16": 1024.0}
+"""Static loss scale per compute dtype: fp16 gradients of a mean loss underflow without it."""
+
+
+def _loss_and_grad(model: UNet, loss_fn: Callable, dtype: str) -> Callable:
+    """``(x0, key) -> (loss, grads)`` w.r.t. the fp32 master weights, forward in ``dtype``.
+
+    MLX has no autocast: the weights are cast inside the differentiated function, so the
+    activations are low precision while the gradients (through ``astype``) and the
+    optimizer state stay float32 (Micikevicius et al. 2018, mixed-precision training).
+    """
+    if dtype == "float32":
+        return nn.value_and_grad(model, lambda x0, key: loss_fn(model, x0, key))
+    low, scale = getattr(mx, dtype), LOSS_SCALE[dtype]
+
+    def scaled_loss(params: dict, x0: mx.array, key: mx.array) -> mx.array:
+        model.update(tree_map(lambda p: p.astype(low), params))
+        return loss_fn(model, x0, key).astype(mx.float32) * scale
+
+    grad_fn = mx.value_and_grad(scaled_loss)
+
+    def loss_and_grad(x0: mx.array, key: mx.array) -> tuple[mx.array, dict]:
+        master = model.trainable_parameters()
+        loss, grads = grad_fn(master, x0, key)
+        model.update(master)  # the optimizer steps the fp32 weights, never the casts
+        return loss / scale, tree_map(lambda g: g / scale, grads)
+
+    return loss_and_grad
+
+
 def _compiled_step(state: TrainState) -> Callable[[mx.array, mx.array], mx.array]:
     cfg, model, opt = state.config, state.model, state.optimizer
     loss_fn = partial(diffusion_loss, prediction=cfg.schedule.prediction,
                       kind=cfg.schedule.beta_schedule)
-    loss_and_grad = nn.value_and_grad(model, lambda x0, key: loss_fn(model, x0, key))
+    model.checkpointing = cfg.train.checkpointing
+    loss_and_grad = _loss_and_grad(model, loss_fn, cfg.train.dtype)
     compiled_state = [model.state, opt.state, mx.random.state]
 
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)

@@ -8,6 +8,7 @@ from every block of the encoder to the decoder.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -178,23 +179,28 @@ class UNet(nn.Module):
                 self.upsamples.append(Upsample(width, cfg.resample))
         self.norm_out = _norm(cfg, cin)
         self.conv_out = nn.Conv2d(cin, cfg.channels, 3, padding=1)
+        # Gradient checkpointing per ResBlock/Attention (set by engine.train, not a weight).
+        self.checkpointing = False
 
     def __call__(self, x: mx.array, t: mx.array) -> mx.array:
-        temb = timestep_embedding(t, self.config.base_width)
+        # Compute in the dtype of the weights (bf16/fp16 casts; MLX has no autocast).
+        dtype = self.norm_out.weight.dtype
+        temb = timestep_embedding(t, self.config.base_width).astype(dtype)
         temb = self.time_out(self.act(self.time_in(temb)))
-        h = self.conv_in(x)
+        h = self.conv_in(x.astype(dtype))
         hs = [h]
+        run = _checkpointed if self.checkpointing else _direct
         for i, level in enumerate(self.down):
-            h = _run_level(level, h, temb, hs)
+            h = _run_level(level, h, temb, hs, run=run)
             if i < len(self.downsamples):
                 h = self.downsamples[i](h)
                 hs.append(h)
-        h = self.mid1(h, temb)
+        h = run(self.mid1, h, temb)
         for attn in self.mid_attn:
-            h = attn(h)
-        h = self.mid2(h, temb)
+            h = run(attn, h)
+        h = run(self.mid2, h, temb)
         for i, level in enumerate(self.up):
-            h = _run_level(level, h, temb, None, skips=hs)
+            h = _run_level(level, h, temb, None, skips=hs, run=run)
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
         return self.conv_out(self.act(self.norm_out(h)))
@@ -203,16 +209,31 @@ class UNet(nn.Module):
         return sum(v.size for _, v in tree_flatten(self.parameters()))
 
 
+def _direct(module: nn.Module, *args: mx.array) -> mx.array:
+    return module(*args)
+
+
+def _checkpointed(module: nn.Module, *args: mx.array) -> mx.array:
+    """Keep only the block's inputs for backward and recompute its insides (Chen et al. 2016).
+
+    A block with active dropout runs un-checkpointed: the recomputation would draw a new
+    dropout mask, so backward would not match forward.
+    """
+    if getattr(module, "dropout", None) is not None and module.training:
+        return module(*args)
+    return nn.utils.checkpoint(module)(*args)
+
+
 def _run_level(
     level: Level, h: mx.array, temb: mx.array, out: list[mx.array] | None,
-    skips: list[mx.array] | None = None,
+    skips: list[mx.array] | None = None, run: Callable[..., mx.array] = _direct,
 ) -> mx.array:
     for i, block in enumerate(level.blocks):
         if skips is not None:
             h = mx.concatenate([h, skips.pop()], axis=-1)
-        h = block(h, temb)
+        h = run(block, h, temb)
         if level.attns:
-            h = level.attns[i](h)
+            h = run(level.attns[i], h)
         if out is not None:
             out.append(h)
     return h
