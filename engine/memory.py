@@ -200,17 +200,19 @@ class MemoryProfile:
 
 
 def predict(config: Config, batch: int | None = None, sample_n: int = 16,
-            val_batch: int = VAL_BATCH) -> MemoryProfile:
+            val_batch: int | None = None) -> MemoryProfile:
     """Predict the memory of ``config`` without building or running it.
 
     Args:
         config: the candidate; ``train.dtype`` and ``train.checkpointing`` pick the mode.
         batch: training batch (default ``config.train.batch_size``).
         sample_n: the larger sampling batch.
-        val_batch: images in the validation forward (``engine.train.VAL_BATCH``).
+        val_batch: images per validation forward (default: the chunk that
+            :func:`engine.train.validation_loss` uses, the training batch size).
     """
     u, t = config.unet, config.train
     batch = batch or t.batch_size
+    val_batch = val_batch or min(VAL_BATCH, t.batch_size)
     fits = CALIBRATION["fits"]
     p_mb = 4 * param_count(u) / MB
     step = _peak_mb(u, batch, fits[_mode(t.dtype, t.checkpointing)])

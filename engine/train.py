@@ -76,7 +76,7 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
         lr = optim.join_schedules([lr, optim.linear_schedule(cfg.learning_rate,
                                                              cfg.learning_rate, 1)],
                                   [cfg.warmup_steps])
-    return optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay)
+    return optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay, bias_correction=True)
 
 
 def init_state(config: Config) -> TrainState:
@@ -154,11 +154,19 @@ def _compiled_step(state: TrainState) -> Callable[[mx.array, mx.array], mx.array
 
 
 def validation_loss(model: nn.Module, config: Config, val: np.ndarray) -> float:
-    """Loss on a fixed validation batch with fixed noise, so values compare across steps."""
-    x0 = mx.array(val[:VAL_BATCH])
-    loss = diffusion_loss(model, x0, mx.random.key(12345), config.schedule.prediction,
-                          config.schedule.beta_schedule)
-    return float(loss.item())
+    """Loss on a fixed validation set with fixed noise, so values compare across steps.
+
+    Evaluated in chunks of the training batch size, so validation never raises the
+    training peak memory.
+    """
+    images, chunk = val[:VAL_BATCH], config.train.batch_size
+    total = 0.0
+    for i, start in enumerate(range(0, len(images), chunk)):
+        x0 = mx.array(images[start:start + chunk])
+        loss = diffusion_loss(model, x0, mx.random.key(12345 + i), config.schedule.prediction,
+                              config.schedule.beta_schedule)
+        total += float(loss.item()) * len(x0)
+    return total / len(images)
 
 
 def train(state: TrainState, images: np.ndarray, val: np.ndarray, until: int | None = None,
