@@ -117,7 +117,8 @@ def register(subparsers: Any) -> None:
                    "starting one")
     p.add_argument("--sampler", choices=["tpe", "nsga2"], help="new studies only")
     p.add_argument("--seed", type=int, help="sampler seed (new studies only)")
-    p.add_argument("--pruner", help="none (default: the space's [study] pruner)")
+    p.add_argument("--pruner", help="none | constraints | mo-asha (default: the space's "
+                   "[study] pruner); may differ on resume")
     p.add_argument("--max-retries", type=int, default=2,
                    help="retries of a trial whose process or worker died")
     p.add_argument("--timeout", type=float, help="seconds; then stop asking for new trials")

@@ -25,7 +25,7 @@ from search import artifacts, pareto
 from search import study as st
 from search.pool import Death, Reports, Result, Worker, WorkerPool
 from search.progress import Progress, RunningTrial, Silent, Snapshot
-from search.pruning import Cost, Pruner
+from search.pruning import Cost, Pruner, constraint_values, stage0_values, stage1_values
 from search.space import SearchSpace
 from workers.records import (
     OBJECTIVES,
@@ -179,12 +179,12 @@ class Coordinator:
                 if not self._may_ask():
                     return None
                 continue
-            cost = Cost(param_count(config.unet), flops(config.unet))
+            cost = Cost(param_count(config.unet), flops(config.unet), config.train.steps)
             trial.set_user_attr(st.CONFIG, config.to_dict())
-            trial.set_user_attr(st.COST, asdict(cost))
             run = TrialRun(trial, config, cost)
             run.overhead_s += time.perf_counter() - start
             decision = self.pruner.prescreen(trial.number, cost)
+            trial.set_user_attr(st.COST, _with_decision(asdict(cost), decision))
             if not decision.proceed:  # stage 0: record what is known, so the sampler learns
                 self._constrain(run, None)
                 self._tell(run, TrialState.PRUNED, decision.reason)
@@ -340,11 +340,10 @@ class Coordinator:
         limits = self.space.constraints.limits()
         if not limits:
             return
-        known = {"params": float(run.cost.params)}
+        known = stage0_values(run.cost)
         if measurement is not None:
-            known["latency_ms"] = measurement.latency_ms
-            known["memory_mb"] = measurement.memory_mb(self.space.evaluate.memory)
-        violations = {k: known[k] / limit - 1.0 for k, limit in limits.items() if k in known}
+            known.update(stage1_values(measurement, self.space.evaluate.memory))
+        violations = constraint_values(known, limits)
         for name, value in violations.items():
             run.trial.set_constraint(name, value)
         run.trial.set_user_attr(st.FEASIBLE, all(v <= 0 for v in violations.values()))
@@ -424,5 +423,10 @@ def _measurement_doc(m: Measurement, decision: Decision) -> dict[str, Any]:
     doc = asdict(m)
     doc.pop("latency_samples_ms")
     doc["samples_ms"] = list(m.latency_samples_ms)
-    doc.update(decision="continue" if decision.proceed else "prune", reason=decision.reason)
-    return doc
+    return _with_decision(doc, decision)
+
+
+def _with_decision(doc: dict[str, Any], decision: Decision) -> dict[str, Any]:
+    """A stage's stored numbers plus the pruner's answer to them (``status --trial N``)."""
+    return {**doc, "decision": "continue" if decision.proceed else "prune",
+            "reason": decision.reason}

@@ -10,12 +10,18 @@ lives here. A pruner answers with a :class:`workers.Decision` at:
 Every decision and its reason are persisted with the trial by the coordinator, and
 :meth:`Pruner.restore` rebuilds a pruner's history from the stored trials on resume.
 Pruners are chosen by name from :data:`PRUNERS` (the CLI and the space file's
-``[study] pruner``).
+``[study] pruner``):
+
+- ``none``: never prunes;
+- ``constraints``: stages 0 and 1 against the space's ``[constraints]`` (a violating
+  candidate stops before it costs device time, or right after its measurement);
+- ``mo-asha``: the constraint stages, then rung-based multi-objective successive halving
+  (:mod:`search.mo_asha`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,10 +33,11 @@ from workers.records import Decision, Measurement, RungReport
 
 @dataclass(frozen=True)
 class Cost:
-    """Stage-0 numbers, computed without device time."""
+    """Stage-0 numbers, computed without device time (``train_steps``: 0 if unknown)."""
 
     params: int
     flops: int
+    train_steps: int = 0
 
 
 class Pruner(Protocol):
@@ -74,14 +81,96 @@ class NoPruner:
         return Decision()
 
 
-PRUNERS: dict[str, Callable[[SearchSpace], Pruner]] = {"none": NoPruner}
+# -- constraints (stages 0 and 1) --------------------------------------------------------
+
+STAGE0 = ("params", "flops")  # known before dispatch (engine.cost)
+STAGE1 = ("latency_ms", "memory_mb")  # measured by the worker before training
+UNITS = {"params": "", "flops": " FLOPs", "latency_ms": " ms", "memory_mb": " MB"}
+
+
+def constraint_values(known: Mapping[str, float], limits: Mapping[str, float]
+                      ) -> dict[str, float]:
+    """``value / limit - 1`` for every limit whose value is known; > 0 violates.
+
+    These are what ``trial.set_constraint`` records, so that TPE ranks infeasible trials
+    by how far they violate (Optuna 5).
+    """
+    return {name: float(known[name]) / limit - 1.0 for name, limit in limits.items()
+            if name in known}
+
+
+def stage0_values(cost: Cost) -> dict[str, float]:
+    return {"params": float(cost.params), "flops": float(cost.flops)}
+
+
+def stage1_values(measurement: Measurement, memory: str) -> dict[str, float]:
+    return {"latency_ms": measurement.latency_ms, "memory_mb": measurement.memory_mb(memory)}
+
+
+def _fmt(value: float) -> str:
+    return f"{int(value):,}" if value >= 1000 and value == int(value) else f"{value:.4g}"
+
+
+def _verdict(stage: int, known: Mapping[str, float], limits: Mapping[str, float]) -> Decision:
+    """Prune on the first violated limit, naming the value, the limit and the excess."""
+    values = constraint_values(known, limits)
+    over = [name for name, v in values.items() if v > 0]
+    if not over:
+        return Decision()
+    parts = [f"{n} {_fmt(known[n])}{UNITS.get(n, '')} over the limit {_fmt(limits[n])} "
+             f"(+{values[n]:.1%})" for n in over]
+    return Decision(False, f"constraints stage {stage}: " + "; ".join(parts))
+
+
+class ConstraintPruner:
+    """Stops a candidate that violates a hard limit of ``[constraints]`` as early as known.
+
+    Stage 0 checks ``max_params`` and ``max_flops`` before any device time; stage 1 checks
+    ``max_latency_ms`` and ``max_memory_mb`` (the memory the space's ``[evaluate] memory``
+    names) before training. The coordinator records the constraint values of every trial.
+    """
+
+    name = "constraints"
+
+    def __init__(self, space: SearchSpace) -> None:
+        limits = space.constraints.limits()
+        self.stage0 = {k: v for k, v in limits.items() if k in STAGE0}
+        self.stage1 = {k: v for k, v in limits.items() if k in STAGE1}
+        self.memory = space.evaluate.memory
+
+    def restore(self, trials: Sequence[FrozenTrial]) -> None:
+        pass  # stateless
+
+    def prescreen(self, number: int, cost: Cost) -> Decision:
+        return _verdict(0, stage0_values(cost), self.stage0)
+
+    def on_measured(self, number: int, measurement: Measurement) -> Decision:
+        return _verdict(1, stage1_values(measurement, self.memory), self.stage1)
+
+    def on_rung(self, number: int, rung: RungReport, measurement: Measurement | None
+                ) -> Decision:
+        return Decision()
+
+
+# -- the registry ------------------------------------------------------------------------
+
+
+def _mo_asha(space: SearchSpace) -> Pruner:
+    from search.mo_asha import MoAshaPruner
+
+    return MoAshaPruner(space)
+
+
+PRUNERS: dict[str, Callable[[SearchSpace], Pruner]] = {
+    "none": NoPruner, "constraints": ConstraintPruner, "mo-asha": _mo_asha}
 
 
 def make_pruner(name: str, space: SearchSpace) -> Pruner:
     """The pruner registered as ``name``.
 
     Raises:
-        ValueError: an unknown name, listing the known ones.
+        ValueError: an unknown name, listing the known ones, or a space the pruner
+            cannot work with (``mo-asha`` needs ``[rungs] min_steps > 0``).
     """
     try:
         factory = PRUNERS[name]

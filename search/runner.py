@@ -40,7 +40,7 @@ class SearchOptions:
     address: str | None = None  # join this Ray cluster instead of starting one
     sampler: str | None = None  # tpe | nsga2 (new studies only)
     seed: int | None = None  # new studies only
-    pruner: str | None = None  # none (and what issue 4 registers)
+    pruner: str | None = None  # none | constraints | mo-asha (default: the space's)
     max_retries: int = 2  # retries of a trial whose process or worker died
     timeout_s: float | None = None  # stop asking for new trials after this long
 
@@ -91,6 +91,7 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
     requeued = tuple(st.recover_stale(study))
     target = options.trials or space.study.trials
     study.set_user_attr("target", target)
+    study.set_user_attr("pruner", pruner.name)  # the latest run's; each decision names its own
     tally = None
     if st.finished_count(study) < target:
         assert payload is not None

@@ -51,6 +51,7 @@ class StudySettings:
     sampler: str = "tpe"
     seed: int = 0
     pruner: str = "none"
+    prune_dominated: bool = False  # mo-asha: also prune at stage 1 on best-case dominance
     startup_trials: int = 10
     population: int = 8
     reference_point: tuple[float, ...] = ()
@@ -125,6 +126,7 @@ class Constraints:
     max_latency_ms: float | None = None
     max_memory_mb: float | None = None
     max_params: int | None = None
+    max_flops: int | None = None  # per forward pass at batch 1 (engine.cost)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -132,7 +134,7 @@ class Constraints:
             _require(value is None or value > 0, f.name, "must be > 0")
 
     def limits(self) -> dict[str, float]:
-        """The set limits by name (``latency_ms``, ``memory_mb``, ``params``)."""
+        """The set limits by name (``latency_ms``, ``memory_mb``, ``params``, ``flops``)."""
         return {f.name.removeprefix("max_"): float(getattr(self, f.name))
                 for f in fields(self) if getattr(self, f.name) is not None}
 

@@ -77,17 +77,17 @@ def _run(request: TrialRequest, data: DataPayload, ask: Ask) -> TrialOutcome:
                       device=device, timings=timings)
     decision = ask(EventKind.MEASURED, measurement)
     if not decision.proceed:
+        timings["cpu_s"] = time.process_time()  # a pruned trial's device cost too
         return outcome(Outcome.PRUNED, decision.reason)
     rungs: list[RungReport] = []
     train_start = time.perf_counter()
     for rung in request.rungs:
         train(state, data.train, data.val, until=rung, callback=_stop_if_orphaned)
-        point = state.history[-1]
-        rungs.append(RungReport(point.step, point.val_loss, point.train_loss,
-                                time.perf_counter() - train_start))
+        rungs.append(_rung_report(state, data, time.perf_counter() - train_start))
         decision = ask(EventKind.RUNG, rungs[-1])
         if not decision.proceed:
             timings["train_s"] = time.perf_counter() - train_start
+            timings["cpu_s"] = time.process_time()
             return outcome(Outcome.PRUNED, decision.reason, rungs=tuple(rungs))
     timings["train_s"] = time.perf_counter() - train_start
     eval_start = time.perf_counter()
@@ -103,6 +103,20 @@ def _run(request: TrialRequest, data: DataPayload, ask: Ask) -> TrialOutcome:
     artifacts["metrics.json"] = json.dumps(metrics, indent=2).encode()
     return outcome(Outcome.COMPLETED, values=values, rungs=tuple(rungs), metrics=metrics,
                    artifacts=artifacts)
+
+
+def _rung_report(state: Any, data: DataPayload, elapsed_s: float) -> RungReport:
+    """The proxy at the step just reached; a rung between two ``eval_every`` points (whose
+    history holds an older point, or none) is evaluated here, on the same fixed batch."""
+    from engine.train import validation_loss
+
+    point = state.history[-1] if state.history else None
+    if point is not None and point.step == state.step:
+        return RungReport(point.step, point.val_loss, point.train_loss, elapsed_s)
+    val_loss = validation_loss(state.ema_model(), state.config, data.val)
+    pending = state.pending_losses
+    train_loss = sum(pending) / len(pending) if pending else float("nan")
+    return RungReport(state.step, val_loss, train_loss, elapsed_s)
 
 
 def _measure(model: Any, config: Any, runs: int) -> Measurement:

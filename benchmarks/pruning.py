@@ -1,0 +1,295 @@
+#!/usr/bin/env python3
+"""Pruners side by side: hypervolume against device-seconds for none, constraints, mo-asha.
+
+  uv run python benchmarks/pruning.py [--budget 150] [--seeds 0 1 2] [--workers 2]
+      [--work /tmp/diffnas-bench-pruning] [--out benchmarks/pruning.md]
+
+Every (pruner, seed) is a fresh study of the same 8 px space (:data:`SPACE`) on an
+embedded Ray cluster, with the same sampler seed for the three pruners, and runs until
+its finished trials have spent ``--budget`` device-seconds (in-flight trials then
+finish, so each study overshoots by at most ``--workers`` trials). A trial's
+device-seconds are its recorded ``timings.cpu_s`` (the CPU time of the trial's child
+process, which counts on a shared machine what wall time does not); a trial pruned at
+stage 0 costs none. The hypervolume of the feasible COMPLETE trials is followed trial by
+trial, in the order they finished, against one reference point shared by all studies
+(10% past the worst feasible point of any of them).
+
+Target (issue 4): mo-asha reaches >= 95% of none's final hypervolume with <= 50% of
+none's device-seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from optuna.trial import FrozenTrial, TrialState
+
+from search import pareto, runner
+from search import study as st
+from search.coordinator import Coordinator
+
+PRUNERS = ("none", "constraints", "mo-asha")
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+SPACE = """\
+# benchmarks/pruning.py: a smoke-sized space at 8 px where rungs matter (90 steps).
+[study]
+trials = 100000        # the device-second budget ends each study
+sampler = "tpe"
+startup_trials = 8
+
+[data]
+dataset = "digits"
+image_size = 8
+
+[evaluate]
+fid_samples = 64
+grid_images = 16
+memory = "sample"
+
+[rungs]
+min_steps = 10         # rungs at 10, 30 and 90 (the end)
+eta = 3
+
+[constraints]
+max_params = 300_000   # base_width 24 is over
+max_latency_ms = 40    # many sampling steps at base_width 16 are over
+
+[unet]
+base_width = { choice = [8, 16, 24] }
+width_mults = { choice = [[1, 2], [1, 2, 2]] }
+norm_groups = 4
+time_emb_dim = 32
+activation = { choice = ["relu", "silu"] }
+
+[schedule]
+sampler = { choice = ["ddim", "euler"] }
+steps = { int = [2, 8] }
+spacing = "trailing"
+beta_schedule = "cosine"
+prediction = "eps"
+
+[train]
+steps = 90
+batch_size = 8
+learning_rate = { float = [1e-4, 1e-2], log = true }
+warmup_steps = 5
+eval_every = 10
+"""
+
+
+class BudgetedCoordinator(Coordinator):
+    """Stops asking for trials once the finished ones have spent ``budget_s`` device-seconds."""
+
+    budget_s = math.inf
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spent_s = 0.0
+
+    def _record(self, run: Any, outcome: Any) -> None:
+        super()._record(run, outcome)
+        self.spent_s += float(outcome.timings.get("cpu_s", 0.0))
+
+    def _may_ask(self) -> bool:
+        return self.spent_s < self.budget_s and super()._may_ask()
+
+
+@dataclass
+class Run:
+    """One finished study, reduced to what the table needs."""
+
+    pruner: str
+    seed: int
+    wall_s: float
+    spent: list[float] = field(default_factory=list)  # cumulative device-s, finish order
+    points: list[list[float] | None] = field(default_factory=list)  # feasible COMPLETE
+    stages: dict[str, int] = field(default_factory=dict)
+    device: dict[str, Any] = field(default_factory=dict)
+
+
+def device_seconds(t: FrozenTrial) -> float:
+    return float(t.user_attrs.get(st.TIMINGS, {}).get("cpu_s", 0.0))
+
+
+def stage_of(t: FrozenTrial) -> str:
+    """complete, failed, or where it was pruned: stage0, stage1, rung."""
+    if t.state == TrialState.COMPLETE:
+        return "complete"
+    if t.state != TrialState.PRUNED:
+        return "failed"
+    if t.user_attrs.get(st.COST, {}).get("decision") == "prune" or st.COST not in t.user_attrs:
+        return "stage0"
+    return "rung" if t.user_attrs.get(st.RUNGS) else "stage1"
+
+
+def summarise(pruner: str, seed: int, trials: list[FrozenTrial], wall_s: float) -> Run:
+    done = sorted((t for t in trials if st.is_finished(t)),
+                  key=lambda t: (t.datetime_complete, t.number))
+    run = Run(pruner, seed, wall_s)
+    total = 0.0
+    for t in done:
+        total += device_seconds(t)
+        run.spent.append(total)
+        ok = t.state == TrialState.COMPLETE and st.feasible(t)
+        run.points.append(list(t.values) if ok else None)
+        run.stages[stage_of(t)] = run.stages.get(stage_of(t), 0) + 1
+        run.device = t.user_attrs.get(st.DEVICE, run.device)
+    return run
+
+
+def hv_curve(run: Run, reference: np.ndarray) -> np.ndarray:
+    """Hypervolume after each finished trial."""
+    out, seen = [], []
+    for p in run.points:
+        if p is not None:
+            seen.append(p)
+        out.append(pareto.hypervolume(np.array(seen), reference.tolist()) if seen else 0.0)
+    return np.array(out)
+
+
+def hv_at(run: Run, curve: np.ndarray, spent: float) -> float:
+    """The hypervolume once ``spent`` device-seconds were used (the last trial within it)."""
+    inside = np.flatnonzero(np.array(run.spent) <= spent + 1e-9)
+    return float(curve[inside[-1]]) if len(inside) else 0.0
+
+
+def seconds_to(run: Run, curve: np.ndarray, level: float) -> float:
+    """Device-seconds spent when the hypervolume first reached ``level`` (inf: never)."""
+    hit = np.flatnonzero(curve >= level)
+    return float(run.spent[hit[0]]) if len(hit) else math.inf
+
+
+def run_study(work: Path, space: Path, pruner: str, seed: int, workers: int) -> Run:
+    name = f"{pruner}-s{seed}"
+    options = runner.SearchOptions(space=space, study=name, results=work,
+                                   storage=st.default_storage(work), workers=workers,
+                                   pruner=pruner, seed=seed)
+    start = time.time()
+    runner.run_search(options)
+    wall = time.time() - start
+    study = st.load_existing(st.open_storage(options.storage or "", create=False), name)
+    return summarise(pruner, seed, study.get_trials(), wall)
+
+
+def load_or_run(work: Path, space: Path, pruner: str, seed: int, workers: int) -> Run:
+    """A finished study is read back (the script resumes after an interruption)."""
+    cache = work / f"{pruner}-s{seed}.json"
+    if cache.is_file():
+        return Run(**json.loads(cache.read_text()))
+    run = run_study(work, space, pruner, seed, workers)
+    cache.write_text(json.dumps(run.__dict__))
+    return run
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+def _ms(values: list[float]) -> str:
+    v = np.array(values, float)
+    return f"{v.mean():.4g} ± {v.std():.2g}" if len(v) > 1 else f"{v.mean():.4g}"
+
+
+def tables(runs: list[Run], budget: float) -> tuple[str, dict[str, Any]]:
+    feasible = [p for r in runs for p in r.points if p is not None]
+    reference = pareto.default_reference(np.array(feasible))
+    curves = {(r.pruner, r.seed): hv_curve(r, reference) for r in runs}
+    base = {r.seed: r for r in runs if r.pruner == "none"}
+    shown = ", ".join(f"{v:.4g}" for v in reference)
+    head = ("| pruner | trials: complete / pruned stage 0 / stage 1 / rung (failed) | device-s | "
+            + " | ".join(f"HV at {f:.0%} of budget" for f in FRACTIONS) + " | final HV / none's |")
+    where = f"Reference point (fid, latency_ms, peak_mem_mb): ({shown}); budget {budget:g} "
+    lines = [where + "device-s per study.", "", head, "|---" * (4 + len(FRACTIONS)) + "|"]
+    for pruner in PRUNERS:
+        mine = [r for r in runs if r.pruner == pruner]
+        if not mine:
+            continue
+        counts = " / ".join(_ms([r.stages.get(k, 0) for r in mine])
+                            for k in ("complete", "stage0", "stage1", "rung"))
+        failed = sum(r.stages.get("failed", 0) for r in mine)
+        at = [_ms([hv_at(r, curves[(pruner, r.seed)], f * budget) for r in mine])
+              for f in FRACTIONS]
+        ratio = [curves[(pruner, r.seed)][-1] / curves[("none", r.seed)][-1] for r in mine
+                 if r.seed in base and curves[("none", r.seed)][-1] > 0]
+        lines.append(f"| {pruner} ({len(mine)} seeds) | {counts} ({failed}) | "
+                     f"{_ms([r.spent[-1] for r in mine])} | {' | '.join(at)} | "
+                     f"{_ms(ratio) if ratio else '-'} |")
+    target, doc = target_table(runs, curves, base)
+    return "\n".join(lines) + "\n\n" + target, {"reference": reference.tolist(), **doc}
+
+
+def target_table(runs: list[Run], curves: dict[tuple[str, int], np.ndarray],
+                 base: dict[int, Run]) -> tuple[str, dict[str, Any]]:
+    """Per seed: mo-asha's HV at half of none's device-seconds, and the share it needed."""
+    head = ("| seed | none: final HV, device-s | mo-asha HV at 50% of none's device-s (share of "
+            "none's final) | device-s mo-asha needed for 95% of none's final HV (share of "
+            "none's) |")
+    lines = [head, "|---|---|---|---|"]
+    shares, halves = [], []
+    for r in sorted((r for r in runs if r.pruner == "mo-asha" and r.seed in base),
+                    key=lambda r: r.seed):
+        none = base[r.seed]
+        final, spent = float(curves[("none", r.seed)][-1]), none.spent[-1]
+        half = hv_at(r, curves[("mo-asha", r.seed)], 0.5 * spent) / final
+        need = seconds_to(r, curves[("mo-asha", r.seed)], 0.95 * final) / spent
+        shares.append(need)
+        halves.append(half)
+        lines.append(f"| {r.seed} | {final:.4g}, {spent:.0f} | {half:.1%} | "
+                     f"{'never' if math.isinf(need) else f'{need:.1%}'} |")
+    met = bool(shares) and all(h >= 0.95 for h in halves)
+    mean = f"{np.mean(halves):.1%}" if halves else "-"
+    verdict = (f"Target (>= 95% of none's final HV with <= 50% of its device-seconds): "
+               f"{'met' if met else 'missed'}; reached on {sum(h >= 0.95 for h in halves)} "
+               f"of {len(halves)} seeds (mean over seeds {mean}).")
+    lines += ["", verdict]
+    return "\n".join(lines), {"share_needed": shares, "hv_at_half": halves, "met": met}
+
+
+def markdown(runs: list[Run], budget: float, args: argparse.Namespace, wall_s: float) -> str:
+    body, _ = tables(runs, budget)
+    device = next((r.device for r in runs if r.device), {})
+    return (f"# Pruners: hypervolume against device-seconds\n\n"
+            f"`uv run python benchmarks/pruning.py --budget {budget:g} --seeds "
+            f"{' '.join(map(str, args.seeds))} --workers {args.workers}` "
+            f"({wall_s / 60:.1f} min wall).\n\n"
+            f"Device: {json.dumps(device, sort_keys=True)}\n\n{body}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", type=float, default=150.0, help="device-seconds per study")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--work", type=Path, default=Path("/tmp/diffnas-bench-pruning"))
+    p.add_argument("--out", type=Path, help="write the markdown report here")
+    args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    space = args.work / "space.toml"
+    space.write_text(SPACE)
+    BudgetedCoordinator.budget_s = args.budget
+    runner.Coordinator = BudgetedCoordinator  # type: ignore[misc]  # the budget, nothing else
+    start, runs = time.time(), []
+    for seed in args.seeds:  # interleaved, so that load drift on a shared machine hits all
+        for pruner in PRUNERS:
+            runs.append(load_or_run(args.work, space, pruner, seed, args.workers))
+            print(f"{pruner} seed {seed}: {runs[-1].stages}, {runs[-1].spent[-1]:.0f} "
+                  f"device-s, {runs[-1].wall_s:.0f} s wall", flush=True)
+    text = markdown(runs, args.budget, args, time.time() - start)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+        _, doc = tables(runs, args.budget)
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {**doc, "runs": [r.__dict__ for r in runs]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
