@@ -1,4 +1,5 @@
 import json
+import math
 from dataclasses import replace
 
 import mlx.core as mx
@@ -100,7 +101,9 @@ def _measured_ms(c: Config) -> float:
     return min(latency.sampling_latency(model, c, clock=clock).median_ms for _ in range(3))
 
 
-TOLERANCE = 0.30  # CI machines are noisy; benchmarks/latency_predictor.md has the real figure
+# A timing is not a test assertion on a shared CI machine: this only catches a broken
+# predictor (off by more than 2x); benchmarks/latency_predictor.md has the real figure.
+MAX_LOG_RATIO = math.log(2.0)
 
 
 def test_predictor_is_within_tolerance_on_held_out_configs(tmp_path):
@@ -115,6 +118,6 @@ def test_predictor_is_within_tolerance_on_held_out_configs(tmp_path):
     errors = []
     for c in held_out:
         predicted = latency.predict_latency_ms(c, table)
-        errors.append(predicted / _measured_ms(c) - 1)
+        errors.append(math.log(predicted / _measured_ms(c)))
     # One config may meet a burst of other work on a shared machine; three of four may not.
-    assert sum(abs(e) <= TOLERANCE for e in errors) >= 3, errors
+    assert sum(abs(e) <= MAX_LOG_RATIO for e in errors) >= 3, errors
