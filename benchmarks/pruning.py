@@ -167,8 +167,8 @@ def seconds_to(run: Run, curve: np.ndarray, level: float) -> float:
     return float(run.spent[hit[0]]) if len(hit) else math.inf
 
 
-def run_study(work: Path, space: Path, pruner: str, seed: int, workers: int) -> Run:
-    name = f"{pruner}-s{seed}"
+def run_study(work: Path, space: Path, pruner: str, seed: int, workers: int, name: str
+              ) -> Run:
     options = runner.SearchOptions(space=space, study=name, results=work,
                                    storage=st.default_storage(work), workers=workers,
                                    pruner=pruner, seed=seed)
@@ -179,12 +179,14 @@ def run_study(work: Path, space: Path, pruner: str, seed: int, workers: int) -> 
     return summarise(pruner, seed, study.get_trials(), wall)
 
 
-def load_or_run(work: Path, space: Path, pruner: str, seed: int, workers: int) -> Run:
+def load_or_run(work: Path, space: Path, pruner: str, seed: int, workers: int, budget: float
+                ) -> Run:
     """A finished study is read back (the script resumes after an interruption)."""
-    cache = work / f"{pruner}-s{seed}.json"
+    name = f"{pruner}-s{seed}-b{budget:g}"
+    cache = work / f"{name}.json"
     if cache.is_file():
         return Run(**json.loads(cache.read_text()))
-    run = run_study(work, space, pruner, seed, workers)
+    run = run_study(work, space, pruner, seed, workers, name)
     cache.write_text(json.dumps(run.__dict__))
     return run
 
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     start, runs = time.time(), []
     for seed in args.seeds:  # interleaved, so that load drift on a shared machine hits all
         for pruner in PRUNERS:
-            runs.append(load_or_run(args.work, space, pruner, seed, args.workers))
+            runs.append(load_or_run(args.work, space, pruner, seed, args.workers, args.budget))
             print(f"{pruner} seed {seed}: {runs[-1].stages}, {runs[-1].spent[-1]:.0f} "
                   f"device-s, {runs[-1].wall_s:.0f} s wall", flush=True)
     text = markdown(runs, args.budget, args, time.time() - start)
