@@ -81,18 +81,21 @@ class LatencyStat:
     samples_ms: tuple[float, ...]
 
 
-def time_call(fn: Callable[[], Any], runs: int = 5, warmup: int = 1,
-              retries: int = 2) -> LatencyStat:
-    """Median wall time of ``fn`` (which must ``mx.eval`` its result), re-measured if noisy."""
+def time_call(fn: Callable[[], Any], runs: int = 5, warmup: int = 1, retries: int = 2,
+              clock: Callable[[], float] = time.perf_counter) -> LatencyStat:
+    """Median time of ``fn`` (which must ``mx.eval`` its result), re-measured if noisy.
+
+    ``clock`` is wall time by default; ``time.process_time`` gives CPU time.
+    """
     best: LatencyStat | None = None
     for _ in range(retries + 1):
         for _ in range(warmup):
             fn()
         samples = []
         for _ in range(max(runs, 5)):
-            start = time.perf_counter()
+            start = clock()
             fn()
-            samples.append((time.perf_counter() - start) * 1e3)
+            samples.append((clock() - start) * 1e3)
         q1, med, q3 = np.percentile(samples, [25, 50, 75])
         stat = LatencyStat(float(med), float((q3 - q1) / med), tuple(samples))
         if best is None or stat.spread < best.spread:

@@ -40,7 +40,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from engine.bench import MAX_SPREAD, LatencyStat, device_fingerprint, time_call
+from engine.bench import LatencyStat, device_fingerprint, time_call
 from engine.config import Config, UNetConfig
 from engine.morph import Block, blocks
 from engine.samplers import generate
@@ -203,26 +203,9 @@ def _read(path: Path) -> LatencyTable:
 
 def time_ms(fn: Callable[[], Any], clock: str = "wall", runs: int = 5, warmup: int = 1,
             retries: int = 2) -> LatencyStat:
-    """:func:`engine.bench.time_call` (same protocol) on the ``wall`` or ``cpu`` clock."""
-    if clock == "wall":
-        return time_call(fn, runs, warmup, retries)
-    best: LatencyStat | None = None
-    for _ in range(retries + 1):
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(max(runs, 5)):
-            start = time.process_time()
-            fn()
-            samples.append((time.process_time() - start) * 1e3)
-        q1, med, q3 = np.percentile(samples, [25, 50, 75])
-        stat = LatencyStat(float(med), float((q3 - q1) / med), tuple(samples))
-        if best is None or stat.spread < best.spread:
-            best = stat
-        if stat.spread <= MAX_SPREAD:
-            break
-    assert best is not None
-    return best
+    """:func:`engine.bench.time_call` on the ``wall`` or ``cpu`` clock."""
+    timer = time.perf_counter if clock == "wall" else time.process_time
+    return time_call(fn, runs, warmup, retries, clock=timer)
 
 
 def sampling_latency(model: UNet, config: Config, batch: int = 1, clock: str = "wall",

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
+import engine  # binds an optimised BLAS before mlx loads
 
 CONFIGS = Path(engine.__file__).parent / "configs"
 
@@ -99,10 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffnas", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _engine_commands(sub)
-    if importlib.util.find_spec("search.cli_study") is not None:
-        from search.cli_study import register
+    from search.cli_study import register
 
-        register(sub)
+    register(sub)
     return parser
 
 

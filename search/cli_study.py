@@ -151,20 +151,10 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (``python -m search.cli_study VERB ...``) with the CLI's error rule."""
-    parser = argparse.ArgumentParser(prog="diffnas")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        code: int = args.func(args)
-        return code
-    except (ValueError, FileNotFoundError, PermissionError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"diffnas: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("diffnas: interrupted", file=sys.stderr)
-        return 130
+    """Stand-alone entry (``python -m search.cli_study VERB ...``): the whole ``diffnas`` CLI."""
+    from search.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
