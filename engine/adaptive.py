@@ -17,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from engine.diffusion import to_x0_eps
-from engine.schedules import T_MIN, alpha_sigma, time_of_sigma_ratio
+from engine.schedules import T_MIN, alpha_sigma, log_snr, time_of_log_snr
 
 
 @dataclass(frozen=True)
@@ -30,15 +30,6 @@ class AdaptiveResult:
     @property
     def mean_nfe(self) -> float:
         return float(self.nfe.mean())
-
-
-def _lam(t: np.ndarray, kind: str) -> np.ndarray:
-    a, s = alpha_sigma(t, kind)
-    return np.log(a / s)
-
-
-def _t_of_lam(lam: np.ndarray, kind: str) -> np.ndarray:
-    return np.maximum(time_of_sigma_ratio(np.exp(-lam), kind), T_MIN)
 
 
 def _bcast(v: np.ndarray) -> mx.array:
@@ -78,8 +69,8 @@ def sample_adaptive(model: nn.Module, noise: mx.array, prediction: str, kind: st
         raise ValueError(f"max_nfe={max_nfe}: needs at least 3 (one step and the final denoise)")
     n = noise.shape[0]
     eps_fn = _Eps(model, prediction, kind, n)
-    lam_end = float(_lam(np.array([T_MIN]), kind)[0])
-    lam = np.full(n, float(_lam(np.array([1.0]), kind)[0]))
+    lam_end = float(log_snr(np.array([T_MIN]), kind)[0])
+    lam = np.full(n, float(log_snr(np.array([1.0]), kind)[0]))
     h = np.full(n, h_init)
     x = noise
     done = np.zeros(n, dtype=bool)
@@ -91,8 +82,10 @@ def sample_adaptive(model: nn.Module, noise: mx.array, prediction: str, kind: st
                                                 atol, rtol, max_nfe, kind)
         lam[idx], h[idx] = lam_new, h_new
         x = _scatter(x, idx, x_new, n)
-        for j, i in enumerate(idx[finished]):
-            out[i] = _final_x0(eps_fn, x_new[int(np.flatnonzero(finished)[j])][None], i, kind)
+        if finished.any():
+            x0 = _final_x0(eps_fn, x_new[mx.array(np.flatnonzero(finished))], idx[finished], kind)
+            for j, i in enumerate(idx[finished]):
+                out[i] = x0[j:j + 1]
         done[idx[finished]] = True
     samples = mx.concatenate([o for o in out if o is not None])
     mx.eval(samples)
@@ -107,10 +100,11 @@ def _scatter(x: mx.array, idx: np.ndarray, values: mx.array, n: int) -> mx.array
     return x
 
 
-def _final_x0(eps_fn: _Eps, x: mx.array, i: int, kind: str) -> mx.array:
-    t = np.array([T_MIN])
-    a, s = (float(v[0]) for v in alpha_sigma(t, kind))
-    eps = eps_fn(x, t, np.array([i]))
+def _final_x0(eps_fn: _Eps, x: mx.array, idx: np.ndarray, kind: str) -> mx.array:
+    """Denoise the samples ``idx`` that reached T_MIN, in one batched evaluation."""
+    t = np.full(len(idx), T_MIN)
+    a, s = (float(v[0]) for v in alpha_sigma(t[:1], kind))
+    eps = eps_fn(x, t, idx)
     return mx.clip((x - s * eps) / a, -1e3, 1e3)
 
 
@@ -121,8 +115,8 @@ def _step(eps_fn: _Eps, x: mx.array, idx: np.ndarray, lam: np.ndarray, h: np.nda
     # A step costs 2 evaluations and the final denoise 1: force the last step while it fits.
     at_cap = eps_fn.nfe[idx] + 5 > max_nfe
     h = np.where(at_cap, lam_end - lam, np.minimum(h, lam_end - lam))
-    t = _t_of_lam(lam, kind)
-    t_s, t_u = _t_of_lam(lam + h, kind), _t_of_lam(lam + h / 2, kind)
+    t = time_of_log_snr(lam, kind)
+    t_s, t_u = time_of_log_snr(lam + h, kind), time_of_log_snr(lam + h / 2, kind)
     (a_t, s_t), (a_s, s_s), (a_u, s_u) = (alpha_sigma(v, kind) for v in (t, t_s, t_u))
     eps_t = eps_fn(x, t, idx)
     # DDIM (first order) to s, and to the midpoint u (Lu et al. 2022, Alg. 1 with r = 1/2).

@@ -12,7 +12,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from engine.schedules import ALPHA_BAR_MIN, T_MIN, alpha_sigma
+from engine.schedules import (
+    ALPHA_BAR_MIN,
+    BETA_MAX,
+    BETA_MIN,
+    COSINE_S,
+    SIGMOID_END,
+    SIGMOID_START,
+    SIGMOID_TAU,
+    T_MIN,
+    alpha_sigma,
+)
 
 Denoise = Callable[[mx.array, float], tuple[mx.array, mx.array]]
 """``denoise(x_t, t) -> (x0_hat, eps_hat)``, the interface every sampler drives."""
@@ -21,13 +31,14 @@ Denoise = Callable[[mx.array, float], tuple[mx.array, mx.array]]
 def alpha_sigma_mx(t: mx.array, kind: str) -> tuple[mx.array, mx.array]:
     """``(alpha_t, sigma_t)`` for a batch of times, in MLX (mirrors engine.schedules)."""
     if kind == "linear":
-        ab = mx.exp(-0.1 * t - 0.5 * 19.9 * t**2)
+        ab = mx.exp(-BETA_MIN * t - 0.5 * (BETA_MAX - BETA_MIN) * t**2)
     elif kind == "cosine":
-        s = 0.008
+        s = COSINE_S
         ab = mx.cos((t + s) / (1 + s) * np.pi / 2) ** 2 / np.cos(s / (1 + s) * np.pi / 2) ** 2
     else:
-        v_start, v_end = 1 / (1 + np.exp(3.0)), 1 / (1 + np.exp(-3.0))
-        ab = (v_end - mx.sigmoid(t * 6.0 - 3.0)) / (v_end - v_start)
+        start, end, tau = SIGMOID_START, SIGMOID_END, SIGMOID_TAU
+        v_start, v_end = 1 / (1 + np.exp(-start / tau)), 1 / (1 + np.exp(-end / tau))
+        ab = (v_end - mx.sigmoid((t * (end - start) + start) / tau)) / (v_end - v_start)
     ab = mx.clip(ab, ALPHA_BAR_MIN, 1.0)
     return mx.sqrt(ab), mx.sqrt(1.0 - ab)
 

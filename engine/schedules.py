@@ -16,21 +16,26 @@ from engine.config import ScheduleConfig
 
 ALPHA_BAR_MIN = 1e-5
 T_MIN = 1e-3  # the smallest time a network is trained on or evaluated at
+# Defaults of the three schedules; engine.diffusion.alpha_sigma_mx uses the same constants.
+BETA_MIN, BETA_MAX = 0.1, 20.0
+COSINE_S = 0.008
+SIGMOID_START, SIGMOID_END, SIGMOID_TAU = -3.0, 3.0, 1.0
 
 
-def alpha_bar_linear(t: np.ndarray, beta_min: float = 0.1, beta_max: float = 20.0) -> np.ndarray:
+def alpha_bar_linear(t: np.ndarray, beta_min: float = BETA_MIN,
+                     beta_max: float = BETA_MAX) -> np.ndarray:
     """VP-SDE with linear beta(t), the continuous DDPM schedule (Song et al. 2021, eq. 33)."""
     return np.exp(-beta_min * t - 0.5 * (beta_max - beta_min) * t**2)
 
 
-def alpha_bar_cosine(t: np.ndarray, s: float = 0.008) -> np.ndarray:
+def alpha_bar_cosine(t: np.ndarray, s: float = COSINE_S) -> np.ndarray:
     """Cosine schedule (Nichol & Dhariwal 2021, eq. 17)."""
     f = np.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     return f / math.cos(s / (1 + s) * math.pi / 2) ** 2
 
 
-def alpha_bar_sigmoid(t: np.ndarray, start: float = -3.0, end: float = 3.0,
-                      tau: float = 1.0) -> np.ndarray:
+def alpha_bar_sigmoid(t: np.ndarray, start: float = SIGMOID_START, end: float = SIGMOID_END,
+                      tau: float = SIGMOID_TAU) -> np.ndarray:
     """Sigmoid schedule (Jabri et al. 2022, Alg. 8)."""
     sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
     v_start, v_end = sig(start / tau), sig(end / tau)
@@ -50,6 +55,17 @@ def alpha_sigma(t: np.ndarray | float, kind: str) -> tuple[np.ndarray, np.ndarra
     """Signal and noise scales ``(alpha, sigma)`` at time ``t``."""
     ab = alpha_bar(t, kind)
     return np.sqrt(ab), np.sqrt(1.0 - ab)
+
+
+def log_snr(t: np.ndarray | float, kind: str) -> np.ndarray:
+    """Half log-SNR, ``lambda(t) = log(alpha / sigma)`` (Lu et al. 2022, eq. 3.1)."""
+    a, s = alpha_sigma(t, kind)
+    return np.log(a / s)
+
+
+def time_of_log_snr(lam: np.ndarray, kind: str) -> np.ndarray:
+    """Inverse of :func:`log_snr`, clipped to ``T_MIN``."""
+    return np.maximum(time_of_sigma_ratio(np.exp(-np.asarray(lam)), kind), T_MIN)
 
 
 def time_of_sigma_ratio(ratio: np.ndarray, kind: str, resolution: int = 20001) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.diffusion import Denoise
 from engine.samplers import get_sampler
-from engine.schedules import T_MIN, alpha_sigma, grid_from_times, time_of_sigma_ratio, trailing_times
+from engine.schedules import T_MIN, grid_from_times, log_snr, time_of_sigma_ratio, trailing_times
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,6 @@ class ScheduleSearch:
     seconds: float
 
 
-def _lambda(t: np.ndarray, kind: str) -> np.ndarray:
-    a, s = alpha_sigma(t, kind)
-    return np.log(a / s)
-
-
 def times_from_logits(z: np.ndarray, kind: str) -> np.ndarray:
     """K times from K logits: softmax gives the log-SNR increments between t = 1 and T_MIN.
 
@@ -48,7 +43,7 @@ def times_from_logits(z: np.ndarray, kind: str) -> np.ndarray:
     p = np.exp(z - z.max())
     p /= p.sum()
     frac = np.concatenate([[0.0], np.cumsum(p)[:-1]])  # K positions in [0, 1)
-    lam_hi, lam_lo = _lambda(np.array([1.0]), kind)[0], _lambda(np.array([T_MIN]), kind)[0]
+    lam_hi, lam_lo = log_snr(np.array([1.0]), kind)[0], log_snr(np.array([T_MIN]), kind)[0]
     lam = lam_hi + frac * (lam_lo - lam_hi)
     t = time_of_sigma_ratio(np.exp(-lam), kind)
     t[0] = 1.0
@@ -57,8 +52,8 @@ def times_from_logits(z: np.ndarray, kind: str) -> np.ndarray:
 
 def logits_from_times(ts: np.ndarray, kind: str) -> np.ndarray:
     """Inverse of :func:`times_from_logits` for a schedule starting at t = 1."""
-    lam = _lambda(np.maximum(np.asarray(ts, np.float64), T_MIN), kind)
-    lam_hi, lam_lo = _lambda(np.array([1.0]), kind)[0], _lambda(np.array([T_MIN]), kind)[0]
+    lam = log_snr(np.maximum(np.asarray(ts, np.float64), T_MIN), kind)
+    lam_hi, lam_lo = log_snr(np.array([1.0]), kind)[0], log_snr(np.array([T_MIN]), kind)[0]
     frac = np.append((lam - lam_hi) / (lam_lo - lam_hi), 1.0)
     return np.log(np.maximum(np.diff(frac), 1e-6))
 
