@@ -37,7 +37,8 @@ def alpha_sigma_mx(t: mx.array, kind: str) -> tuple[mx.array, mx.array]:
         ab = mx.cos((t + s) / (1 + s) * np.pi / 2) ** 2 / np.cos(s / (1 + s) * np.pi / 2) ** 2
     else:
         start, end, tau = SIGMOID_START, SIGMOID_END, SIGMOID_TAU
-        v_start, v_end = 1 / (1 + np.exp(-start / tau)), 1 / (1 + np.exp(-end / tau))
+        # Python floats: a numpy scalar on the left would turn the MLX array into numpy.
+        v_start, v_end = (float(1 / (1 + np.exp(-v / tau))) for v in (start, end))
         ab = (v_end - mx.sigmoid((t * (end - start) + start) / tau)) / (v_end - v_start)
     ab = mx.clip(ab, ALPHA_BAR_MIN, 1.0)
     return mx.sqrt(ab), mx.sqrt(1.0 - ab)

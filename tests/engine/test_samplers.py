@@ -60,3 +60,15 @@ def test_stochastic_sampler_depends_on_key_only():
 def test_unknown_sampler_named():
     with pytest.raises(ValueError, match="heun"):
         get_sampler("heun")
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "sigmoid"])
+def test_training_schedule_matches_sampling_schedule(kind):
+    """The MLX schedule used in the loss must agree with the numpy one the samplers use."""
+    from engine.diffusion import alpha_sigma_mx
+
+    t = np.linspace(0.0, 1.0, 21)
+    alpha, sigma = alpha_sigma_mx(mx.array(t.astype(np.float32)), kind)
+    want_alpha, want_sigma = alpha_sigma(t, kind)
+    assert np.allclose(np.array(alpha), want_alpha, atol=1e-5)
+    assert np.allclose(np.array(sigma), want_sigma, atol=1e-3)
