@@ -57,6 +57,7 @@ __all__ = [
     "Recommendation",
     "calibrate",
     "check_budget",
+    "check_peak",
     "enforce_limit",
     "format_report",
     "measure_sampling_mb",
@@ -422,13 +423,26 @@ def enforce_limit(limit_mb: float, config: Config | None = None, batch: int | No
     previous_cache = mx.set_cache_limit(int((cache_limit_mb or limit_mb) * MB))
     try:
         yield
-        mx.synchronize()
-        peak = mx.get_peak_memory() / MB
-        if peak > limit_mb:
-            raise MemoryBudgetExceeded("the run", peak, limit_mb, "measured")
+        check_peak(limit_mb)
     finally:
         mx.set_memory_limit(previous)
         mx.set_cache_limit(previous_cache)
+
+
+def check_peak(limit_mb: float, what: str = "the run") -> float:
+    """The measured peak (MB) since the last reset; raises when it is over ``limit_mb``.
+
+    Call it between the phases of a run under :func:`enforce_limit`, so that an overrun
+    ends the run at the next phase instead of at the end.
+
+    Raises:
+        MemoryBudgetExceeded: naming ``what``, the measured peak and the limit.
+    """
+    mx.synchronize()
+    peak = mx.get_peak_memory() / MB
+    if peak > limit_mb:
+        raise MemoryBudgetExceeded(what, peak, limit_mb, "measured")
+    return peak
 
 
 def release(cache_limit_mb: float | None = None) -> None:

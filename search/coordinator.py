@@ -216,7 +216,8 @@ class Coordinator:
                                self.space.rungs.steps(run.config.train.steps),
                                fid_samples=ev.fid_samples, grid_images=ev.grid_images,
                                latency_runs=ev.latency_runs, memory=ev.memory,
-                               eval_seed=ev.seed)
+                               eval_seed=ev.seed,
+                               memory_limit_mb=self.space.constraints.max_trial_memory_mb)
         self.pool.dispatch(worker, request, self.data_ref)
         run.worker, run.phase, run.pid = worker.name, Phase.STARTING, None
         run.attempt_started = time.time()
@@ -334,15 +335,19 @@ class Coordinator:
         if outcome.metrics.get("quality"):
             t.set_user_attr(st.QUALITY, outcome.metrics["quality"])
         t.set_user_attr(st.TIMINGS, dict(outcome.timings))
-        self._constrain(run, outcome.measurement or run.measurement)
+        self._constrain(run, outcome.measurement or run.measurement, outcome.constraint_values)
 
-    def _constrain(self, run: TrialRun, measurement: Measurement | None) -> None:
+    def _constrain(self, run: TrialRun, measurement: Measurement | None,
+                   reported: dict[str, float] | None = None) -> None:
+        """Record the constraint values of every limit whose value is known: stage 0, the
+        measurement, and what the worker ``reported`` for the limits it enforces."""
         limits = self.space.constraints.limits()
         if not limits:
             return
         known = stage0_values(run.cost)
         if measurement is not None:
             known.update(stage1_values(measurement, self.space.evaluate.memory))
+        known.update(reported or {})
         violations = constraint_values(known, limits)
         for name, value in violations.items():
             run.trial.set_constraint(name, value)

@@ -127,6 +127,9 @@ class Constraints:
     max_memory_mb: float | None = None
     max_params: int | None = None
     max_flops: int | None = None  # per forward pass at batch 1 (engine.cost)
+    # The whole trial (measurement, training, validation, evaluation) on its worker:
+    # predicted before anything is built, then measured at every phase (engine.memory).
+    max_trial_memory_mb: float | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -134,7 +137,8 @@ class Constraints:
             _require(value is None or value > 0, f.name, "must be > 0")
 
     def limits(self) -> dict[str, float]:
-        """The set limits by name (``latency_ms``, ``memory_mb``, ``params``, ``flops``)."""
+        """The set limits by name (``latency_ms``, ``memory_mb``, ``params``, ``flops``,
+        ``trial_memory_mb``)."""
         return {f.name.removeprefix("max_"): float(getattr(self, f.name))
                 for f in fields(self) if getattr(self, f.name) is not None}
 

@@ -15,6 +15,9 @@ import numpy as np
 OBJECTIVES = ("fid", "latency_ms", "peak_mem_mb")
 """The study's objectives, in order; every one is minimised."""
 
+TRIAL_MEMORY = "trial_memory_mb"
+"""The constraint a worker enforces itself: the peak memory of a whole trial."""
+
 
 @dataclass(frozen=True)
 class DataPayload:
@@ -44,6 +47,7 @@ class TrialRequest:
     latency_runs: int = 5
     memory: str = "sample"
     eval_seed: int = 0
+    memory_limit_mb: float | None = None  # the whole trial must fit (engine.memory)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -117,7 +121,12 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    """What one attempt produced. ``artifacts`` maps relative paths to file bytes."""
+    """What one attempt produced. ``artifacts`` maps relative paths to file bytes.
+
+    ``constraint_values`` holds the values of the limits the worker enforces itself, by
+    constraint name (``trial_memory_mb``: the trial's peak, predicted when it never ran);
+    the coordinator records them against the limits.
+    """
 
     number: int
     attempt: int
@@ -132,3 +141,4 @@ class TrialOutcome:
     device: dict[str, Any] = field(default_factory=dict)
     worker: str = ""
     exit_code: int | None = None
+    constraint_values: dict[str, float] = field(default_factory=dict)

@@ -11,6 +11,7 @@ come in; ``("event", kind, payload)`` and ``("done", TrialOutcome)`` go out.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -22,13 +23,13 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict
-from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
 from workers.records import (
+    TRIAL_MEMORY,
     DataPayload,
     Decision,
     EventKind,
@@ -44,11 +45,20 @@ Ask = Callable[[EventKind, Any], Decision]
 
 
 def run_trial(request: TrialRequest, data: DataPayload, ask: Ask) -> TrialOutcome:
-    """Run one attempt of one trial; candidate errors become FAILED outcomes, not exceptions."""
+    """Run one attempt of one trial; candidate errors become FAILED outcomes, not exceptions.
+
+    Under a memory limit (``request.memory_limit_mb``) a candidate predicted or measured
+    over it ends at once as PRUNED, with its peak as the ``trial_memory_mb`` constraint value.
+    """
+    from engine.memory import MemoryBudgetExceeded
     from engine.train import TrainingDiverged
 
+    done = _Progress(request)
     try:
-        return _run(request, data, ask)
+        return _run(request, data, ask, done)
+    except MemoryBudgetExceeded as err:
+        return done.outcome(Outcome.PRUNED, f"over the trial memory limit: {err}",
+                            constraint_values={TRIAL_MEMORY: err.needed_mb})
     except TrainingDiverged as err:
         return _failed(request, f"diverged: {err}")
     except Exception as err:  # noqa: BLE001 (the candidate's own error: FAILED, no retry)
@@ -62,47 +72,85 @@ def _failed(request: TrialRequest, reason: str, metrics: dict[str, Any] | None =
                         metrics=metrics or {})
 
 
-def _run(request: TrialRequest, data: DataPayload, ask: Ask) -> TrialOutcome:
-    from engine.bench import device_fingerprint
+class _Progress:
+    """What an attempt has produced so far, so that any stage can end it with an outcome."""
+
+    def __init__(self, request: TrialRequest) -> None:
+        self.request = request
+        self.measurement: Measurement | None = None
+        self.rungs: list[RungReport] = []
+        self.device: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self.limit_mb = request.memory_limit_mb
+        self.peak_mb = 0.0
+
+    def check_memory(self, what: str, peak_mb: float = 0.0) -> None:
+        """After each phase under a memory limit: raise if it went over, else keep the peak."""
+        if self.limit_mb is None:
+            return
+        from engine.memory import MemoryBudgetExceeded, check_peak
+
+        if peak_mb > self.limit_mb:
+            raise MemoryBudgetExceeded(what, peak_mb, self.limit_mb, "measured")
+        self.peak_mb = max(self.peak_mb, peak_mb, check_peak(self.limit_mb, what))
+
+    def outcome(self, status: Outcome, reason: str = "", **fields: Any) -> TrialOutcome:
+        self.timings["cpu_s"] = time.process_time()  # this process's CPU time: the device cost
+        fields.setdefault("constraint_values",
+                          {} if self.limit_mb is None else {TRIAL_MEMORY: self.peak_mb})
+        return TrialOutcome(self.request.number, self.request.attempt, status, reason,
+                            measurement=self.measurement, rungs=tuple(self.rungs),
+                            device=self.device, timings=self.timings, **fields)
+
+
+def _run(request: TrialRequest, data: DataPayload, ask: Ask, done: _Progress) -> TrialOutcome:
     from engine.config import Config
+    from engine.memory import enforce_limit
+
+    config = Config.from_dict(request.config)
+    limit = request.memory_limit_mb
+    with enforce_limit(limit, config) if limit is not None else contextlib.nullcontext():
+        return _stages(request, data, ask, config, done)
+
+
+def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Any, done: _Progress
+            ) -> TrialOutcome:
+    """Measure, train in rungs, evaluate: each stage reports and obeys the answer."""
+    from engine.bench import device_fingerprint
     from engine.train import init_state, train
 
     started = time.perf_counter()
-    config = Config.from_dict(request.config)
     state = init_state(config)
-    measurement = _measure(state.model, config, request.latency_runs)
-    device = device_fingerprint()
-    timings = {"measure_s": measurement.seconds}
-    outcome = partial(TrialOutcome, request.number, request.attempt, measurement=measurement,
-                      device=device, timings=timings)
+    measurement = done.measurement = _measure(state.model, config, request.latency_runs)
+    done.device = device_fingerprint()
+    done.timings["measure_s"] = measurement.seconds
+    done.check_memory("measurement", max(measurement.train_mb, measurement.sample_mb))
     decision = ask(EventKind.MEASURED, measurement)
     if not decision.proceed:
-        timings["cpu_s"] = time.process_time()  # a pruned trial's device cost too
-        return outcome(Outcome.PRUNED, decision.reason)
-    rungs: list[RungReport] = []
+        return done.outcome(Outcome.PRUNED, decision.reason)
     train_start = time.perf_counter()
     for rung in request.rungs:
         train(state, data.train, data.val, until=rung, callback=_stop_if_orphaned)
-        rungs.append(_rung_report(state, data, time.perf_counter() - train_start))
-        decision = ask(EventKind.RUNG, rungs[-1])
+        done.rungs.append(_rung_report(state, data, time.perf_counter() - train_start))
+        done.check_memory(f"training to step {rung}")
+        decision = ask(EventKind.RUNG, done.rungs[-1])
         if not decision.proceed:
-            timings["train_s"] = time.perf_counter() - train_start
-            timings["cpu_s"] = time.process_time()
-            return outcome(Outcome.PRUNED, decision.reason, rungs=tuple(rungs))
-    timings["train_s"] = time.perf_counter() - train_start
+            done.timings["train_s"] = time.perf_counter() - train_start
+            return done.outcome(Outcome.PRUNED, decision.reason)
+    done.timings["train_s"] = time.perf_counter() - train_start
     eval_start = time.perf_counter()
     quality, grid = _evaluate(state, config, data, request)
-    timings["eval_s"] = time.perf_counter() - eval_start
+    done.check_memory("evaluation")
+    done.timings["eval_s"] = time.perf_counter() - eval_start
     values = {"fid": quality["fid"], "latency_ms": measurement.latency_ms,
               "peak_mem_mb": measurement.memory_mb(request.memory)}
-    metrics = _metrics(request, config, values, measurement, quality, rungs, device)
+    metrics = _metrics(request, config, values, measurement, quality, done.rungs, done.device)
     artifacts = _artifacts(state, grid, metrics)
-    timings["total_s"] = time.perf_counter() - started
-    timings["cpu_s"] = time.process_time()  # this process's CPU time: the trial's device cost
-    metrics["timings"] = timings
+    done.timings["total_s"] = time.perf_counter() - started
+    done.timings["cpu_s"] = time.process_time()
+    metrics["timings"] = done.timings
     artifacts["metrics.json"] = json.dumps(metrics, indent=2).encode()
-    return outcome(Outcome.COMPLETED, values=values, rungs=tuple(rungs), metrics=metrics,
-                   artifacts=artifacts)
+    return done.outcome(Outcome.COMPLETED, values=values, metrics=metrics, artifacts=artifacts)
 
 
 def _rung_report(state: Any, data: DataPayload, elapsed_s: float) -> RungReport:
