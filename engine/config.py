@@ -17,7 +17,7 @@ RESAMPLES = ("nearest", "transposed")
 NORMS = ("group", "layer")
 BETA_SCHEDULES = ("linear", "cosine", "sigmoid")
 PREDICTIONS = ("eps", "v", "x0")
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "adaptive")
 SPACINGS = ("uniform", "quadratic", "karras", "trailing", "explicit", "optimized")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -99,6 +99,9 @@ class ScheduleConfig:
 
     Time is continuous, ``t`` in [0, 1]; ``timesteps`` (for ``explicit`` and
     ``optimized`` spacing) lists the sampler's times from high to low, excluding 0.
+    The ``adaptive`` sampler (:func:`engine.adaptive.sample_adaptive`) chooses its own
+    steps: ``steps`` caps its network evaluations per sample, ``tolerance`` is its error
+    tolerance (absolute and relative), and ``spacing`` does not apply.
     """
 
     beta_schedule: str = "cosine"
@@ -108,6 +111,7 @@ class ScheduleConfig:
     eta: float = 0.0
     spacing: str = "trailing"
     timesteps: tuple[float, ...] = ()
+    tolerance: float = 0.02
 
     def __post_init__(self) -> None:
         o = "ScheduleConfig"
@@ -118,6 +122,9 @@ class ScheduleConfig:
         _choice(o, "spacing", self.spacing, SPACINGS)
         _check(1 <= self.steps <= 4000, o, "steps", self.steps, "must be in [1, 4000]")
         _check(0.0 <= self.eta <= 1.0, o, "eta", self.eta, "must be in [0, 1]")
+        _check(self.tolerance > 0.0, o, "tolerance", self.tolerance, "must be > 0")
+        _check(self.sampler != "adaptive" or self.steps >= 3, o, "steps", self.steps,
+               "must be >= 3 for the adaptive sampler (one step and the final denoise)")
         if self.spacing in ("explicit", "optimized"):
             ts = self.timesteps
             _check(len(ts) == self.steps, o, "timesteps", ts,

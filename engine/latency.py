@@ -253,8 +253,9 @@ def block_key(cfg: UNetConfig, block: Block, batch: int) -> str:
 
 def sampler_key(config: Config, batch: int) -> str:
     s, u = config.schedule, config.unet
+    tol = f"|tol={s.tolerance:g}" if s.sampler == "adaptive" else ""
     return (f"sampler|{s.sampler}|steps={s.steps}|{s.prediction}|{s.beta_schedule}|"
-            f"{s.spacing}|eta={s.eta:g}|r={u.image_size}|c={u.channels}|b={batch}")
+            f"{s.spacing}|eta={s.eta:g}{tol}|r={u.image_size}|c={u.channels}|b={batch}")
 
 
 def block_flops(cfg: UNetConfig, block: Block, batch: int) -> float:

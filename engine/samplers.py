@@ -11,9 +11,9 @@ import math
 from collections.abc import Callable
 
 import mlx.core as mx
-
 import mlx.nn as nn
 
+from engine.adaptive import sample_adaptive
 from engine.config import ScheduleConfig
 from engine.diffusion import Denoise, denoiser
 from engine.schedules import Grid, grid
@@ -92,9 +92,18 @@ def get_sampler(name: str) -> Sampler:
 
 def generate(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, image_size: int,
              channels: int, clip_x0: bool = True) -> mx.array:
-    """Draw ``n`` images (n, H, W, C) from ``model`` with the configured sampler and grid."""
+    """Draw ``n`` images (n, H, W, C) from ``model`` with the configured sampler and grid.
+
+    ``adaptive`` integrates with per-sample step sizes instead of a grid
+    (:func:`engine.adaptive.sample_adaptive`, at most ``schedule.steps`` evaluations).
+    """
     k_noise, k_sample = mx.random.split(mx.random.key(seed))
     x = mx.random.normal((n, image_size, image_size, channels), key=k_noise)
+    if schedule.sampler == "adaptive":
+        result = sample_adaptive(model, x, schedule.prediction, schedule.beta_schedule,
+                                 atol=schedule.tolerance, rtol=schedule.tolerance,
+                                 max_nfe=schedule.steps)
+        return mx.clip(result.samples, -1.0, 1.0) if clip_x0 else result.samples
     denoise = denoiser(model, schedule.prediction, schedule.beta_schedule, clip_x0)
     out = get_sampler(schedule.sampler)(denoise, x, grid(schedule), k_sample, schedule.eta)
     mx.eval(out)

@@ -38,7 +38,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         space=args.space or args.preset, study=args.study, storage=args.storage,
         results=args.results, trials=args.trials, workers=args.workers, address=args.address,
         sampler=args.sampler, seed=args.seed, pruner=args.pruner, max_retries=args.max_retries,
-        timeout_s=args.timeout)
+        timeout_s=args.timeout, max_latency_ms=args.max_latency_ms)
     if options.space is None and options.study is None:
         options = SearchOptions(**{**options.__dict__, "space": "demo"})
     result = run_search(options, progress.for_stream(sys.stderr))
@@ -122,6 +122,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-retries", type=int, default=2,
                    help="retries of a trial whose process or worker died")
     p.add_argument("--timeout", type=float, help="seconds; then stop asking for new trials")
+    p.add_argument("--max-latency-ms", type=float,
+                   help="sampling latency target (ms per image, batch 1): each trial's worker "
+                   "measures one network evaluation on its device and samples with the most "
+                   "steps that fit (overriding the space's sampler and steps; the adaptive "
+                   "sampler keeps itself with that cap); a candidate that cannot fit one step "
+                   "is infeasible")
     p.set_defaults(func=_cmd_search)
 
     p = subparsers.add_parser("status", help="trials by state, workers, ETA, reasons")

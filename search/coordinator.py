@@ -12,7 +12,7 @@ import collections
 import enum
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from engine.config import Config
+from engine.config import Config, ScheduleConfig
 from search import artifacts, pareto
 from search import study as st
 from search.pool import Death, Reports, Result, Worker, WorkerPool
@@ -28,6 +28,7 @@ from search.progress import Progress, RunningTrial, Silent, Snapshot
 from search.pruning import Cost, Pruner, constraint_values, stage0_values, stage1_values
 from search.space import SearchSpace
 from workers.records import (
+    LATENCY_TARGET,
     OBJECTIVES,
     Decision,
     Event,
@@ -40,6 +41,7 @@ from workers.records import (
 )
 
 MAX_INVALID_IN_A_ROW = 200
+STEP_BUDGET = "step_budget"  # trial user attr: the schedule a latency target chose, and why
 
 
 class Phase(enum.Enum):
@@ -95,12 +97,17 @@ class Coordinator:
     def __init__(self, study: optuna.Study, space: SearchSpace, pool: WorkerPool,
                  data_ref: Any, channels: int, results: Path, pruner: Pruner, target: int,
                  max_retries: int = 2, progress: Progress | None = None,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, latency_target_ms: float | None = None
+                 ) -> None:
         self.study, self.space, self.pool = study, space, pool
         self.data_ref, self.channels, self.results = data_ref, channels, results
         self.pruner, self.target, self.max_retries = pruner, target, max_retries
         self.progress = progress or Silent()
         self.deadline = deadline
+        self.latency_target_ms = latency_target_ms
+        self.limits = space.constraints.limits()
+        if latency_target_ms is not None:
+            self.limits[LATENCY_TARGET] = latency_target_ms
         self.runs: dict[int, TrialRun] = {}
         self.queue: collections.deque[TrialRun] = collections.deque()
         self.tally = Tally()
@@ -217,7 +224,8 @@ class Coordinator:
                                fid_samples=ev.fid_samples, grid_images=ev.grid_images,
                                latency_runs=ev.latency_runs, memory=ev.memory,
                                eval_seed=ev.seed,
-                               memory_limit_mb=self.space.constraints.max_trial_memory_mb)
+                               memory_limit_mb=self.space.constraints.max_trial_memory_mb,
+                               latency_target_ms=self.latency_target_ms)
         self.pool.dispatch(worker, request, self.data_ref)
         run.worker, run.phase, run.pid = worker.name, Phase.STARTING, None
         run.attempt_started = time.time()
@@ -249,6 +257,8 @@ class Coordinator:
             run.pid, run.phase = event.payload["pid"], Phase.MEASURING
         elif event.kind is EventKind.MEASURED:
             run.measurement = event.payload
+            if event.payload.budget is not None:
+                self._budgeted(run, event.payload.budget)
             decision = self.pruner.on_measured(run.number, event.payload)
             run.trial.set_user_attr(st.MEASUREMENT, _measurement_doc(event.payload, decision))
             run.phase = Phase.TRAINING
@@ -264,6 +274,13 @@ class Coordinator:
             run.phase = Phase.EVALUATING if last and decision.proceed else Phase.TRAINING
             self.pool.decide(worker, event.key, decision)
         run.overhead_s += time.perf_counter() - start
+
+    def _budgeted(self, run: TrialRun, budget: dict[str, Any]) -> None:
+        """The worker chose the schedule for the latency target: the trial's config says so."""
+        run.trial.set_user_attr(STEP_BUDGET, budget)
+        schedule = ScheduleConfig(**budget["schedule"])
+        run.config = replace(run.config, schedule=schedule)
+        run.trial.set_user_attr(st.CONFIG, run.config.to_dict())
 
     def _on_result(self, outcome: TrialOutcome) -> None:
         run = self._current(outcome.number, outcome.attempt)
@@ -341,7 +358,7 @@ class Coordinator:
                    reported: dict[str, float] | None = None) -> None:
         """Record the constraint values of every limit whose value is known: stage 0, the
         measurement, and what the worker ``reported`` for the limits it enforces."""
-        limits = self.space.constraints.limits()
+        limits = self.limits
         if not limits:
             return
         known = stage0_values(run.cost)

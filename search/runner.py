@@ -43,6 +43,7 @@ class SearchOptions:
     pruner: str | None = None  # none | constraints | mo-asha (default: the space's)
     max_retries: int = 2  # retries of a trial whose process or worker died
     timeout_s: float | None = None  # stop asking for new trials after this long
+    max_latency_ms: float | None = None  # each trial samples with the most steps that fit
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,10 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
 
 
 def _checked_inputs(space: SearchSpace, options: SearchOptions, results: Path) -> DataPayload:
-    """Validate the pruner and load the dataset before the storage is touched."""
+    """Validate the options and load the dataset before the storage is touched."""
     make_pruner(options.pruner or space.study.pruner, space)
+    if options.max_latency_ms is not None and not options.max_latency_ms > 0:
+        raise ValueError(f"--max-latency-ms: must be > 0, got {options.max_latency_ms:g}")
     return build_payload(space.data, results / "feature-nets")
 
 
@@ -126,7 +129,8 @@ def _run(study: optuna.Study, space: SearchSpace, options: SearchOptions, result
         deadline = None if options.timeout_s is None else time.time() + options.timeout_s
         coordinator = Coordinator(study, space, pool, ray.put(payload),
                                   int(payload.train.shape[-1]), results, pruner,
-                                  target, options.max_retries, progress, deadline)
+                                  target, options.max_retries, progress, deadline,
+                                  options.max_latency_ms)
         return coordinator.run()
     finally:
         progress.close()

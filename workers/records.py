@@ -16,7 +16,9 @@ OBJECTIVES = ("fid", "latency_ms", "peak_mem_mb")
 """The study's objectives, in order; every one is minimised."""
 
 TRIAL_MEMORY = "trial_memory_mb"
-"""The constraint a worker enforces itself: the peak memory of a whole trial."""
+"""A constraint the worker enforces itself: the peak memory of a whole trial."""
+LATENCY_TARGET = "latency_target_ms"
+"""A constraint the worker enforces itself: sampling latency with the steps it chose."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class TrialRequest:
     memory: str = "sample"
     eval_seed: int = 0
     memory_limit_mb: float | None = None  # the whole trial must fit (engine.memory)
+    # Sample with the most steps whose latency fits this (ms per image at batch 1) on the
+    # worker's device; the sampler and step count come from engine.adaptive.choose_budget.
+    latency_target_ms: float | None = None
 
     @property
     def key(self) -> tuple[int, int]:
@@ -56,7 +61,11 @@ class TrialRequest:
 
 @dataclass(frozen=True)
 class Measurement:
-    """Stage 1: latency of the whole sampling loop at batch 1, and peak memory (MB)."""
+    """Stage 1: latency of the whole sampling loop at batch 1, and peak memory (MB).
+
+    ``budget`` is set under a latency target: the measured cost of one network evaluation
+    and of the sampler around it, the schedule chosen from them, and why.
+    """
 
     latency_ms: float
     latency_spread: float
@@ -64,6 +73,7 @@ class Measurement:
     train_mb: float
     sample_mb: float
     seconds: float
+    budget: dict[str, Any] | None = None
 
     def memory_mb(self, which: str) -> float:
         """The memory objective: ``sample``, ``train`` or ``max`` of the two."""

@@ -22,13 +22,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
 from workers.records import (
+    LATENCY_TARGET,
     TRIAL_MEMORY,
     DataPayload,
     Decision,
@@ -44,11 +45,20 @@ Ask = Callable[[EventKind, Any], Decision]
 """Sends a report to the coordinator and blocks for its answer."""
 
 
+class Infeasible(Exception):
+    """The candidate cannot meet a limit the worker enforces: constraint ``name`` at ``value``."""
+
+    def __init__(self, reason: str, name: str, value: float) -> None:
+        super().__init__(reason)
+        self.name, self.value = name, value
+
+
 def run_trial(request: TrialRequest, data: DataPayload, ask: Ask) -> TrialOutcome:
     """Run one attempt of one trial; candidate errors become FAILED outcomes, not exceptions.
 
-    Under a memory limit (``request.memory_limit_mb``) a candidate predicted or measured
-    over it ends at once as PRUNED, with its peak as the ``trial_memory_mb`` constraint value.
+    A candidate that cannot meet a limit the worker enforces ends at once as PRUNED, with
+    its constraint value: under a memory limit (``request.memory_limit_mb``) its predicted
+    or measured peak, under a latency target one step's latency.
     """
     from engine.memory import MemoryBudgetExceeded
     from engine.train import TrainingDiverged
@@ -59,6 +69,8 @@ def run_trial(request: TrialRequest, data: DataPayload, ask: Ask) -> TrialOutcom
     except MemoryBudgetExceeded as err:
         return done.outcome(Outcome.PRUNED, f"over the trial memory limit: {err}",
                             constraint_values={TRIAL_MEMORY: err.needed_mb})
+    except Infeasible as err:
+        return done.outcome(Outcome.PRUNED, str(err), constraint_values={err.name: err.value})
     except TrainingDiverged as err:
         return _failed(request, f"diverged: {err}")
     except Exception as err:  # noqa: BLE001 (the candidate's own error: FAILED, no retry)
@@ -94,10 +106,16 @@ class _Progress:
             raise MemoryBudgetExceeded(what, peak_mb, self.limit_mb, "measured")
         self.peak_mb = max(self.peak_mb, peak_mb, check_peak(self.limit_mb, what))
 
+    def constraint_values(self) -> dict[str, float]:
+        """The values of the limits this worker enforces, as far as they are known."""
+        values = {} if self.limit_mb is None else {TRIAL_MEMORY: self.peak_mb}
+        if self.request.latency_target_ms is not None and self.measurement is not None:
+            values[LATENCY_TARGET] = self.measurement.latency_ms
+        return values
+
     def outcome(self, status: Outcome, reason: str = "", **fields: Any) -> TrialOutcome:
         self.timings["cpu_s"] = time.process_time()  # this process's CPU time: the device cost
-        fields.setdefault("constraint_values",
-                          {} if self.limit_mb is None else {TRIAL_MEMORY: self.peak_mb})
+        fields.setdefault("constraint_values", self.constraint_values())
         return TrialOutcome(self.request.number, self.request.attempt, status, reason,
                             measurement=self.measurement, rungs=tuple(self.rungs),
                             device=self.device, timings=self.timings, **fields)
@@ -121,7 +139,13 @@ def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Any, don
 
     started = time.perf_counter()
     state = init_state(config)
-    measurement = done.measurement = _measure(state.model, config, request.latency_runs)
+    latency = None
+    if request.latency_target_ms is not None:
+        config, latency = _fit_latency_target(state.model, config, request.latency_target_ms,
+                                              request.latency_runs)
+        state.config = config  # trained, evaluated and saved with the chosen schedule
+    measurement = done.measurement = _measure(state.model, config, request.latency_runs,
+                                              latency)
     done.device = device_fingerprint()
     done.timings["measure_s"] = measurement.seconds
     done.check_memory("measurement", max(measurement.train_mb, measurement.sample_mb))
@@ -167,16 +191,86 @@ def _rung_report(state: Any, data: DataPayload, elapsed_s: float) -> RungReport:
     return RungReport(state.step, val_loss, train_loss, elapsed_s)
 
 
-def _measure(model: Any, config: Any, runs: int) -> Measurement:
-    """Latency of the full sampling loop at batch 1, then peak memory of sampling and training."""
+def _measure(model: Any, config: Any, runs: int,
+             latency: tuple[Any, dict[str, Any]] | None = None) -> Measurement:
+    """Latency of the full sampling loop at batch 1, then peak memory of sampling and training.
+
+    ``latency``: the sampling latency and step budget already measured for a latency target.
+    """
     from engine.bench import sampling_latency, sampling_peak_mb, training_peak_mb
 
     start = time.perf_counter()
-    latency = sampling_latency(model, config, batch=1, runs=runs)
+    stat, budget = latency or (sampling_latency(model, config, batch=1, runs=runs), None)
     sample_mb = sampling_peak_mb(model, config, 1)
     train_mb = training_peak_mb(config)
-    return Measurement(latency.median_ms, latency.spread, latency.samples_ms, train_mb,
-                       sample_mb, time.perf_counter() - start)
+    seconds = time.perf_counter() - start + (budget["seconds"] if budget else 0.0)
+    return Measurement(stat.median_ms, stat.spread, stat.samples_ms, train_mb, sample_mb,
+                       seconds, budget)
+
+
+REFITS = 2  # re-choices of the step count when the chosen schedule measured over the target
+
+
+def _fit_latency_target(model: Any, config: Any, target_ms: float, runs: int
+                        ) -> tuple[Any, tuple[Any, dict[str, Any]]]:
+    """The config with the most sampling steps that fit ``target_ms`` on this device.
+
+    Measures one network evaluation and the sampler's overhead (a one-step call less one
+    evaluation), lets :func:`engine.adaptive.choose_budget` pick the sampler and steps, then
+    measures the chosen schedule; if that comes out over the target, the step count is
+    chosen again from the measured cost per step (at most ``REFITS`` times).
+
+    Returns:
+        The config and ``(latency stat, budget record)`` of the chosen schedule.
+
+    Raises:
+        Infeasible: not even one network evaluation fits the target here.
+    """
+    from engine.adaptive import choose_budget
+    from engine.bench import forward_latency, sampling_latency
+
+    start = time.perf_counter()
+    per_eval = forward_latency(model, config).median_ms
+    one_step = replace(config, schedule=_scheduled(config.schedule, "ddim", 1))
+    overhead = max(0.0, sampling_latency(model, one_step, runs=runs).median_ms - per_eval)
+    rounds: list[dict[str, Any]] = []
+    cost = per_eval
+    for _ in range(REFITS + 1):
+        try:
+            budget = choose_budget(target_ms, cost, overhead)
+        except ValueError as err:
+            raise Infeasible(f"latency target: {err}", LATENCY_TARGET,
+                             overhead + cost) from None
+        chosen = replace(config, schedule=_scheduled(config.schedule, budget.sampler,
+                                                     budget.steps))
+        stat = sampling_latency(model, chosen, batch=1, runs=runs)
+        rounds.append({"sampler": chosen.schedule.sampler, "steps": budget.steps,
+                       "per_step_ms": cost, "predicted_ms": budget.predicted_ms,
+                       "measured_ms": stat.median_ms})
+        if stat.median_ms <= target_ms or budget.steps == 1:
+            break
+        cost = (stat.median_ms - overhead) / budget.steps
+    last = rounds[-1]
+    why = (f"{last['steps']} steps of {last['sampler']} fit {target_ms:g} ms: "
+           f"{overhead:.3g} ms overhead + {last['steps']} x {last['per_step_ms']:.3g} ms per "
+           f"evaluation = {last['predicted_ms']:.4g} ms predicted, {last['measured_ms']:.4g} ms "
+           f"measured")
+    record = {"target_ms": target_ms, "per_eval_ms": per_eval, "overhead_ms": overhead,
+              "sampler": last["sampler"], "steps": last["steps"],
+              "predicted_ms": last["predicted_ms"], "measured_ms": last["measured_ms"],
+              "rounds": rounds, "schedule": asdict(chosen.schedule), "reason": why,
+              "seconds": time.perf_counter() - start}
+    return chosen, (stat, record)
+
+
+def _scheduled(schedule: Any, sampler: str, steps: int) -> Any:
+    """``schedule`` at ``steps``: the adaptive sampler keeps itself (``steps`` caps its
+    evaluations) when at least 3 fit; a spacing tied to stored times falls back to trailing."""
+    if not (schedule.sampler == "adaptive" and steps >= 3):
+        schedule = replace(schedule, sampler=sampler)
+    if schedule.spacing in ("explicit", "optimized"):
+        schedule = replace(schedule, spacing="trailing", timesteps=())
+    return replace(schedule, steps=steps)
 
 
 def _evaluate(state: Any, config: Any, data: DataPayload, request: TrialRequest
