@@ -648,10 +648,13 @@ def progressive_distill(teacher: UNet, config: Config, images: np.ndarray, out: 
 
 def distill(checkpoint: str | Path, method: str, steps: int, dataset: Dataset, out: str | Path,
             gate: Gate | None = None, teacher_steps: int = 64, quality: QualityFn | None = None,
-            train_steps: int | None = None, emit: Emit = print) -> DistillResult:
+            train_steps: int | None = None, batch_size: int | None = None,
+            reparam_steps: int | None = None, emit: Emit = print) -> DistillResult:
     """Distil a trained checkpoint to ``steps`` sampling steps; what ``diffnas distill`` calls.
 
     Writes the stage checkpoints and ``result.json`` (the stage table) under ``out``.
+    ``train_steps``, ``batch_size`` and ``reparam_steps`` (the eps -> v conversion of an
+    eps-prediction teacher) override the method's defaults when given.
 
     Raises:
         ValueError: an unknown method, a bad step count, or a dataset that does not match
@@ -667,16 +670,16 @@ def distill(checkpoint: str | Path, method: str, steps: int, dataset: Dataset, o
         raise ValueError(f"dataset {dataset.name!r} has {dataset.image_size} px x {dataset.channels} "
                          f"channels; the checkpoint expects {u.image_size} px x {u.channels}")
     quality = quality or fid_quality(dataset)
+    overrides = {k: v for k, v in (("train_steps", train_steps), ("batch_size", batch_size),
+                                   ("reparam_steps", reparam_steps)) if v is not None}
     if method == "progressive":
-        settings = ProgressiveConfig(teacher_steps=teacher_steps, target_steps=steps)
-        settings = replace(settings, train_steps=train_steps or settings.train_steps)
+        settings = ProgressiveConfig(teacher_steps=teacher_steps, target_steps=steps, **overrides)
         result = progressive_distill(teacher, config, dataset.images, out, quality, settings, gate,
                                      emit=emit)
     else:
         from engine.consistency import ConsistencyConfig, consistency_distill
 
-        cd = ConsistencyConfig(teacher_steps=teacher_steps, target_steps=steps)
-        cd = replace(cd, train_steps=train_steps or cd.train_steps)
+        cd = ConsistencyConfig(teacher_steps=teacher_steps, target_steps=steps, **overrides)
         result = consistency_distill(teacher, config, dataset.images, out, quality, cd, gate,
                                      emit=emit)
     (Path(out) / "result.json").write_text(json.dumps(result.to_dict(), indent=2))

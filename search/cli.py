@@ -42,9 +42,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from engine.experiment import sample_images
     from engine.images import save_grid
-    from engine.io import load_weights
+    from engine.models import load_model
 
-    config, model = load_weights(args.checkpoint)
+    config, model = load_model(args.checkpoint)
     overrides = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v}
     if overrides:
         config = replace(config, schedule=replace(config.schedule, **overrides))
@@ -98,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffnas", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _engine_commands(sub)
-    from search.cli_study import register
+    from search import cli_derived, cli_study
 
-    register(sub)
+    cli_study.register(sub)
+    cli_derived.register(sub)
     return parser
 
 

@@ -132,7 +132,8 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("status", help="trials by state, workers, ETA, reasons")
     p.add_argument("study")
-    p.add_argument("--trial", type=int, help="explain one trial: rungs, decisions, reason")
+    p.add_argument("--trial", help="explain one trial (3) or derived point (d0): rungs, "
+                   "decisions, reason")
     _storage_args(p)
     p.set_defaults(func=_cmd_status)
 

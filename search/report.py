@@ -108,6 +108,13 @@ def status_text(study: optuna.Study) -> str:
               f"failed {states[TrialState.FAIL]}); running {running}, waiting {waiting}, "
               f"re-queued {requeued}" + (f"; ETA {eta / 60:.1f} min" if eta else ""))
     lines = [head, counts, ""]
+    from search.derived import companion
+
+    extra = companion(study)
+    if extra is not None:
+        note = (f"derived points (distill, compress, schedule): {len(extra.trials)}; "
+                f"see diffnas pareto {study.study_name}")
+        lines[-1:] = [note, ""]
     stats = worker_stats(trials)
     if stats:
         lines += [_table(["worker", "trials", "busy s", "trials/h", "device"],
@@ -128,14 +135,28 @@ def _wall(trial: FrozenTrial) -> float | None:
     return None if wall is None else round(float(wall), 1)
 
 
-def trial_text(study: optuna.Study, number: int) -> str:
-    """One trial in full: state and reason, params, measurement, rungs with decisions."""
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    if number not in trials:
-        raise st.StudyError(f"study {study.study_name!r} has no trial {number}")
-    t = trials[number]
+def trial_text(study: optuna.Study, label: int | str) -> str:
+    """One trial in full: state and reason, params, measurement, rungs with decisions.
+
+    ``label`` is a trial number, or ``d<n>`` for a derived point (:mod:`search.derived`).
+    """
+    from search.derived import DERIVED, source
+
+    label = str(label)
+    if label.startswith("d"):
+        t = source(study, label).trial
+    else:
+        trials = {str(t.number): t for t in study.get_trials(deepcopy=False)}
+        if label not in trials:
+            raise st.StudyError(f"study {study.study_name!r} has no trial {label}")
+        t = trials[label]
     a = t.user_attrs
-    lines = [f"trial {number}: {t.state.name}" + (f" -- {_reason(t)}" if _reason(t) else "")]
+    lines = [f"trial {label}: {t.state.name}" + (f" -- {_reason(t)}" if _reason(t) else "")]
+    if DERIVED in a:
+        d = a[DERIVED]
+        detail = {k: v for k, v in d["detail"].items() if k not in ("stages", "rows")}
+        lines.append(f"derived ({d['kind']}) from trial {d['source']}: "
+                     + json.dumps(detail, sort_keys=True, default=str))
     if t.values:
         lines.append("values: " + ", ".join(f"{n} {v:.4g}" for n, v in zip(OBJECTIVES, t.values)))
     if st.REQUEUED_FROM in a:
@@ -165,6 +186,7 @@ class Front:
     """Completed trials split into front / dominated / infeasible, with the hypervolume."""
 
     trials: tuple[FrozenTrial, ...]
+    labels: tuple[str, ...]  # "3" for a search trial, "d0" for a derived point
     points: np.ndarray  # (n, 3) in OBJECTIVES order
     on_front: np.ndarray  # (n,) bool
     feasible: np.ndarray  # (n,) bool
@@ -174,10 +196,16 @@ class Front:
 
 def front(study: optuna.Study, space: SearchSpace | None = None,
           reference: Sequence[float] | None = None) -> Front:
-    """The front among feasible COMPLETE trials; the reference point is, in order of
-    preference, ``reference``, the space's ``reference_point``, or 10% past the worst."""
-    trials = tuple(t for t in study.get_trials(deepcopy=False)
-                   if t.state == TrialState.COMPLETE and t.values)
+    """The front among feasible COMPLETE trials and derived points (distilled, compressed,
+    tuned; :mod:`search.derived`); the reference point is, in order of preference,
+    ``reference``, the space's ``reference_point``, or 10% past the worst."""
+    from search.derived import companion
+
+    extra = companion(study)
+    pairs = [(t, str(t.number)) for t in study.get_trials(deepcopy=False)]
+    pairs += [(t, f"d{t.number}") for t in (extra.get_trials(deepcopy=False) if extra else [])]
+    pairs = [(t, label) for t, label in pairs if t.state == TrialState.COMPLETE and t.values]
+    trials, labels = tuple(t for t, _ in pairs), tuple(label for _, label in pairs)
     points = st.objective_values(trials)
     ok = np.array([st.feasible(t) for t in trials], bool)
     on_front = np.zeros(len(trials), bool)
@@ -186,7 +214,7 @@ def front(study: optuna.Study, space: SearchSpace | None = None,
     ref = tuple(reference or (space.study.reference_point if space else ()) or (
         tuple(pareto.default_reference(points[ok])) if ok.any() else ()))
     hv = pareto.hypervolume(points[ok], ref) if ok.any() else 0.0
-    return Front(trials, points, on_front, ok, ref, float(hv))
+    return Front(trials, labels, points, on_front, ok, ref, float(hv))
 
 
 def pareto_text(result: Front) -> str:
@@ -196,23 +224,30 @@ def pareto_text(result: Front) -> str:
         t = result.trials[i]
         q = t.user_attrs.get(st.QUALITY, {})
         cfg = t.user_attrs.get(st.CONFIG, {})
-        rows.append([t.number, *result.points[i].tolist(), q.get("fid_floor"),
-                     t.user_attrs.get(st.COST, {}).get("params"), _summary(cfg)])
+        rows.append([result.labels[i], *result.points[i].tolist(), q.get("fid_floor"),
+                     t.user_attrs.get(st.COST, {}).get("params"), _summary(cfg, t)])
     ref = ", ".join(f"{v:.4g}" for v in result.reference)
     head = (f"{int(result.on_front.sum())} non-dominated of {len(result.trials)} complete trials "
             f"({int((~result.feasible).sum())} infeasible); hypervolume {result.hypervolume:.4g} "
             f"w.r.t. ({ref})")
+    derived = sum(label.startswith("d") for label in result.labels)
+    if derived:
+        head += f"; {derived} of them derived (d<n>: distilled, compressed or tuned)"
     return head + "\n" + _table(["trial", *OBJECTIVES, "fid floor", "params", "candidate"], rows)
 
 
-def _summary(cfg: dict[str, Any]) -> str:
+def _summary(cfg: dict[str, Any], trial: FrozenTrial | None = None) -> str:
+    from search.derived import summary
+
     if not cfg:
         return "-"
     u, s = cfg["unet"], cfg["schedule"]
     widths = "/".join(str(u["base_width"] * m) for m in u["width_mults"])
     attn = f" attn{u['attn_levels']}" if u["attn_levels"] else ""
-    return (f"w{widths} {u['activation']}{attn} | {s['sampler']} {s['steps']} steps "
+    text = (f"w{widths} {u['activation']}{attn} | {s['sampler']} {s['steps']} steps "
             f"{s['spacing']} {s['beta_schedule']} {s['prediction']}")
+    derived = summary(trial) if trial is not None else ""
+    return f"{text} | {derived}" if derived else text
 
 
 def plot_front(result: Front, path: Path, title: str = "") -> Path:
@@ -233,7 +268,7 @@ def plot_front(result: Front, path: Path, title: str = "") -> Path:
         ax.scatter(p[result.on_front, i], p[result.on_front, j], c="tab:blue", marker="*",
                    s=110, edgecolors="k", linewidths=0.5, label="non-dominated")
         for k in np.flatnonzero(result.on_front):
-            ax.annotate(str(result.trials[k].number), (p[k, i], p[k, j]), fontsize=7,
+            ax.annotate(result.labels[k], (p[k, i], p[k, j]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(LABELS[OBJECTIVES[i]])
         ax.set_ylabel(LABELS[OBJECTIVES[j]])

@@ -83,7 +83,7 @@ def test_register_adds_the_study_verbs():
     assert (args.command, args.preset, args.trials, args.workers) == ("search", "smoke", 3, 2)
     args = parser.parse_args(["pareto", "demo", "--reference", "300,50,10"])
     assert args.reference == (300.0, 50.0, 10.0)
-    args = parser.parse_args(["status", "demo", "--trial", "4"])
-    assert args.trial == 4
+    assert parser.parse_args(["status", "demo", "--trial", "4"]).trial == "4"
+    assert parser.parse_args(["status", "demo", "--trial", "d0"]).trial == "d0"
     for verb in ("export", "workers"):
         assert parser.parse_args([verb, "s", "1", "--out", "o"] if verb == "export" else [verb])

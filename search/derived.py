@@ -1,0 +1,237 @@
+"""Derived points: a trial's model after distillation, compression or a tuned timestep
+schedule, measured like a trial and recorded so that it joins the Pareto front.
+
+``diffnas distill``, ``diffnas compress`` and ``diffnas schedule`` call :func:`source` to
+find a trial's model, change it with the engine, then :func:`measure` and :func:`record`
+the result. Trial labels are the trial number (``3``) or, for a derived point, ``d``
+and its number (``d0``), so derived points can be derived from again (distil, then
+compress).
+
+Derived points are stored in a companion study, ``<study>-derived``, in the same
+storage, not in the study itself. A study's sampler learns from every COMPLETE trial
+in it, and a derived point carries its source's parameters with values those
+parameters did not produce: its quality comes from extra training or a tuned schedule.
+Stored next to the search's trials, a 4-step distilled student would teach TPE that 4
+DDIM steps give the teacher's FID. ``diffnas pareto`` and ``diffnas status`` read both
+studies, so the front and the reports show every point.
+
+The measurement follows the trial protocol (``workers/trial.py``): FID/KID on the
+space's ``fid_samples`` with its seed against the same dataset and feature network,
+peak sampling memory at batch 1, and batch-1 sampling latency. The latency is measured
+here, side by side with the source model, and reported as the source trial's recorded
+latency times that ratio, so that a point measured on this machine stays comparable
+with trials measured on the workers; both raw timings are kept with the point.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from search import study as st
+from search.pruning import constraint_values
+from search.space import SearchSpace
+from workers.records import OBJECTIVES
+
+SUFFIX = "-derived"
+DERIVED = "derived"  # user attr of a derived point: {"kind", "source", "detail"}
+KINDS = ("distill", "compress", "schedule")
+ROUNDS = 3  # side-by-side latency rounds (the best median of each model is kept)
+
+
+def companion_name(name: str) -> str:
+    return name + SUFFIX
+
+
+def companion(study: optuna.Study, create: bool = False) -> optuna.Study | None:
+    """The study holding ``study``'s derived points; ``None`` if it has none yet."""
+    name = companion_name(study.study_name)
+    storage = study._storage
+    if name in st.study_names(storage):
+        return st.load_existing(storage, name)
+    if not create:
+        return None
+    derived = optuna.create_study(storage=storage, study_name=name,
+                                  directions=["minimize"] * len(OBJECTIVES))
+    derived.set_user_attr("derived_from", study.study_name)
+    return derived
+
+
+@dataclass(frozen=True)
+class Source:
+    """A trial whose model can be derived from: where its model is, and its study's space."""
+
+    study: optuna.Study  # the search study (never the companion)
+    label: str  # "3" or "d0"
+    trial: FrozenTrial
+    space: SearchSpace
+    folder: Path  # the model folder (engine.models.load_model reads it)
+
+    @property
+    def latency_ms(self) -> float:
+        return float(self.trial.values[OBJECTIVES.index("latency_ms")])
+
+
+def source(study: optuna.Study, label: str) -> Source:
+    """The COMPLETE trial ``label`` (``"3"``, or ``"d0"`` for a derived point) and its model.
+
+    Raises:
+        StudyError: a malformed label, no such trial, not COMPLETE, or its files are gone.
+    """
+    match = re.fullmatch(r"(d?)(\d+)", label.strip())
+    if match is None:
+        raise st.StudyError(f"trial {label!r}: give a trial number (3) or a derived point (d0)")
+    derived, number = bool(match.group(1)), int(match.group(2))
+    holder = companion(study) if derived else study
+    trials = {t.number: t for t in holder.get_trials(deepcopy=False)} if holder else {}
+    if number not in trials:
+        raise st.StudyError(f"study {study.study_name!r} has no {'derived point' if derived else 'trial'} "
+                            f"{label}")
+    trial = trials[number]
+    if trial.state != TrialState.COMPLETE or not trial.values:
+        raise st.StudyError(f"trial {label} is {trial.state.name}, not COMPLETE: it has no model")
+    folder = _model_folder(trial, label)
+    return Source(study, label, trial, st.stored_space(study), folder)
+
+
+def _model_folder(trial: FrozenTrial, label: str) -> Path:
+    paths: dict[str, str] = trial.user_attrs.get(st.ARTIFACTS, {})
+    marker = next((p for rel, p in paths.items() if Path(rel).name in
+                   ("config.json", "compressed.json")), None)
+    if marker is None:
+        raise st.StudyError(f"trial {label} has no model among its artifacts")
+    if not Path(marker).is_file():
+        raise st.StudyError(f"trial {label}: model file missing: {marker}")
+    return Path(marker).parent
+
+
+def dataset_of(space: SearchSpace) -> Any:
+    """The study's dataset at its image size (errors name a missing or corrupt one)."""
+    import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
+    from engine.data import load_dataset
+
+    return load_dataset(space.data.dataset, image_size=space.data.image_size)
+
+
+# -- measure -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Point:
+    """A derived model measured by the trial protocol; ``values`` in :data:`OBJECTIVES` order."""
+
+    values: tuple[float, ...]
+    quality: dict[str, Any]
+    measurement: dict[str, Any]
+    device: dict[str, Any]
+    grid: np.ndarray  # the first samples, for samples.png
+
+
+def measure(model: Any, config: Any, src: Source, dataset: Any, cache_dir: Path) -> Point:
+    """FID/KID, side-by-side latency against the source, and peak memory of ``model``."""
+    from engine.bench import device_fingerprint, sampling_peak_mb
+    from engine.experiment import sample_images
+    from engine.features import feature_network_for
+    from engine.metrics import evaluate_quality
+    from engine.models import load_model
+
+    ev = src.space.evaluate
+    net = feature_network_for(dataset, cache_dir)
+    fake = sample_images(model, config, ev.fid_samples, ev.seed)
+    quality = asdict(evaluate_quality(fake, dataset.images, net, ev.fid_samples, ev.seed))
+    source_config, source_model = load_model(src.folder)
+    here, source_here = side_by_side(model, config, source_model, source_config, ev.latency_runs)
+    latency = src.latency_ms * here / source_here
+    sample_mb = sampling_peak_mb(model, config, 1)
+    train_mb = src.trial.user_attrs.get(st.MEASUREMENT, {}).get("train_mb", sample_mb)
+    memory = {"sample": sample_mb, "train": train_mb, "max": max(sample_mb, train_mb)}[ev.memory]
+    measurement = {"latency_ms": latency, "latency_here_ms": here,
+                   "source_latency_here_ms": source_here, "latency_ratio": here / source_here,
+                   "source_latency_ms": src.latency_ms, "sample_mb": sample_mb,
+                   "train_mb": train_mb}
+    return Point((float(quality["fid"]), float(latency), float(memory)), quality, measurement,
+                 device_fingerprint(), fake[: ev.grid_images])
+
+
+def side_by_side(model: Any, config: Any, other: Any, other_config: Any, runs: int
+                 ) -> tuple[float, float]:
+    """Batch-1 sampling latency of two models, alternated; the best median of each (ms)."""
+    from engine.bench import sampling_latency
+
+    best = [np.inf, np.inf]
+    for _ in range(ROUNDS):
+        for i, (m, c) in enumerate(((model, config), (other, other_config))):
+            best[i] = min(best[i], sampling_latency(m, c, batch=1, runs=runs).median_ms)
+    return float(best[0]), float(best[1])
+
+
+# -- record ------------------------------------------------------------------------------
+
+
+def record(src: Source, kind: str, config: Any, point: Point, model_folder: Path,
+           detail: dict[str, Any], results: Path) -> str:
+    """Store ``point`` as a COMPLETE trial of the companion study; returns its label (``dN``).
+
+    The model folder is copied under ``results/<study>/derived/`` first, so a point is
+    never recorded without its files.
+    """
+    from engine.images import grid_png
+
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: must be one of {', '.join(KINDS)}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder = results / src.study.study_name / "derived" / f"{kind}-of-{src.label}-{stamp}"
+    files = {f"model/{p.name}": p.read_bytes() for p in sorted(model_folder.iterdir())
+             if p.is_file()}
+    files["samples.png"] = grid_png(point.grid)
+    from search.artifacts import write_trial
+
+    paths = write_trial(folder, files)
+    cost = _cost(config)
+    frozen = optuna.trial.create_trial(
+        params=dict(src.trial.params), distributions=dict(src.trial.distributions),
+        values=list(point.values),
+        user_attrs={st.CONFIG: config.to_dict(), st.COST: cost, st.QUALITY: point.quality,
+                    st.MEASUREMENT: point.measurement, st.DEVICE: point.device,
+                    st.ARTIFACTS: paths, st.WORKER: "local",
+                    DERIVED: {"kind": kind, "source": src.label, "detail": detail}})
+    limits = src.space.constraints.limits()
+    if limits:
+        known = {"params": float(cost["params"]), "flops": float(cost["flops"]),
+                 "latency_ms": point.values[1], "memory_mb": point.values[2]}
+        for name, value in constraint_values(known, limits).items():
+            frozen.set_constraint(name, value)
+    holder = companion(src.study, create=True)
+    assert holder is not None
+    holder.add_trial(frozen)
+    number = max(t.number for t in holder.get_trials(deepcopy=False)
+                 if t.user_attrs.get(st.ARTIFACTS) == paths)
+    return f"d{number}"
+
+
+def _cost(config: Any) -> dict[str, int]:
+    from engine.cost import flops, param_count
+
+    return {"params": param_count(config.unet), "flops": flops(config.unet)}
+
+
+def remove_files(folder: Path) -> None:
+    """Drop a work folder (distillation stages, compression levels) once recorded."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def summary(trial: FrozenTrial) -> str:
+    """``progressive 4 steps of 3``-style description of a derived point ('' otherwise)."""
+    d = trial.user_attrs.get(DERIVED)
+    if not d:
+        return ""
+    detail = d.get("detail", {})
+    return f"{detail.get('what', d['kind'])} of {d['source']}"
