@@ -16,7 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from search import derived as dv
+from search import study as st
 from workers.records import OBJECTIVES
 
 
@@ -78,6 +81,28 @@ def distill_trial(src: dv.Source, method: str, steps: int, results: Path,
         label = dv.record(src, "distill", config, point, result.checkpoint, detail, results)
     _report(label, src, point)
     return label, result
+
+
+def distill_front(study: Any, k: int, method: str, steps: int, results: Path,
+                  **options: Any) -> list[tuple[str, str | None]]:
+    """Distil the ``k`` non-dominated search trials of lowest FID (``search --distill-front``).
+
+    Trials already sampling in ``steps`` or fewer are skipped. Returns ``(source, new
+    label or None)`` per distilled trial; a trial whose every stage failed records nothing.
+    """
+    from search.report import front
+
+    result = front(study, st.stored_space(study))
+    order = np.argsort(result.points[:, 0])
+    chosen = [result.labels[i] for i in order if result.on_front[i]
+              and not result.labels[i].startswith("d")
+              and result.trials[i].user_attrs[st.CONFIG]["schedule"]["steps"] > steps][:k]
+    done = []
+    for label in chosen:
+        print(f"distilling trial {label} ({method}, {steps} steps)", flush=True)
+        new, _ = distill_trial(dv.source(study, label), method, steps, results, **options)
+        done.append((label, new))
+    return done
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:

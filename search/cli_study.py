@@ -52,6 +52,13 @@ def _cmd_search(args: argparse.Namespace) -> int:
     print(f"plot: {plot}\nartifacts: {result.results / result.study}/trial-<n>/\n"
           f"dashboard: optuna-dashboard {result.storage} --artifact-dir "
           f"{result.results / 'artifacts'}")
+    if args.distill_front:
+        from search.cli_derived import distill_front
+
+        done = distill_front(study, args.distill_front, args.distill_method, args.distill_steps,
+                             result.results)
+        print(f"distilled {sum(new is not None for _, new in done)} of {len(done)} front "
+              "trials:\n" + report.pareto_text(report.front(study, st.stored_space(study))))
     return 0
 
 
@@ -122,6 +129,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-retries", type=int, default=2,
                    help="retries of a trial whose process or worker died")
     p.add_argument("--timeout", type=float, help="seconds; then stop asking for new trials")
+    p.add_argument("--distill-front", type=int, default=0, metavar="K",
+                   help="when the search ends, distil the K non-dominated trials of lowest "
+                   "FID (see diffnas distill)")
+    p.add_argument("--distill-method", choices=["progressive", "consistency"],
+                   default="progressive", help="with --distill-front (default: progressive)")
+    p.add_argument("--distill-steps", type=int, default=4,
+                   help="with --distill-front: target sampling steps (default: 4)")
     p.add_argument("--max-latency-ms", type=float,
                    help="sampling latency target (ms per image, batch 1): each trial's worker "
                    "measures one network evaluation on its device and samples with the most "

@@ -85,5 +85,7 @@ def test_register_adds_the_study_verbs():
     assert args.reference == (300.0, 50.0, 10.0)
     assert parser.parse_args(["status", "demo", "--trial", "4"]).trial == "4"
     assert parser.parse_args(["status", "demo", "--trial", "d0"]).trial == "d0"
+    args = parser.parse_args(["search", "--distill-front", "2", "--distill-steps", "2"])
+    assert (args.distill_front, args.distill_steps, args.distill_method) == (2, 2, "progressive")
     for verb in ("export", "workers"):
         assert parser.parse_args([verb, "s", "1", "--out", "o"] if verb == "export" else [verb])

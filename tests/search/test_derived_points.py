@@ -12,7 +12,7 @@ from search import derived as dv
 from search import report
 from search import study as st
 from search.artifacts import export_trial
-from search.cli_derived import compress_trial, distill_trial, schedule_trial
+from search.cli_derived import compress_trial, distill_front, distill_trial, schedule_trial
 from search.progress import Silent
 from search.runner import SearchOptions, run_search
 
@@ -142,3 +142,18 @@ def test_cli_failed_gate_records_nothing_and_bad_input_is_one_line(searched):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], proc.stderr
     assert all(t.state == TrialState.COMPLETE for t in _study(storage).get_trials())
+
+
+def test_distill_front_takes_the_lowest_fid_front_trials(searched):
+    results, storage = searched
+    study = _study(storage)
+    front = report.front(study)
+    searched_front = [(front.points[i, 0], front.labels[i]) for i in range(len(front.labels))
+                      if front.on_front[i] and not front.labels[i].startswith("d")]
+    done = distill_front(study, 1, "progressive", 2, results, teacher_steps=8,
+                         max_fid_ratio=100.0, retries=0, train_steps=5, batch_size=8,
+                         emit=_quiet)
+    assert [source for source, _ in done] == [min(searched_front)[1]]
+    assert done[0][1] is not None
+    assert dv.source(_study(storage), done[0][1]).trial.user_attrs[dv.DERIVED]["source"] == \
+        done[0][0]
