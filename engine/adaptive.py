@@ -10,12 +10,13 @@ so easy samples cost fewer network evaluations than hard ones.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from engine.config import ScheduleConfig
 from engine.diffusion import to_x0_eps
 from engine.schedules import T_MIN, alpha_sigma, log_snr, time_of_log_snr
 
@@ -155,6 +156,19 @@ class StepBudget:
 # At few steps the second-order multistep solver is the most accurate per evaluation
 # (Lu et al. 2022, Table 2); with many steps the samplers converge and DDIM is cheapest.
 _PREFERENCE = (("dpmpp_2m", 4, 25), ("ddim", 1, 4000))
+
+
+def with_budget(schedule: ScheduleConfig, budget: StepBudget) -> ScheduleConfig:
+    """``schedule`` sampling with ``budget``'s sampler and steps.
+
+    The adaptive sampler keeps itself, with the steps as its cap on evaluations, when at
+    least 3 fit; a spacing of stored times (``explicit``, ``optimized``) becomes trailing.
+    """
+    if not (schedule.sampler == "adaptive" and budget.steps >= 3):
+        schedule = replace(schedule, sampler=budget.sampler)
+    if schedule.spacing in ("explicit", "optimized"):
+        schedule = replace(schedule, spacing="trailing", timesteps=())
+    return replace(schedule, steps=budget.steps)
 
 
 def choose_budget(target_ms: float, per_eval_ms: float, overhead_ms: float = 0.0,

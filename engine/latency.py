@@ -25,13 +25,15 @@ estimates any missing block from the measured blocks of its kind by FLOPs.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,15 +133,34 @@ class LatencyTable:
         return cls(dict(data["fingerprint"]), entries, points, measure=measure,
                    clock=str(data["clock"]))
 
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the cache file's lock: processes of one device (the workers of one machine,
+        their trials) then measure and save one at a time, and none loses another's entries.
+        """
+        assert self.path is not None, "table has no cache path"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self.path.exists():
+                    self.merge(_read(self.path))
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def merge(self, other: LatencyTable) -> None:
+        """Add ``other``'s entries and calibration points (this table's entries win)."""
+        self.entries = {**other.entries, **self.entries}
+        self.points = list(dict.fromkeys(other.points + self.points))
+
     def save(self) -> Path:
         """Merge with the cached file (another process may have added to it) and write."""
         assert self.path is not None, "table has no cache path"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             try:
-                on_disk = _read(self.path)
-                self.entries = {**on_disk.entries, **self.entries}
-                self.points = list(dict.fromkeys(on_disk.points + self.points))
+                self.merge(_read(self.path))
             except ValueError:
                 pass  # a corrupt cache is replaced
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")

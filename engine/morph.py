@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from engine.config import ACTIVATIONS, Config, UNetConfig
 from engine.train import TrainState, init_state
-from engine.unet import Attention, ResBlock
+from engine.unet import Attention, ResBlock, UNet
 
 Flat = dict[str, np.ndarray]
 Part = tuple[str, int]  # (space name, width)
@@ -532,20 +532,29 @@ def mutate(config: UNetConfig, rng: np.random.Generator | int, quantum: int = 16
            max_width: int = 512, max_blocks: int = 4) -> UNetConfig:
     """One random valid mutation of ``config`` (always a different, valid config).
 
+    Drawn uniformly from :func:`neighbours` (the arguments are the same).
+    """
+    rng = np.random.default_rng(rng)
+    options = neighbours(config, quantum, max_width, max_blocks)
+    if not options:
+        raise ValueError(f"mutate: no valid mutation of {config}")
+    return options[int(rng.integers(len(options)))]
+
+
+def neighbours(config: UNetConfig, quantum: int = 16, max_width: int = 512,
+               max_blocks: int = 4) -> list[UNetConfig]:
+    """Every valid config one mutation away from ``config``.
+
     Proposals: one level's width x2 or /2, all widths x2 or /2 (``base_width``), depth +-1,
     attention on or off at a level (where ``head_dim`` divides its width), another
     activation, the other resampling, separable on/off, the other norm. Widths stay
     multiples of ``quantum`` and at most ``max_width`` (a width that does not change is left
     alone); invalid proposals are skipped.
     """
-    rng = np.random.default_rng(rng)
     before = config.widths + (config.base_width,)
-    options = [c for c in _proposals(config, max_blocks) if c != config and
-               all(w == old or (w % quantum == 0 and w <= max_width)
-                   for w, old in zip(c.widths + (c.base_width,), before))]
-    if not options:
-        raise ValueError(f"mutate: no valid mutation of {config}")
-    return options[int(rng.integers(len(options)))]
+    return [c for c in _proposals(config, max_blocks) if c != config and
+            all(w == old or (w % quantum == 0 and w <= max_width)
+                for w, old in zip(c.widths + (c.base_width,), before))]
 
 
 def _proposals(c: UNetConfig, max_blocks: int) -> Iterator[UNetConfig]:
@@ -612,6 +621,18 @@ def inherit(parent_config: UNetConfig, parent_params: dict, child_config: UNetCo
     if cfg != c:
         return None
     return params
+
+
+def reachable(parent_config: UNetConfig, child_config: UNetConfig) -> bool:
+    """Whether :func:`inherit` finds a chain of morphisms from the parent to the child.
+
+    The answer depends on the two configs only; it is found by running the chain on a
+    parent built afresh (no trained weights needed).
+    """
+    if parent_config == child_config:
+        return True
+    model = UNet(parent_config)
+    return inherit(parent_config, model.parameters(), child_config) is not None
 
 
 class _Unreachable(Exception):

@@ -21,8 +21,9 @@ import optuna
 from optuna.trial import TrialState
 
 from engine.config import Config, ScheduleConfig
-from search import artifacts, pareto
+from search import artifacts, evolution, pareto
 from search import study as st
+from search.hardware import LATENCY, PREDICTED_LATENCY, TARGET_DEVICE, Hardware
 from search.pool import Death, Reports, Result, Worker, WorkerPool
 from search.progress import Progress, RunningTrial, Silent, Snapshot
 from search.pruning import Cost, Pruner, constraint_values, stage0_values, stage1_values
@@ -35,6 +36,7 @@ from workers.records import (
     EventKind,
     Measurement,
     Outcome,
+    Parent,
     RungReport,
     TrialOutcome,
     TrialRequest,
@@ -69,9 +71,11 @@ class TrialRun:
     attempt_started: float = 0.0
     attempts: list[dict[str, Any]] = field(default_factory=list)
     rungs: list[dict[str, Any]] = field(default_factory=list)
-    measurement: Measurement | None = None
+    measurement: Measurement | None = None  # the latest attempt's, in target-device terms
     avoid: set[str] = field(default_factory=set)
     overhead_s: float = 0.0
+    parent: int | None = None  # a mutation child that inherits this trial's weights
+    latency: dict[str, Any] | None = None  # where the latency was measured, its conversion
 
     @property
     def number(self) -> int:
@@ -108,6 +112,11 @@ class Coordinator:
         self.limits = space.constraints.limits()
         if latency_target_ms is not None:
             self.limits[LATENCY_TARGET] = latency_target_ms
+        self.hardware = (Hardware(space.study.target_device,
+                                  study.user_attrs.get(TARGET_DEVICE, ""))
+                         if space.study.latency_table else None)
+        self.seed = int(study.user_attrs.get("seed", space.study.seed))
+        self._learned: set[str] = set()
         self.runs: dict[int, TrialRun] = {}
         self.queue: collections.deque[TrialRun] = collections.deque()
         self.tally = Tally()
@@ -130,6 +139,7 @@ class Coordinator:
         try:
             while not self._done():
                 self.pool.refresh()
+                self._learn_workers()
                 self._fill()
                 for completion in self.pool.wait(0.5):
                     self._handle(completion)
@@ -155,8 +165,25 @@ class Coordinator:
         t = self.tally
         return self.finished_before + t.complete + t.pruned + t.failed
 
+    def _learn_workers(self) -> None:
+        """Take in the device class and latency table of every worker that came up."""
+        if self.hardware is None:
+            return
+        for worker in self.pool.workers.values():
+            if worker.name not in self._learned:
+                self._learned.add(worker.name)
+                self.hardware.learn(worker.profile)
+                if worker.profile.get("latency_error"):
+                    self._say(f"{worker.name}: {worker.profile['latency_error']}")
+        if self.hardware.target and TARGET_DEVICE not in self.study.user_attrs:
+            self.study.set_user_attr(TARGET_DEVICE, self.hardware.target)
+        self.hardware.check_target(self.pool.starting())
+
     def _fill(self) -> None:
-        """Give every idle worker a trial: a queued retry first, else a fresh ask."""
+        """Give every idle worker a trial: a queued retry first, else a fresh ask (once the
+        target device's latency table is in, so that every candidate gets a prediction)."""
+        if self.hardware is not None and self.hardware.waiting():
+            return
         for worker in self.pool.idle():
             run = self._next_for(worker)
             if run is not None:
@@ -178,6 +205,7 @@ class Coordinator:
 
         for _ in range(MAX_INVALID_IN_A_ROW):
             start = time.perf_counter()
+            self._maybe_mutate()
             trial = self.study.ask(fixed_distributions=self._distributions)
             try:
                 config = self.space.decode(trial.params, self.channels)
@@ -186,12 +214,17 @@ class Coordinator:
                 if not self._may_ask():
                     return None
                 continue
-            cost = Cost(param_count(config.unet), flops(config.unet), config.train.steps)
             trial.set_user_attr(st.CONFIG, config.to_dict())
-            run = TrialRun(trial, config, cost)
+            parent = self._inheriting(trial, config)
+            steps = (evolution.inherit_steps(config.train.steps, self.space.study.inherit_budget)
+                     if parent is not None else config.train.steps)
+            cost = Cost(param_count(config.unet), flops(config.unet), steps,
+                        *self._predicted(trial, config))
+            run = TrialRun(trial, config, cost, parent=parent)
             run.overhead_s += time.perf_counter() - start
             decision = self.pruner.prescreen(trial.number, cost)
-            trial.set_user_attr(st.COST, _with_decision(asdict(cost), decision))
+            trial.set_user_attr(st.COST, _with_decision(
+                {**asdict(cost), **_lineage(trial)}, decision))
             if not decision.proceed:  # stage 0: record what is known, so the sampler learns
                 self._constrain(run, None)
                 self._tell(run, TrialState.PRUNED, decision.reason)
@@ -202,6 +235,41 @@ class Coordinator:
             return run
         raise InvalidSpaceError(f"the last {MAX_INVALID_IN_A_ROW} proposals were all invalid "
                                 "configs; check the search space")
+
+    def _maybe_mutate(self) -> None:
+        """With probability ``mutation_rate``, enqueue a mutation of a Pareto-front trial
+        (search.evolution) for the next ask; the draw depends on the seed and the trial count,
+        so a resumed study draws as the uninterrupted one would."""
+        rate = self.space.study.mutation_rate
+        if rate <= 0:
+            return
+        rng = np.random.default_rng([self.seed, len(self.study.get_trials(deepcopy=False))])
+        if rng.random() < rate:
+            evolution.enqueue_mutation(self.study, self.space, self.channels, rng)
+
+    def _inheriting(self, trial: optuna.Trial, config: Config) -> int | None:
+        """The parent whose weights a mutation child starts from, if it can; else None,
+        with the reason recorded."""
+        parent = trial.user_attrs.get(evolution.PARENT)
+        if parent is None:
+            return None
+        why = evolution.reachable(self.study, parent, config)
+        if why:
+            trial.set_user_attr(evolution.INHERITANCE,
+                                {"status": "fresh", "parent": parent, "reason": why})
+            return None
+        return int(parent)
+
+    def _predicted(self, trial: optuna.Trial, config: Config) -> tuple[float | None, str]:
+        """Stage 0: the candidate's latency predicted on the target device (user attr), with
+        the schedule a latency target would choose there."""
+        if self.hardware is None:
+            return None, ""
+        predicted = (self.hardware.predict(config) if self.latency_target_ms is None else
+                     self.hardware.predict_budgeted(config, self.latency_target_ms))
+        trial.set_user_attr(PREDICTED_LATENCY, {"ms": predicted,
+                                                "device_class": self.hardware.target})
+        return predicted, self.hardware.target
 
     def _tell_invalid(self, trial: optuna.Trial, reason: str) -> None:
         """An impossible combination: PRUNED and infeasible, so the sampler avoids it."""
@@ -225,11 +293,31 @@ class Coordinator:
                                latency_runs=ev.latency_runs, memory=ev.memory,
                                eval_seed=ev.seed,
                                memory_limit_mb=self.space.constraints.max_trial_memory_mb,
-                               latency_target_ms=self.latency_target_ms)
+                               latency_target_ms=self._target_on(worker, run.config),
+                               parent=self._parent_weights(run))
         self.pool.dispatch(worker, request, self.data_ref)
         run.worker, run.phase, run.pid = worker.name, Phase.STARTING, None
         run.attempt_started = time.time()
         run.overhead_s += time.perf_counter() - start
+
+    def _target_on(self, worker: Worker, config: Config) -> float | None:
+        """The study's latency target in the terms of ``worker``'s device class."""
+        if self.latency_target_ms is None or self.hardware is None:
+            return self.latency_target_ms
+        ratio = self.hardware.ratio(config, _device_class(worker))
+        return self.latency_target_ms / (ratio or 1.0)
+
+    def _parent_weights(self, run: TrialRun) -> Parent | None:
+        """The parent's config and weights for a mutation child (read from its artifacts)."""
+        if run.parent is None:
+            return None
+        parent = evolution.load_parent(self.study, run.parent,
+                                       self.space.rungs.steps(run.cost.train_steps))
+        if parent is None:
+            run.trial.set_user_attr(evolution.INHERITANCE, {
+                "status": "fresh", "parent": run.parent,
+                "reason": f"trial {run.parent}'s weights are gone from its artifacts"})
+        return parent
 
     # -- reports, results, deaths ---------------------------------------------------------
 
@@ -256,11 +344,14 @@ class Coordinator:
         if event.kind is EventKind.STARTED:
             run.pid, run.phase = event.payload["pid"], Phase.MEASURING
         elif event.kind is EventKind.MEASURED:
-            run.measurement = event.payload
-            if event.payload.budget is not None:
-                self._budgeted(run, event.payload.budget)
-            decision = self.pruner.on_measured(run.number, event.payload)
-            run.trial.set_user_attr(st.MEASUREMENT, _measurement_doc(event.payload, decision))
+            measured: Measurement = event.payload
+            if measured.budget is not None:
+                self._budgeted(run, measured.budget)
+            if measured.start.get("parent") is not None:
+                run.trial.set_user_attr(evolution.INHERITANCE, measured.start)
+            run.measurement = self._in_target_terms(run, worker, measured)
+            decision = self.pruner.on_measured(run.number, run.measurement)
+            run.trial.set_user_attr(st.MEASUREMENT, _measurement_doc(run.measurement, decision))
             run.phase = Phase.TRAINING
             self.pool.decide(worker, event.key, decision)
         elif event.kind is EventKind.RUNG:
@@ -275,6 +366,17 @@ class Coordinator:
             self.pool.decide(worker, event.key, decision)
         run.overhead_s += time.perf_counter() - start
 
+    def _in_target_terms(self, run: TrialRun, worker: Worker, m: Measurement) -> Measurement:
+        """The measurement with its latency converted to the target device class; both
+        numbers go into the trial's ``latency`` user attr."""
+        if self.hardware is None:
+            return m
+        run.latency = self.hardware.convert(run.config, m.latency_ms, _device_class(worker))
+        run.trial.set_user_attr(LATENCY, run.latency)
+        ratio = run.latency["latency_ms"] / m.latency_ms if m.latency_ms > 0 else 1.0
+        return replace(m, latency_ms=run.latency["latency_ms"],
+                       latency_samples_ms=tuple(v * ratio for v in m.latency_samples_ms))
+
     def _budgeted(self, run: TrialRun, budget: dict[str, Any]) -> None:
         """The worker chose the schedule for the latency target: the trial's config says so."""
         run.trial.set_user_attr(STEP_BUDGET, budget)
@@ -285,6 +387,9 @@ class Coordinator:
     def _on_result(self, outcome: TrialOutcome) -> None:
         run = self._current(outcome.number, outcome.attempt)
         assert run is not None, f"result for unknown trial {outcome.number}/{outcome.attempt}"
+        worker = self.pool.find(outcome.worker)
+        if self.hardware is not None and outcome.latency_table and worker is not None:
+            self.hardware.update(_device_class(worker), outcome.latency_table)
         self._end_attempt(run, outcome.status.value, outcome.reason, outcome.worker)
         if outcome.status is Outcome.CRASHED:
             self._retry_or_fail(run, outcome.reason)
@@ -326,7 +431,7 @@ class Coordinator:
 
     def _complete(self, run: TrialRun, outcome: TrialOutcome) -> None:
         start = time.perf_counter()
-        values = [outcome.values[name] for name in OBJECTIVES]
+        values = [self._target_value(run, name, outcome.values[name]) for name in OBJECTIVES]
         if not all(math.isfinite(v) for v in values):
             self._record(run, outcome)
             self._tell(run, TrialState.FAIL, f"non-finite objective values {values}")
@@ -352,7 +457,15 @@ class Coordinator:
         if outcome.metrics.get("quality"):
             t.set_user_attr(st.QUALITY, outcome.metrics["quality"])
         t.set_user_attr(st.TIMINGS, dict(outcome.timings))
-        self._constrain(run, outcome.measurement or run.measurement, outcome.constraint_values)
+        reported = {name: self._target_value(run, name, value)
+                    for name, value in outcome.constraint_values.items()}
+        self._constrain(run, run.measurement, reported)
+
+    def _target_value(self, run: TrialRun, name: str, value: float) -> float:
+        """A latency the worker measured on its device, in target-device terms."""
+        if name in ("latency_ms", LATENCY_TARGET) and run.latency:
+            return value * (run.latency["ratio"] or 1.0)
+        return value
 
     def _constrain(self, run: TrialRun, measurement: Measurement | None,
                    reported: dict[str, float] | None = None) -> None:
@@ -439,6 +552,16 @@ class Coordinator:
             return None
         remaining = max(0, self.target - self._finished())
         return float(np.mean(durations)) * math.ceil(remaining / workers)
+
+
+def _device_class(worker: Worker) -> str:
+    return str(worker.profile.get("device_class", ""))
+
+
+def _lineage(trial: optuna.Trial) -> dict[str, Any]:
+    """A mutation child's parent and mutation, shown with its stage-0 record."""
+    keys = (evolution.PARENT, evolution.MUTATION)
+    return {k: trial.user_attrs[k] for k in keys if k in trial.user_attrs}
 
 
 def _measurement_doc(m: Measurement, decision: Decision) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from workers.actor import RESOURCE, start_worker
-from workers.records import Decision, Event, Outcome, TrialOutcome, TrialRequest
+from workers.records import Decision, Event, Outcome, TrialOutcome, TrialRequest, WorkerSetup
 
 NAMESPACE = "diffnas"
 REFRESH_S = 2.0
@@ -108,11 +108,17 @@ def connect(address: str | None, workers: int | None) -> bool:
 
 
 class WorkerPool:
-    """Actors on every free device unit, up to ``max_workers``; see the module docstring."""
+    """Actors on every free device unit, up to ``max_workers``; see the module docstring.
 
-    def __init__(self, label: str, max_workers: int | None = None) -> None:
+    With a ``setup``, a new actor first prepares it (its latency table) and counts as
+    started once that is done; its profile then carries the table.
+    """
+
+    def __init__(self, label: str, max_workers: int | None = None,
+                 setup: WorkerSetup | None = None) -> None:
         self.label = label
         self.max_workers = max_workers
+        self.setup = setup
         self.workers: dict[str, Worker] = {}
         self.dead: list[Worker] = []
         self._pending: dict[Any, Worker] = {}  # profile ref -> worker not yet started
@@ -139,12 +145,16 @@ class WorkerPool:
         self._spawned += 1
         actor = start_worker(name, NAMESPACE)
         worker = Worker(name, actor)
-        ref = actor.profile.remote()
+        ref = actor.prepare.remote(self.setup) if self.setup else actor.profile.remote()
         self._pending[ref] = worker
         self._refs[ref] = (Kind.PROFILE, worker)
 
     def idle(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.idle]
+
+    def starting(self) -> int:
+        """Actors spawned that have not reported their profile yet."""
+        return len(self._pending)
 
     def dispatch(self, worker: Worker, request: TrialRequest, data_ref: Any) -> None:
         """Start ``request`` on an idle ``worker``."""
@@ -286,5 +296,6 @@ def workers_text(address: str | None) -> str:
         current = w.get("current")
         doing = f"trial {current['number']}" if current else "idle"
         lines.append(f"{w['worker']}: {w['backend']} {w['chip']}, {w['memory_gb']} GB, mlx "
-                     f"{w['mlx']}, blas {w['blas']}, host {w['host']} -- {doing}")
+                     f"{w['mlx']}, blas {w['blas']}, host {w['host']}, device class "
+                     f"{w.get('device_class', '-')} -- {doing}")
     return "\n".join(lines)

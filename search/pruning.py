@@ -3,7 +3,8 @@
 Optuna's ``Trial.report``/``should_prune`` raise in multi-objective studies, so pruning
 lives here. A pruner answers with a :class:`workers.Decision` at:
 
-- stage 0, :meth:`Pruner.prescreen`: the free analytic cost, before any device time;
+- stage 0, :meth:`Pruner.prescreen`: the free analytic cost and the latency predicted
+  from the target device's table (:mod:`search.hardware`), before any device time;
 - stage 1, :meth:`Pruner.on_measured`: measured latency and peak memory, before training;
 - stage 2, :meth:`Pruner.on_rung`: the quality proxy at each rung of training.
 
@@ -33,11 +34,17 @@ from workers.records import Decision, Measurement, RungReport
 
 @dataclass(frozen=True)
 class Cost:
-    """Stage-0 numbers, computed without device time (``train_steps``: 0 if unknown)."""
+    """Stage-0 numbers, computed without device time (``train_steps``: 0 if unknown).
+
+    ``predicted_latency_ms`` is the sampling latency predicted on ``target_device`` (None:
+    no latency table could predict it).
+    """
 
     params: int
     flops: int
     train_steps: int = 0
+    predicted_latency_ms: float | None = None
+    target_device: str = ""
 
 
 class Pruner(Protocol):
@@ -100,7 +107,12 @@ def constraint_values(known: Mapping[str, float], limits: Mapping[str, float]
 
 
 def stage0_values(cost: Cost) -> dict[str, float]:
-    return {"params": float(cost.params), "flops": float(cost.flops)}
+    """What is known before dispatch; the predicted latency stands in for the measured one
+    until the trial measures it."""
+    values = {"params": float(cost.params), "flops": float(cost.flops)}
+    if cost.predicted_latency_ms is not None:
+        values["latency_ms"] = cost.predicted_latency_ms
+    return values
 
 
 def stage1_values(measurement: Measurement, memory: str) -> dict[str, float]:
@@ -125,9 +137,11 @@ def _verdict(stage: int, known: Mapping[str, float], limits: Mapping[str, float]
 class ConstraintPruner:
     """Stops a candidate that violates a hard limit of ``[constraints]`` as early as known.
 
-    Stage 0 checks ``max_params`` and ``max_flops`` before any device time; stage 1 checks
-    ``max_latency_ms`` and ``max_memory_mb`` (the memory the space's ``[evaluate] memory``
-    names) before training. The coordinator records the constraint values of every trial.
+    Stage 0 checks ``max_params`` and ``max_flops`` before any device time, and the
+    predicted latency against ``max_latency_ms`` once it is over by more than
+    ``latency_margin``; stage 1 checks the measured ``max_latency_ms`` and ``max_memory_mb``
+    (the memory the space's ``[evaluate] memory`` names) before training. The coordinator
+    records the constraint values of every trial.
     """
 
     name = "constraints"
@@ -137,12 +151,21 @@ class ConstraintPruner:
         self.stage0 = {k: v for k, v in limits.items() if k in STAGE0}
         self.stage1 = {k: v for k, v in limits.items() if k in STAGE1}
         self.memory = space.evaluate.memory
+        self.latency_limit = limits.get("latency_ms")
+        self.margin = space.constraints.latency_margin
 
     def restore(self, trials: Sequence[FrozenTrial]) -> None:
         pass  # stateless
 
     def prescreen(self, number: int, cost: Cost) -> Decision:
-        return _verdict(0, stage0_values(cost), self.stage0)
+        decision = _verdict(0, stage0_values(cost), self.stage0)
+        predicted, limit = cost.predicted_latency_ms, self.latency_limit
+        if (not decision.proceed or predicted is None or limit is None
+                or predicted <= limit * (1 + self.margin)):
+            return decision
+        return Decision(False, f"constraints stage 0: predicted latency {predicted:.4g} ms on "
+                               f"{cost.target_device} over the limit {_fmt(limit)} ms + "
+                               f"{self.margin:.0%} margin (+{predicted / limit - 1:.1%})")
 
     def on_measured(self, number: int, measurement: Measurement) -> Decision:
         return _verdict(1, stage1_values(measurement, self.memory), self.stage1)

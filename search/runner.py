@@ -20,6 +20,7 @@ from search import pareto
 from search import study as st
 from search.coordinator import Coordinator, Tally
 from search.dataset import build_payload
+from search.hardware import worker_setup
 from search.progress import Progress, Silent
 from search.pruning import Pruner, make_pruner
 from search.space import SearchSpace, load_space
@@ -124,12 +125,13 @@ def _run(study: optuna.Study, space: SearchSpace, options: SearchOptions, result
         if not ray.cluster_resources().get(RESOURCE):
             raise ValueError(f"the Ray cluster offers no {RESOURCE!r} resource: start each "
                              f"node with --resources='{{\"{RESOURCE}\": 1}}'")
-        pool = WorkerPool(label=study.study_name, max_workers=options.workers)
+        channels = int(payload.train.shape[-1])
+        pool = WorkerPool(label=study.study_name, max_workers=options.workers,
+                          setup=worker_setup(space, channels, results))
         pool.refresh(force=True)
         deadline = None if options.timeout_s is None else time.time() + options.timeout_s
-        coordinator = Coordinator(study, space, pool, ray.put(payload),
-                                  int(payload.train.shape[-1]), results, pruner,
-                                  target, options.max_retries, progress, deadline,
+        coordinator = Coordinator(study, space, pool, ray.put(payload), channels, results,
+                                  pruner, target, options.max_retries, progress, deadline,
                                   options.max_latency_ms)
         return coordinator.run()
     finally:

@@ -45,7 +45,15 @@ class SpaceError(ValueError):
 
 @dataclass(frozen=True)
 class StudySettings:
-    """How the study runs: target trial count, sampler, seed, pruner."""
+    """How the study runs: target trial count, sampler, seed, pruner, hardware, evolution.
+
+    ``latency_table``: every worker measures a latency table of its device class, so that
+    the coordinator predicts each candidate's latency before dispatch (search.hardware).
+    ``target_device``: the device class whose latency the study reports (default: the
+    first class seen). ``mutation_rate``: the share of trials that mutate a Pareto-front
+    trial instead of asking the sampler; such a child starts from its parent's weights and
+    trains for ``inherit_budget`` of the training steps (search.evolution).
+    """
 
     trials: int = 12
     sampler: str = "tpe"
@@ -55,6 +63,10 @@ class StudySettings:
     startup_trials: int = 10
     population: int = 8
     reference_point: tuple[float, ...] = ()
+    latency_table: bool = True
+    target_device: str = ""
+    mutation_rate: float = 0.0
+    inherit_budget: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reference_point", tuple(float(v) for v in self.reference_point))
@@ -64,6 +76,10 @@ class StudySettings:
         _require(self.population >= 2, "population", "must be >= 2")
         _require(len(self.reference_point) in (0, 3), "reference_point",
                  "needs 3 values: fid, latency_ms, peak_mem_mb")
+        _require(0.0 <= self.mutation_rate <= 1.0, "mutation_rate", "must be in [0, 1]")
+        _require(0.0 < self.inherit_budget <= 1.0, "inherit_budget", "must be in (0, 1]")
+        _require(not self.target_device or self.latency_table, "target_device",
+                 "needs latency_table = true (latency is converted through the tables)")
 
 
 @dataclass(frozen=True)
@@ -130,17 +146,23 @@ class Constraints:
     # The whole trial (measurement, training, validation, evaluation) on its worker:
     # predicted before anything is built, then measured at every phase (engine.memory).
     max_trial_memory_mb: float | None = None
+    # Stage 0 prunes on the predicted latency (search.hardware) only when it is over
+    # max_latency_ms by more than this fraction: the predictor is not exact.
+    latency_margin: float = 0.1
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            _require(value is None or value > 0, f.name, "must be > 0")
+            if f.name.startswith("max_"):
+                _require(value is None or value > 0, f.name, "must be > 0")
+        _require(self.latency_margin >= 0, "latency_margin", "must be >= 0")
 
     def limits(self) -> dict[str, float]:
         """The set limits by name (``latency_ms``, ``memory_mb``, ``params``, ``flops``,
         ``trial_memory_mb``)."""
         return {f.name.removeprefix("max_"): float(getattr(self, f.name))
-                for f in fields(self) if getattr(self, f.name) is not None}
+                for f in fields(self)
+                if f.name.startswith("max_") and getattr(self, f.name) is not None}
 
 
 SETTINGS: dict[str, type] = {"study": StudySettings, "data": DataSettings,
@@ -180,6 +202,24 @@ class Param:
         assert self.kind == "float", self.kind
         return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
 
+    def allows(self, value: Any) -> bool:
+        """Whether the config value ``value`` is one this parameter can take."""
+        if self.kind == "fixed":
+            return bool(_same(value, self.value))
+        if self.kind == "choice":
+            return any(_same(value, c) for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        inside = self.low <= value <= self.high
+        if self.kind == "int":
+            on_grid = (value - self.low) % (self.step or 1) == 0
+            return inside and value == int(value) and on_grid
+        return inside
+
+    def encode(self, value: Any) -> Any:
+        """The Optuna parameter value for the config value ``value``."""
+        return _encode(value)
+
     def decode(self, raw: Any) -> Any:
         """The config value for the Optuna parameter value ``raw``."""
         if self.kind == "choice":
@@ -199,6 +239,15 @@ class Param:
 
 def _encode(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, list) else value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Config values equal across the tuple/list boundary (TOML gives lists)."""
+    return json.dumps(_plain(a)) == json.dumps(_plain(b))
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _decode(text: str) -> Any:

@@ -21,9 +21,11 @@ from workers.records import (
     EventKind,
     Measurement,
     Outcome,
+    Parent,
     RungReport,
     TrialOutcome,
     TrialRequest,
+    WorkerSetup,
 )
 
 __all__ = [
@@ -36,9 +38,11 @@ __all__ = [
     "EventKind",
     "Measurement",
     "Outcome",
+    "Parent",
     "RungReport",
     "TrialOutcome",
     "TrialRequest",
+    "WorkerSetup",
     "device_profile",
     "start_worker",
 ]

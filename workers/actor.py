@@ -1,8 +1,9 @@
 """The Ray actor: one per device, claimed through a custom resource; thin by design.
 
-It reports its device profile, runs one trial at a time in a child process
-(:mod:`workers.process`) and relays the trial's reports to the coordinator, which
-long-polls :meth:`DeviceWorker.next_events` and answers with :meth:`DeviceWorker.decide`.
+It reports its device profile (with its latency table, :mod:`workers.table`), runs one
+trial at a time in a child process (:mod:`workers.process`) and relays the trial's
+reports to the coordinator, which long-polls :meth:`DeviceWorker.next_events` and answers
+with :meth:`DeviceWorker.decide`.
 The worker never touches the study storage: it returns plain records.
 """
 
@@ -13,28 +14,43 @@ import queue
 import socket
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 from workers.process import run_in_child
-from workers.records import DataPayload, Decision, Event, EventKind, TrialOutcome, TrialRequest
+from workers.records import (
+    DataPayload,
+    Decision,
+    Event,
+    EventKind,
+    TrialOutcome,
+    TrialRequest,
+    WorkerSetup,
+)
+from workers.table import build_in_child, device_class
 
 RESOURCE = "diffnas_device"
 """The custom resource a worker claims; give each Mac (or GPU) one unit of it."""
 
 
 def device_profile() -> dict[str, Any]:
-    """This process's device: chip or CPU, backend, memory, MLX and BLAS, plus host and pid."""
+    """This process's device: chip or CPU, backend, memory, MLX and BLAS, host, pid, and its
+    device class (:func:`workers.table.device_class`)."""
     import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
     from engine.bench import device_fingerprint
 
     profile = dict(device_fingerprint())
     profile.update(host=socket.gethostname(), pid=os.getpid())
+    labels: dict[str, str] = {}
     try:
         import ray
 
-        profile["node_id"] = ray.get_runtime_context().get_node_id()
+        context = ray.get_runtime_context()
+        profile["node_id"] = context.get_node_id()
+        labels = {str(k): str(v) for k, v in context.get_node_labels().items()}
     except Exception:  # noqa: BLE001 (outside Ray: the bare class in a test)
         profile["node_id"] = ""
+    profile["device_class"] = device_class(profile, labels)
     return profile
 
 
@@ -49,10 +65,22 @@ class DeviceWorker:
         self._lock = threading.Lock()
         self._running: dict[str, Any] | None = None
         self._seq = 0
+        self._table_dir = ""
 
     def profile(self) -> dict[str, Any]:
         """Device profile; also the readiness probe the coordinator waits on."""
         return {**self._profile, "worker": self.name}
+
+    def prepare(self, setup: WorkerSetup) -> dict[str, Any]:
+        """Build or load this device class's latency table, before the first trial.
+
+        Returns:
+            The profile plus ``latency_table`` (a table dict, or None with
+            ``latency_error`` saying why); the readiness probe when a study keeps tables.
+        """
+        table, self._table_dir, error = build_in_child(
+            list(setup.calibration), setup.cache_dir, self._profile["device_class"])
+        return {**self.profile(), "latency_table": table, "latency_error": error}
 
     def current(self) -> dict[str, Any] | None:
         """The trial now running here: ``{"number", "attempt", "pid", "since"}`` or ``None``."""
@@ -66,6 +94,8 @@ class DeviceWorker:
             self._seq = 0
             self._running = {"number": request.number, "attempt": request.attempt,
                              "pid": None, "since": time.time()}
+            request = replace(request, device_class=self._profile["device_class"],
+                              table_dir=self._table_dir)
             outcome = run_in_child(request, data, lambda k, p, n: self._relay(request, k, p, n),
                                    on_start=lambda pid: self._started(request, pid))
             return _with_worker(outcome, self.name)
@@ -118,8 +148,6 @@ class DeviceWorker:
 
 
 def _with_worker(outcome: TrialOutcome, name: str) -> TrialOutcome:
-    from dataclasses import replace
-
     return replace(outcome, worker=name)
 
 

@@ -46,10 +46,16 @@ def run_in_child(request: TrialRequest, data: DataPayload, relay: Relay,
         return _crashed(request, proc.returncode, _tail(stderr))
 
 
-def _spawn(child: Connection, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+def child_env() -> tuple[dict[str, str], str]:
+    """The environment and working folder of a child process: this package importable."""
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env, root
+
+
+def _spawn(child: Connection, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+    env, root = child_env()
     return subprocess.Popen([sys.executable, "-m", "workers.trial", str(child.fileno())],
                             pass_fds=[child.fileno()], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=root)

@@ -37,6 +37,32 @@ class DataPayload:
 
 
 @dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker prepares before its first trial: its device's latency table.
+
+    ``calibration`` holds config dicts whose sampling latency calibrates the table;
+    ``cache_dir`` is where the worker keeps its tables (on its own disk).
+    """
+
+    calibration: tuple[dict[str, Any], ...]
+    cache_dir: str
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A mutated trial's parent: its config and EMA weights (``ema.safetensors`` bytes).
+
+    The child starts from these weights morphed to its own architecture
+    (``engine.morph.inherit``) and trains to ``rungs``, a shorter budget than a fresh start.
+    """
+
+    number: int
+    config: dict[str, Any]
+    weights: bytes
+    rungs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class TrialRequest:
     """One attempt at one trial: the decoded config plus how to train and evaluate it."""
 
@@ -53,6 +79,11 @@ class TrialRequest:
     # Sample with the most steps whose latency fits this (ms per image at batch 1) on the
     # worker's device; the sampler and step count come from engine.adaptive.choose_budget.
     latency_target_ms: float | None = None
+    parent: Parent | None = None
+    # Set by the worker: its device class and the folder of its latency tables, where the
+    # trial adds its measured latency ("" when the worker keeps no table).
+    device_class: str = ""
+    table_dir: str = ""
 
     @property
     def key(self) -> tuple[int, int]:
@@ -64,7 +95,8 @@ class Measurement:
     """Stage 1: latency of the whole sampling loop at batch 1, and peak memory (MB).
 
     ``budget`` is set under a latency target: the measured cost of one network evaluation
-    and of the sampler around it, the schedule chosen from them, and why.
+    and of the sampler around it, the schedule chosen from them, and why. ``start`` says
+    how the weights began: ``{"status": "fresh"}``, or inherited from a parent trial.
     """
 
     latency_ms: float
@@ -74,6 +106,7 @@ class Measurement:
     sample_mb: float
     seconds: float
     budget: dict[str, Any] | None = None
+    start: dict[str, Any] = field(default_factory=lambda: {"status": "fresh"})
 
     def memory_mb(self, which: str) -> float:
         """The memory objective: ``sample``, ``train`` or ``max`` of the two."""
@@ -152,3 +185,4 @@ class TrialOutcome:
     worker: str = ""
     exit_code: int | None = None
     constraint_values: dict[str, float] = field(default_factory=dict)
+    latency_table: dict[str, Any] | None = None  # the worker's table, with this trial added

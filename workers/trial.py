@@ -135,17 +135,17 @@ def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Any, don
             ) -> TrialOutcome:
     """Measure, train in rungs, evaluate: each stage reports and obeys the answer."""
     from engine.bench import device_fingerprint
-    from engine.train import init_state, train
+    from engine.train import train
 
     started = time.perf_counter()
-    state = init_state(config)
+    state, rungs, start = _initial_state(config, request)
     latency = None
     if request.latency_target_ms is not None:
         config, latency = _fit_latency_target(state.model, config, request.latency_target_ms,
                                               request.latency_runs)
         state.config = config  # trained, evaluated and saved with the chosen schedule
-    measurement = done.measurement = _measure(state.model, config, request.latency_runs,
-                                              latency)
+    measurement = done.measurement = replace(
+        _measure(state.model, config, request.latency_runs, latency), start=start)
     done.device = device_fingerprint()
     done.timings["measure_s"] = measurement.seconds
     done.check_memory("measurement", max(measurement.train_mb, measurement.sample_mb))
@@ -153,7 +153,7 @@ def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Any, don
     if not decision.proceed:
         return done.outcome(Outcome.PRUNED, decision.reason)
     train_start = time.perf_counter()
-    for rung in request.rungs:
+    for rung in rungs:
         train(state, data.train, data.val, until=rung, callback=_stop_if_orphaned)
         done.rungs.append(_rung_report(state, data, time.perf_counter() - train_start))
         done.check_memory(f"training to step {rung}")
@@ -170,11 +170,56 @@ def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Any, don
               "peak_mem_mb": measurement.memory_mb(request.memory)}
     metrics = _metrics(request, config, values, measurement, quality, done.rungs, done.device)
     artifacts = _artifacts(state, grid, metrics)
+    table = None
+    if request.table_dir:
+        from workers.table import observe_trial
+
+        table = observe_trial(state.model, config, request.table_dir, request.device_class,
+                              measurement.latency_ms)
     done.timings["total_s"] = time.perf_counter() - started
     done.timings["cpu_s"] = time.process_time()
     metrics["timings"] = done.timings
     artifacts["metrics.json"] = json.dumps(metrics, indent=2).encode()
-    return done.outcome(Outcome.COMPLETED, values=values, metrics=metrics, artifacts=artifacts)
+    return done.outcome(Outcome.COMPLETED, values=values, metrics=metrics, artifacts=artifacts,
+                        latency_table=table)
+
+
+def _initial_state(config: Any, request: TrialRequest
+                   ) -> tuple[Any, tuple[int, ...], dict[str, Any]]:
+    """A fresh training state, or the parent's weights morphed to this architecture.
+
+    Returns:
+        The state, the rungs to train to (the parent's shorter budget when inherited) and
+        how the weights began (``Measurement.start``).
+    """
+    from engine.config import Config
+    from engine.morph import inherit, inherited_state
+    from engine.train import init_state
+
+    parent = request.parent
+    if parent is None:
+        return init_state(config), request.rungs, {"status": "fresh"}
+    parent_unet = Config.from_dict(parent.config).unet
+    params = inherit(parent_unet, _load_params(parent.weights), config.unet)
+    if params is None:
+        return init_state(config), request.rungs, {
+            "status": "fresh", "parent": parent.number,
+            "reason": "not reachable from the parent's architecture by engine.morph"}
+    return inherited_state(config, params), parent.rungs, {
+        "status": "inherited", "parent": parent.number, "train_steps": parent.rungs[-1]}
+
+
+def _load_params(weights: bytes) -> dict[str, Any]:
+    """A parameter tree from the bytes of a safetensors file."""
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "parent.safetensors"
+        path.write_bytes(weights)
+        tensors = mx.load(str(path))
+    assert isinstance(tensors, dict)
+    return dict(tree_unflatten(list(tensors.items())))
 
 
 def _rung_report(state: Any, data: DataPayload, elapsed_s: float) -> RungReport:
@@ -226,12 +271,13 @@ def _fit_latency_target(model: Any, config: Any, target_ms: float, runs: int
     Raises:
         Infeasible: not even one network evaluation fits the target here.
     """
-    from engine.adaptive import choose_budget
+    from engine.adaptive import StepBudget, choose_budget, with_budget
     from engine.bench import forward_latency, sampling_latency
 
     start = time.perf_counter()
     per_eval = forward_latency(model, config).median_ms
-    one_step = replace(config, schedule=_scheduled(config.schedule, "ddim", 1))
+    one_step = replace(config, schedule=with_budget(config.schedule,
+                                                    StepBudget("ddim", 1, 0.0, target_ms)))
     overhead = max(0.0, sampling_latency(model, one_step, runs=runs).median_ms - per_eval)
     rounds: list[dict[str, Any]] = []
     cost = per_eval
@@ -241,8 +287,7 @@ def _fit_latency_target(model: Any, config: Any, target_ms: float, runs: int
         except ValueError as err:
             raise Infeasible(f"latency target: {err}", LATENCY_TARGET,
                              overhead + cost) from None
-        chosen = replace(config, schedule=_scheduled(config.schedule, budget.sampler,
-                                                     budget.steps))
+        chosen = replace(config, schedule=with_budget(config.schedule, budget))
         stat = sampling_latency(model, chosen, batch=1, runs=runs)
         rounds.append({"sampler": chosen.schedule.sampler, "steps": budget.steps,
                        "per_step_ms": cost, "predicted_ms": budget.predicted_ms,
@@ -261,16 +306,6 @@ def _fit_latency_target(model: Any, config: Any, target_ms: float, runs: int
               "rounds": rounds, "schedule": asdict(chosen.schedule), "reason": why,
               "seconds": time.perf_counter() - start}
     return chosen, (stat, record)
-
-
-def _scheduled(schedule: Any, sampler: str, steps: int) -> Any:
-    """``schedule`` at ``steps``: the adaptive sampler keeps itself (``steps`` caps its
-    evaluations) when at least 3 fit; a spacing tied to stored times falls back to trailing."""
-    if not (schedule.sampler == "adaptive" and steps >= 3):
-        schedule = replace(schedule, sampler=sampler)
-    if schedule.spacing in ("explicit", "optimized"):
-        schedule = replace(schedule, spacing="trailing", timesteps=())
-    return replace(schedule, steps=steps)
 
 
 def _evaluate(state: Any, config: Any, data: DataPayload, request: TrialRequest

@@ -1,0 +1,178 @@
+"""Hardware-aware search: a latency table per device class, predicted latency before
+dispatch, and every latency reported for the study's target device class.
+
+Each worker measures a latency table of its device class (:mod:`engine.latency`,
+:mod:`workers.table`) and sends it with its profile; each completed trial grows it. The
+coordinator keeps the latest table of every class and
+
+- predicts each candidate's sampling latency on the target class before dispatch, which
+  the constraint pruner compares with ``[constraints] max_latency_ms`` at stage 0;
+- converts a latency measured on another class to the target class, by the ratio of the
+  two tables' predictions for that config, and records both numbers.
+
+The target class is ``[study] target_device``, else the first class seen; the study keeps
+it (user attr ``target_device``), so that a resumed study reports in the same terms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from engine.adaptive import choose_budget, with_budget
+from engine.config import Config
+from engine.latency import LatencyTable, predict_latency_ms
+from search.space import Param, SearchSpace
+from workers.records import WorkerSetup
+
+TARGET_DEVICE = "target_device"  # study user attr: the class whose latency is reported
+PREDICTED_LATENCY = "predicted_latency"  # trial user attr: the stage-0 prediction
+LATENCY = "latency"  # trial user attr: where the latency was measured, and its conversion
+TABLE_DIR = "latency-tables"  # under the results folder (on each worker's own disk)
+MIN_CALIBRATION = 3
+
+
+def calibration_configs(space: SearchSpace, channels: int) -> list[Config]:
+    """Configs whose measured latency calibrates a worker's table: the ``i``-th takes the
+    ``i``-th value of every searched parameter (cycling), so that every choice of the
+    space shows up in some config; combinations that are not valid are skipped."""
+    searched = [p for p in space.params if p.searched]
+    values = {p.name: _spread(p) for p in searched}
+    count = max([MIN_CALIBRATION, *(len(v) for v in values.values())])
+    configs: list[Config] = []
+    for i in range(count):
+        raw = {p.name: p.encode(values[p.name][i % len(values[p.name])]) for p in searched}
+        try:
+            config = space.decode(raw, channels)
+        except ValueError:
+            continue
+        if config not in configs:
+            configs.append(config)
+    return configs
+
+
+def _spread(p: Param) -> list[Any]:
+    if p.kind == "choice":
+        return list(p.choices)
+    middle = math.sqrt(p.low * p.high) if p.log else (p.low + p.high) / 2
+    ends = [p.low, p.high, middle]
+    return [round(v) for v in ends] if p.kind == "int" else ends
+
+
+def worker_setup(space: SearchSpace, channels: int, results: Path) -> WorkerSetup | None:
+    """What each worker prepares for this study (None: the space keeps no tables)."""
+    if not space.study.latency_table:
+        return None
+    configs = tuple(c.to_dict() for c in calibration_configs(space, channels))
+    return WorkerSetup(configs, str((results / TABLE_DIR).resolve()))
+
+
+class Hardware:
+    """The latest latency table of every device class, and the study's target class.
+
+    Args:
+        target: ``[study] target_device`` ("" = the first class seen).
+        stored: the target a resumed study was reported for ("" = none yet).
+
+    Raises:
+        ValueError: ``target`` differs from the stored one.
+    """
+
+    def __init__(self, target: str = "", stored: str = "") -> None:
+        if target and stored and target != stored:
+            raise ValueError(f"target_device {target!r}: this study reports latency for "
+                             f"{stored!r}; keep that, or start a new --study")
+        self.explicit = bool(target)
+        self.target = target or stored
+        self.tables: dict[str, LatencyTable] = {}
+        self.seen: set[str] = set()
+
+    def learn(self, profile: dict[str, Any]) -> None:
+        """A worker is ready: its class, and its table if it built one."""
+        device_class = str(profile["device_class"])
+        self.seen.add(device_class)
+        self.target = self.target or device_class
+        if profile.get("latency_table"):
+            self.update(device_class, profile["latency_table"])
+
+    def update(self, device_class: str, table: dict[str, Any]) -> None:
+        """Replace the table of ``device_class`` by a newer one (a trial grew it)."""
+        self.tables[device_class] = LatencyTable.from_dict(table)
+
+    def waiting(self) -> bool:
+        """A named target class has no ready worker yet (so nothing can be predicted for it).
+
+        An unnamed target is the class of the first ready worker, learned before that
+        worker's first trial is asked for.
+        """
+        return self.explicit and self.target not in self.seen
+
+    def check_target(self, starting: int) -> None:
+        """Fail when every worker is up and none is of the named target class.
+
+        Raises:
+            ValueError: naming the target and the classes there are.
+        """
+        if self.explicit and self.seen and not starting and self.target not in self.seen:
+            raise ValueError(f"target_device {self.target!r}: no worker of that device class "
+                             f"(classes here: {', '.join(sorted(self.seen))})")
+
+    def predict(self, config: Config, device_class: str = "") -> float | None:
+        """Predicted latency (ms) of ``config`` on a class (default: the target), or None
+        when that class has no table or its table has no block of a kind to estimate from."""
+        table = self.tables.get(device_class or self.target)
+        if table is None:
+            return None
+        try:
+            return predict_latency_ms(config, table)
+        except KeyError:
+            return None
+
+    def predict_budgeted(self, config: Config, target_ms: float) -> float | None:
+        """Predicted latency (ms) on the target class of the schedule a worker there would
+        choose for ``target_ms`` (``--max-latency-ms``); None when it cannot be predicted.
+
+        The cost of one evaluation and the sampler's overhead come from the predictions at
+        1 and 2 steps, as a worker measures them; a target not even one step fits returns
+        the one-step latency (over the target: infeasible).
+        """
+        one, two = (self.predict(replace(config, schedule=replace(
+            config.schedule, sampler="ddim", spacing="trailing", timesteps=(), steps=n)))
+            for n in (1, 2))
+        if one is None or two is None:
+            return None
+        per_eval = max(two - one, 1e-6)
+        try:
+            budget = choose_budget(target_ms, per_eval, max(one - per_eval, 0.0))
+        except ValueError:
+            return one
+        return self.predict(replace(config, schedule=with_budget(config.schedule, budget)))
+
+    def ratio(self, config: Config, device_class: str) -> float | None:
+        """Target latency over ``device_class`` latency for ``config`` (None: unknown)."""
+        if device_class == self.target:
+            return 1.0
+        own, target = self.predict(config, device_class), self.predict(config)
+        return None if own is None or target is None or own <= 0 else target / own
+
+    def convert(self, config: Config, measured_ms: float, device_class: str
+                ) -> dict[str, Any]:
+        """A latency measured on ``device_class`` in target terms, with both numbers.
+
+        Returns:
+            ``{"device_class", "target_device", "measured_ms", "latency_ms", "ratio"}``;
+            ``latency_ms`` is for the target class (unconverted, with ``note``, when either
+            class has no table).
+        """
+        ratio = self.ratio(config, device_class)
+        doc = {"device_class": device_class, "target_device": self.target,
+               "measured_ms": measured_ms, "latency_ms": measured_ms * (ratio or 1.0),
+               "ratio": ratio}
+        if ratio is None:
+            doc["note"] = f"not converted: no latency prediction for {device_class!r} or the target"
+        elif device_class != self.target:
+            doc["predicted_ms"] = self.predict(config, device_class)
+            doc["predicted_target_ms"] = self.predict(config)
+        return doc
