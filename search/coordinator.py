@@ -351,7 +351,8 @@ class Coordinator:
                 run.trial.set_user_attr(evolution.INHERITANCE, measured.start)
             run.measurement = self._in_target_terms(run, worker, measured)
             decision = self.pruner.on_measured(run.number, run.measurement)
-            run.trial.set_user_attr(st.MEASUREMENT, _measurement_doc(run.measurement, decision))
+            run.trial.set_user_attr(st.MEASUREMENT,
+                                    _measurement_doc(run.measurement, decision, run.latency))
             run.phase = Phase.TRAINING
             self.pool.decide(worker, event.key, decision)
         elif event.kind is EventKind.RUNG:
@@ -564,10 +565,14 @@ def _lineage(trial: optuna.Trial) -> dict[str, Any]:
     return {k: trial.user_attrs[k] for k in keys if k in trial.user_attrs}
 
 
-def _measurement_doc(m: Measurement, decision: Decision) -> dict[str, Any]:
+def _measurement_doc(m: Measurement, decision: Decision,
+                     latency: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The stage-1 record; ``latency`` says on which device class it was measured."""
     doc = asdict(m)
     doc.pop("latency_samples_ms")
     doc["samples_ms"] = list(m.latency_samples_ms)
+    if latency is not None:
+        doc["measured_on"] = latency
     return _with_decision(doc, decision)
 
 

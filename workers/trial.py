@@ -162,6 +162,14 @@ def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Any, don
             done.timings["train_s"] = time.perf_counter() - train_start
             return done.outcome(Outcome.PRUNED, decision.reason)
     done.timings["train_s"] = time.perf_counter() - train_start
+    return _complete(state, config, data, request, done, started)
+
+
+def _complete(state: Any, config: Any, data: DataPayload, request: TrialRequest,
+              done: _Progress, started: float) -> TrialOutcome:
+    """Evaluate, package the artifacts, and add the measured latency to the worker's table."""
+    assert done.measurement is not None
+    measurement = done.measurement
     eval_start = time.perf_counter()
     quality, grid = _evaluate(state, config, data, request)
     done.check_memory("evaluation")

@@ -1,0 +1,281 @@
+#!/usr/bin/env python3
+"""Mutation proposals with weight inheritance, on or off: hypervolume against device-seconds.
+
+  uv run python benchmarks/evolution.py [--budget 150] [--seeds 0 1 2] [--workers 2]
+      [--work /tmp/diffnas-bench-evolution] [--out benchmarks/evolution.md]
+
+Two arms share the space :data:`SPACE` and the sampler seeds; only ``[study]`` differs:
+
+- ``sampler``: ``mutation_rate = 0``, every candidate comes from TPE and trains from scratch;
+- ``evolution``: ``mutation_rate = 0.25``: a quarter of the candidates mutate a trial of
+  the current Pareto front (search.evolution), start from its weights morphed to the new
+  architecture (engine.morph.inherit) and train for ``inherit_budget = 0.5`` of the steps.
+
+Every (arm, seed) is a fresh study on an embedded Ray cluster that runs until its finished
+trials have spent ``--budget`` device-seconds (a trial's ``timings.cpu_s``, the CPU time of
+its child process; the trials in flight then finish). The hypervolume of the feasible
+COMPLETE trials is followed in the order they finished, against one reference point for
+all studies: 10% past the worst point of any of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from optuna.trial import FrozenTrial, TrialState
+
+from search import pareto, runner
+from search import study as st
+from search.coordinator import Coordinator
+from search.evolution import INHERITANCE, PARENT
+
+ARMS = {"sampler": "mutation_rate = 0.0",
+        "evolution": "mutation_rate = 0.25\ninherit_budget = 0.5"}
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+SPACE = """\
+# benchmarks/evolution.py: 8 px, architectures whose neighbours engine.morph can reach.
+[study]
+trials = 100000        # the device-second budget ends each study
+sampler = "tpe"
+startup_trials = 8
+{arm}
+
+[data]
+dataset = "digits"
+image_size = 8
+
+[evaluate]
+fid_samples = 64
+grid_images = 16
+memory = "sample"
+
+[unet]
+base_width = {{ choice = [8, 16, 32] }}          # x2 and /2 are morphisms
+width_mults = {{ choice = [[1, 2], [2, 2], [1, 4]] }}
+num_res_blocks = {{ int = [1, 2] }}
+attn_levels = {{ choice = [[], [1]] }}
+head_dim = 8
+norm_groups = 4
+time_emb_dim = 32
+activation = {{ choice = ["relu", "silu"] }}
+
+[schedule]
+sampler = {{ choice = ["ddim", "euler"] }}
+steps = {{ int = [2, 8] }}
+spacing = "trailing"
+beta_schedule = "cosine"
+prediction = "eps"
+
+[train]
+steps = 90
+batch_size = 8
+learning_rate = {{ float = [3e-4, 1e-2], log = true }}
+warmup_steps = 5
+eval_every = 30
+"""
+
+
+class BudgetedCoordinator(Coordinator):
+    """Stops asking for trials once the finished ones have spent ``budget_s`` device-seconds."""
+
+    budget_s = math.inf
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spent_s = 0.0
+
+    def _record(self, run: Any, outcome: Any) -> None:
+        super()._record(run, outcome)
+        self.spent_s += float(outcome.timings.get("cpu_s", 0.0))
+
+    def _may_ask(self) -> bool:
+        return self.spent_s < self.budget_s and super()._may_ask()
+
+
+@dataclass
+class Run:
+    """One finished study, reduced to what the tables need."""
+
+    arm: str
+    seed: int
+    wall_s: float
+    spent: list[float] = field(default_factory=list)  # cumulative device-s, finish order
+    points: list[list[float] | None] = field(default_factory=list)  # feasible COMPLETE
+    kinds: list[str] = field(default_factory=list)  # sampled | inherited | fresh child
+    cost: list[float] = field(default_factory=list)  # device-s of each trial
+    device: dict[str, Any] = field(default_factory=dict)
+
+
+def kind_of(t: FrozenTrial) -> str:
+    if PARENT not in t.user_attrs:
+        return "sampled"
+    return t.user_attrs.get(INHERITANCE, {}).get("status", "fresh")
+
+
+def summarise(arm: str, seed: int, trials: list[FrozenTrial], wall_s: float) -> Run:
+    done = sorted((t for t in trials if st.is_finished(t)),
+                  key=lambda t: (t.datetime_complete, t.number))
+    run, total = Run(arm, seed, wall_s), 0.0
+    for t in done:
+        cost = float(t.user_attrs.get(st.TIMINGS, {}).get("cpu_s", 0.0))
+        total += cost
+        run.spent.append(total)
+        run.cost.append(cost)
+        ok = t.state == TrialState.COMPLETE and st.feasible(t)
+        run.points.append(list(t.values) if ok else None)
+        run.kinds.append(kind_of(t) if ok else "not complete")
+        run.device = t.user_attrs.get(st.DEVICE, run.device)
+    return run
+
+
+def hv_curve(run: Run, reference: np.ndarray) -> np.ndarray:
+    """Hypervolume after each finished trial."""
+    out, seen = [], []
+    for p in run.points:
+        if p is not None:
+            seen.append(p)
+        out.append(pareto.hypervolume(np.array(seen), reference.tolist()) if seen else 0.0)
+    return np.array(out)
+
+
+def hv_at(run: Run, curve: np.ndarray, spent: float) -> float:
+    """The hypervolume once ``spent`` device-seconds were used (the last trial within it)."""
+    inside = np.flatnonzero(np.array(run.spent) <= spent + 1e-9)
+    return float(curve[inside[-1]]) if len(inside) else 0.0
+
+
+def load_or_run(work: Path, arm: str, seed: int, workers: int, budget: float) -> Run:
+    """A finished study is read back (the script resumes after an interruption)."""
+    name = f"{arm}-s{seed}-b{budget:g}"
+    cache = work / f"{name}.json"
+    if cache.is_file():
+        return Run(**json.loads(cache.read_text()))
+    space = work / f"{arm}.toml"
+    space.write_text(SPACE.format(arm=ARMS[arm]))
+    options = runner.SearchOptions(space=space, study=name, results=work,
+                                   storage=st.default_storage(work), workers=workers,
+                                   seed=seed)
+    start = time.time()
+    runner.run_search(options)
+    study = st.load_existing(st.open_storage(options.storage or "", create=False), name)
+    run = summarise(arm, seed, study.get_trials(), time.time() - start)
+    cache.write_text(json.dumps(run.__dict__))
+    return run
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+def _ms(values: list[float]) -> str:
+    v = np.array(values, float)
+    return f"{v.mean():.4g} ± {v.std():.2g}" if len(v) > 1 else f"{v.mean():.4g}"
+
+
+def tables(runs: list[Run], budget: float) -> tuple[str, dict[str, Any]]:
+    reference = pareto.default_reference(np.array([p for r in runs for p in r.points if p]))
+    curves = {(r.arm, r.seed): hv_curve(r, reference) for r in runs}
+    shown = ", ".join(f"{v:.4g}" for v in reference)
+    head = ("| arm | complete: sampled / inherited / fresh children | device-s per complete "
+            "trial: sampled / inherited | final front: sampled / inherited | device-s | "
+            + " | ".join(f"HV at {f:.0%} of budget" for f in FRACTIONS) + " |")
+    where = (f"Reference point (fid, latency_ms, peak_mem_mb): ({shown}); budget {budget:g} "
+             "device-s per study.")
+    lines = [where, "", head, "|---" * (5 + len(FRACTIONS)) + "|"]
+    for arm in ARMS:
+        mine = [r for r in runs if r.arm == arm]
+        if not mine:
+            continue
+        counts = " / ".join(_ms([r.kinds.count(k) for r in mine])
+                            for k in ("sampled", "inherited", "fresh"))
+        cost = " / ".join(_mean_cost(mine, k) for k in ("sampled", "inherited"))
+        front = " / ".join(_ms([front_kinds(r).count(k) for r in mine])
+                           for k in ("sampled", "inherited"))
+        at = [_ms([hv_at(r, curves[(arm, r.seed)], f * budget) for r in mine])
+              for f in FRACTIONS]
+        lines.append(f"| {arm} ({len(mine)} seeds) | {counts} | {cost} | {front} | "
+                     f"{_ms([r.spent[-1] for r in mine])} | {' | '.join(at)} |")
+    per_seed, ratios = seed_table(runs, curves, budget)
+    doc = {"reference": reference.tolist(), "final_ratio": ratios}
+    return "\n".join(lines) + "\n\n" + per_seed, doc
+
+
+def front_kinds(run: Run) -> list[str]:
+    """Where the trials of the study's final Pareto front came from."""
+    done = [(p, k) for p, k in zip(run.points, run.kinds) if p is not None]
+    mask = pareto.pareto_mask(np.array([p for p, _ in done]))
+    return [k for (_, k), keep in zip(done, mask) if keep]
+
+
+def _mean_cost(runs: list[Run], kind: str) -> str:
+    costs = [c for r in runs for c, k in zip(r.cost, r.kinds) if k == kind]
+    return f"{np.mean(costs):.3g}" if costs else "-"
+
+
+def seed_table(runs: list[Run], curves: dict[tuple[str, int], np.ndarray], budget: float
+               ) -> tuple[str, list[float]]:
+    """Per seed: each arm's HV at half and at the whole budget, and evolution / sampler."""
+    head = ("| seed | sampler HV at 50% / 100% | evolution HV at 50% / 100% | evolution / "
+            "sampler at 100% |")
+    lines = [head, "|---|---|---|---|"]
+    ratios = []
+    by = {(r.arm, r.seed): r for r in runs}
+    for seed in sorted({r.seed for r in runs}):
+        if ("sampler", seed) not in by or ("evolution", seed) not in by:
+            continue
+        hv = {arm: [hv_at(by[(arm, seed)], curves[(arm, seed)], f * budget) for f in (0.5, 1)]
+              for arm in ARMS}
+        ratio = hv["evolution"][1] / hv["sampler"][1] if hv["sampler"][1] else math.inf
+        ratios.append(ratio)
+        lines.append(f"| {seed} | {hv['sampler'][0]:.4g} / {hv['sampler'][1]:.4g} | "
+                     f"{hv['evolution'][0]:.4g} / {hv['evolution'][1]:.4g} | {ratio:.3f} |")
+    return "\n".join(lines), ratios
+
+
+def markdown(runs: list[Run], budget: float, args: argparse.Namespace, wall_s: float) -> str:
+    body, _ = tables(runs, budget)
+    device = next((r.device for r in runs if r.device), {})
+    return (f"`uv run python benchmarks/evolution.py --budget {budget:g} --seeds "
+            f"{' '.join(map(str, args.seeds))} --workers {args.workers}` "
+            f"({wall_s / 60:.1f} min wall).\n\n"
+            f"Device: {json.dumps(device, sort_keys=True)}\n\n{body}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", type=float, default=150.0, help="device-seconds per study")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--work", type=Path, default=Path("/tmp/diffnas-bench-evolution"))
+    p.add_argument("--out", type=Path, help="write the measured tables (markdown) here, and "
+                   "the curves next to it as .json")
+    args = p.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    BudgetedCoordinator.budget_s = args.budget
+    runner.Coordinator = BudgetedCoordinator  # type: ignore[misc]  # the budget, nothing else
+    start, runs = time.time(), []
+    for seed in args.seeds:  # interleaved, so that load drift on a shared machine hits both
+        for arm in ARMS:
+            runs.append(load_or_run(args.work, arm, seed, args.workers, args.budget))
+            r = runs[-1]
+            print(f"{arm} seed {seed}: {len(r.spent)} trials, {r.spent[-1]:.0f} device-s, "
+                  f"{r.wall_s:.0f} s wall", flush=True)
+    text = markdown(runs, args.budget, args, time.time() - start)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+        _, doc = tables(runs, args.budget)
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {**doc, "runs": [r.__dict__ for r in runs]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
