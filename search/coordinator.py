@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from engine.config import Config, ScheduleConfig
 from search import artifacts, evolution, pareto
 from search import study as st
-from search.hardware import LATENCY, PREDICTED_LATENCY, TARGET_DEVICE, Hardware
+from search.hardware import LATENCY, PREDICTED_LATENCY, STEP_BUDGET, TARGET_DEVICE, Hardware
 from search.pool import Death, Reports, Result, Worker, WorkerPool
 from search.progress import Progress, RunningTrial, Silent, Snapshot
 from search.pruning import Cost, Pruner, constraint_values, stage0_values, stage1_values
@@ -43,7 +43,6 @@ from workers.records import (
 )
 
 MAX_INVALID_IN_A_ROW = 200
-STEP_BUDGET = "step_budget"  # trial user attr: the schedule a latency target chose, and why
 
 
 class Phase(enum.Enum):

@@ -36,8 +36,8 @@ from search import study as st
 from search.space import Param, SearchSpace
 from workers.records import Parent
 
-PARENT = "parent"  # trial user attr: the number of the trial it mutates
-MUTATION = "mutation"  # trial user attr: what changed, e.g. "unet.base_width 8 -> 16"
+PARENT = st.PARENT
+MUTATION = st.MUTATION
 INHERITANCE = "inheritance"  # trial user attr: how its weights began (Measurement.start)
 WEIGHTS = "checkpoint/ema.safetensors"
 ATTEMPTS = 50

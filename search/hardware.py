@@ -30,6 +30,7 @@ from workers.records import WorkerSetup
 TARGET_DEVICE = "target_device"  # study user attr: the class whose latency is reported
 PREDICTED_LATENCY = "predicted_latency"  # trial user attr: the stage-0 prediction
 LATENCY = "latency"  # trial user attr: where the latency was measured, and its conversion
+STEP_BUDGET = "step_budget"  # trial user attr: the schedule a latency target chose, and why
 TABLE_DIR = "latency-tables"  # under the results folder (on each worker's own disk)
 MIN_CALIBRATION = 3
 

@@ -165,7 +165,13 @@ def trial_text(study: optuna.Study, label: int | str) -> str:
         lines.append("constraints (> 0 violates): " + ", ".join(
             f"{k} {v:+.3f}" for k, v in t.constraints.items()))
     lines.append("params: " + json.dumps(t.params, sort_keys=True))
-    for key in (st.COST, st.MEASUREMENT, st.QUALITY, st.TIMINGS, st.WORKER, st.DEVICE):
+    from search.evolution import INHERITANCE, MUTATION, PARENT
+    from search.hardware import LATENCY, PREDICTED_LATENCY, STEP_BUDGET
+
+    if PARENT in a:
+        lines.append(f"mutation of trial {a[PARENT]}: {a.get(MUTATION, '?')}")
+    for key in (st.COST, PREDICTED_LATENCY, st.MEASUREMENT, STEP_BUDGET, LATENCY, INHERITANCE,
+                st.QUALITY, st.TIMINGS, st.WORKER, st.DEVICE):
         if key in a:
             lines.append(f"{key}: {json.dumps(a[key], sort_keys=True, default=str)}")
     for rung in a.get(st.RUNGS, []):

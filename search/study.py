@@ -41,6 +41,8 @@ NODE = "node"  # {"id", "host"} of the Ray node the completing attempt ran on
 TIMINGS = "timings"
 ARTIFACTS = "artifacts"
 FEASIBLE = "feasible"
+PARENT = "parent"  # a mutation proposal: the number of the trial it mutates
+MUTATION = "mutation"  # what the mutation changed, e.g. "unet.base_width 8 -> 16"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -197,7 +199,9 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
     trials = study.get_trials(deepcopy=False)
     already = any(t.user_attrs.get(REQUEUED_FROM) == trial.number for t in trials)
     if not already:
-        study.enqueue_trial(dict(trial.params), user_attrs={REQUEUED_FROM: trial.number})
+        carried = {k: trial.user_attrs[k] for k in (PARENT, MUTATION) if k in trial.user_attrs}
+        study.enqueue_trial(dict(trial.params), user_attrs={REQUEUED_FROM: trial.number,
+                                                            **carried})
     storage = study._storage
     storage.set_trial_user_attr(trial._trial_id, REASON, reason)
     storage.set_trial_user_attr(trial._trial_id, REQUEUED, True)

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from search import cli
 from search import study as st
-from search.coordinator import STEP_BUDGET
+from search.hardware import STEP_BUDGET
 from search.dataset import build_payload
 from search.runner import SearchOptions, run_search
 from search.space import load_space

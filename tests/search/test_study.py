@@ -111,3 +111,17 @@ def test_journal_file_storage(tmp_path, space):
     study.tell(study.ask(fixed_distributions=space.distributions()), [1.0, 2.0, 3.0])
     again = st.load_existing(st.open_storage(url, create=False), "j")
     assert st.finished_count(again) == 1
+
+
+def test_a_requeued_mutation_child_keeps_its_parent(storage, space):
+    study, _, _ = _open(storage, space)
+    parent = _ask_running(study, space, 1)[0]
+    study.tell(parent, [1.0, 2.0, 3.0])
+    study.enqueue_trial(dict(parent.params), user_attrs={st.PARENT: parent.number,
+                                                         st.MUTATION: "unet.base_width 8 -> 16"})
+    child = study.ask(fixed_distributions=space.distributions())
+    study, _, _ = _open(storage, None)  # the coordinator died while the child ran
+    assert st.recover_stale(study) == [child.number]
+    again = next(t for t in study.get_trials() if t.state == TrialState.WAITING)
+    assert again.user_attrs[st.PARENT] == parent.number
+    assert again.user_attrs[st.MUTATION] == "unet.base_width 8 -> 16"
