@@ -3,6 +3,7 @@
 
   uv run python benchmarks/pruning.py [--budget 150] [--seeds 0 1 2] [--workers 2]
       [--work /tmp/diffnas-bench-pruning] [--out benchmarks/pruning.md]
+      [--pruners none constraints mo-asha mo-asha-plain]
 
 Every (pruner, seed) is a fresh study of the same 8 px space (:data:`SPACE`) on an
 embedded Ray cluster, with the same sampler seed for the three pruners, and runs until
@@ -16,6 +17,14 @@ trial, in the order they finished, against one reference point shared by all stu
 
 Target (issue 4): mo-asha reaches >= 95% of none's final hypervolume with <= 50% of
 none's device-seconds.
+
+``mo-asha-plain`` (an ablation, not in the default list) is mo-asha without the
+one-rung-ahead rule: every dominated trial outside a rung's top 1/eta stops. A study's
+cache (``WORK/<pruner>-s<seed>-b<budget>.json``) is read back instead of run again, so
+a changed pruner is measured against the same ``none`` and ``constraints`` studies by
+deleting only its caches. The 1-minute load average before and after each study is
+recorded: latency is wall time, so a loaded machine makes candidates slower (and some
+of them infeasible) in that study only.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,11 +42,13 @@ from typing import Any
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
-from search import pareto, runner
+from search import pareto, pruning, runner
 from search import study as st
 from search.coordinator import Coordinator
+from search.mo_asha import MoAshaPruner
 
 PRUNERS = ("none", "constraints", "mo-asha")
+ABLATIONS = {"mo-asha-plain": lambda space: MoAshaPruner(space, one_rung_ahead=False)}
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 SPACE = """\
 # benchmarks/pruning.py: a smoke-sized space at 8 px where rungs matter (90 steps).
@@ -113,6 +125,7 @@ class Run:
     points: list[list[float] | None] = field(default_factory=list)  # feasible COMPLETE
     stages: dict[str, int] = field(default_factory=dict)
     device: dict[str, Any] = field(default_factory=dict)
+    load: list[float] = field(default_factory=list)  # 1-min load average, before and after
 
 
 def device_seconds(t: FrozenTrial) -> float:
@@ -172,11 +185,13 @@ def run_study(work: Path, space: Path, pruner: str, seed: int, workers: int, nam
     options = runner.SearchOptions(space=space, study=name, results=work,
                                    storage=st.default_storage(work), workers=workers,
                                    pruner=pruner, seed=seed)
-    start = time.time()
+    start, load = time.time(), os.getloadavg()[0]
     runner.run_search(options)
     wall = time.time() - start
     study = st.load_existing(st.open_storage(options.storage or "", create=False), name)
-    return summarise(pruner, seed, study.get_trials(), wall)
+    run = summarise(pruner, seed, study.get_trials(), wall)
+    run.load = [load, os.getloadavg()[0]]
+    return run
 
 
 def load_or_run(work: Path, space: Path, pruner: str, seed: int, workers: int, budget: float
@@ -209,7 +224,7 @@ def tables(runs: list[Run], budget: float) -> tuple[str, dict[str, Any]]:
             + " | ".join(f"HV at {f:.0%} of budget" for f in FRACTIONS) + " | final HV / none's |")
     where = f"Reference point (fid, latency_ms, peak_mem_mb): ({shown}); budget {budget:g} "
     lines = [where + "device-s per study.", "", head, "|---" * (4 + len(FRACTIONS)) + "|"]
-    for pruner in PRUNERS:
+    for pruner in dict.fromkeys([*PRUNERS, *(r.pruner for r in runs)]):
         mine = [r for r in runs if r.pruner == pruner]
         if not mine:
             continue
@@ -229,27 +244,47 @@ def tables(runs: list[Run], budget: float) -> tuple[str, dict[str, Any]]:
 
 def target_table(runs: list[Run], curves: dict[tuple[str, int], np.ndarray],
                  base: dict[int, Run]) -> tuple[str, dict[str, Any]]:
-    """Per seed: mo-asha's HV at half of none's device-seconds, and the share it needed."""
-    head = ("| seed | none: final HV, device-s | mo-asha HV at 50% of none's device-s (share of "
-            "none's final) | device-s mo-asha needed for 95% of none's final HV (share of "
-            "none's) |")
-    lines = [head, "|---|---|---|---|"]
+    """Per seed: mo-asha's HV at half of none's device-seconds, and the share it needed
+    (one table per mo-asha label; constraints' HV at half for context)."""
+    labels = [p for p in dict.fromkeys(r.pruner for r in runs) if p.startswith("mo-asha")]
+    texts: list[str] = []
+    doc: dict[str, Any] = {}
+    for label in labels:
+        text, numbers = _target(label, runs, curves, base)
+        texts.append(text)
+        doc.update(numbers if label == "mo-asha" else {label: numbers})
+    return "\n\n".join(texts), doc
+
+
+def _target(label: str, runs: list[Run], curves: dict[tuple[str, int], np.ndarray],
+            base: dict[int, Run]) -> tuple[str, dict[str, Any]]:
+    other = {r.seed: r for r in runs if r.pruner == "constraints"}
+    head = (f"| seed | none: final HV, device-s | {label} HV at 50% of none's device-s (share "
+            f"of none's final) | device-s {label} needed for 95% of none's final HV (share of "
+            f"none's) | constraints HV at 50% (share) | load none / {label} |")
+    lines = [f"**{label}**", "", head, "|---|---|---|---|---|---|"]
     shares, halves = [], []
-    for r in sorted((r for r in runs if r.pruner == "mo-asha" and r.seed in base),
+    for r in sorted((r for r in runs if r.pruner == label and r.seed in base),
                     key=lambda r: r.seed):
         none = base[r.seed]
         final, spent = float(curves[("none", r.seed)][-1]), none.spent[-1]
-        half = hv_at(r, curves[("mo-asha", r.seed)], 0.5 * spent) / final
-        need = seconds_to(r, curves[("mo-asha", r.seed)], 0.95 * final) / spent
+        half = hv_at(r, curves[(label, r.seed)], 0.5 * spent) / final
+        need = seconds_to(r, curves[(label, r.seed)], 0.95 * final) / spent
+        c = other.get(r.seed)
+        ctx = (f"{hv_at(c, curves[('constraints', r.seed)], 0.5 * spent) / final:.1%}"
+               if c else "-")
+        loads = " / ".join("-" if not x.load else "{:.1f}-{:.1f}".format(*x.load)
+                           for x in (none, r))
         shares.append(need)
         halves.append(half)
         lines.append(f"| {r.seed} | {final:.4g}, {spent:.0f} | {half:.1%} | "
-                     f"{'never' if math.isinf(need) else f'{need:.1%}'} |")
+                     f"{'never' if math.isinf(need) else f'{need:.1%}'} | {ctx} | {loads} |")
     met = bool(shares) and all(h >= 0.95 for h in halves)
     mean = f"{np.mean(halves):.1%}" if halves else "-"
-    verdict = (f"Target (>= 95% of none's final HV with <= 50% of its device-seconds): "
-               f"{'met' if met else 'missed'}; reached on {sum(h >= 0.95 for h in halves)} "
-               f"of {len(halves)} seeds (mean over seeds {mean}).")
+    verdict = (f"Target for {label} (>= 95% of none's final HV with <= 50% of its "
+               f"device-seconds): {'met' if met else 'missed'}; reached on "
+               f"{sum(h >= 0.95 for h in halves)} of {len(halves)} seeds (mean over seeds "
+               f"{mean}).")
     lines += ["", verdict]
     return "\n".join(lines), {"share_needed": shares, "hv_at_half": halves, "met": met}
 
@@ -259,7 +294,8 @@ def markdown(runs: list[Run], budget: float, args: argparse.Namespace, wall_s: f
     device = next((r.device for r in runs if r.device), {})
     return (f"# Pruners: hypervolume against device-seconds\n\n"
             f"`uv run python benchmarks/pruning.py --budget {budget:g} --seeds "
-            f"{' '.join(map(str, args.seeds))} --workers {args.workers}` "
+            f"{' '.join(map(str, args.seeds))} --workers {args.workers}"
+            f"{'' if args.pruners == list(PRUNERS) else ' --pruners ' + ' '.join(args.pruners)}` "
             f"({wall_s / 60:.1f} min wall).\n\n"
             f"Device: {json.dumps(device, sort_keys=True)}\n\n{body}\n")
 
@@ -271,15 +307,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("/tmp/diffnas-bench-pruning"))
     p.add_argument("--out", type=Path, help="write the markdown report here")
+    p.add_argument("--pruners", nargs="+", default=list(PRUNERS),
+                   choices=[*PRUNERS, *ABLATIONS], help="none must be among them")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     space = args.work / "space.toml"
     space.write_text(SPACE)
     BudgetedCoordinator.budget_s = args.budget
     runner.Coordinator = BudgetedCoordinator  # type: ignore[misc]  # the budget, nothing else
+    pruning.PRUNERS.update(ABLATIONS)  # this process only: the ablation is no CLI choice
     start, runs = time.time(), []
     for seed in args.seeds:  # interleaved, so that load drift on a shared machine hits all
-        for pruner in PRUNERS:
+        for pruner in args.pruners:
             runs.append(load_or_run(args.work, space, pruner, seed, args.workers, args.budget))
             print(f"{pruner} seed {seed}: {runs[-1].stages}, {runs[-1].spent[-1]:.0f} "
                   f"device-s, {runs[-1].wall_s:.0f} s wall", flush=True)
