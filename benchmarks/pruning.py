@@ -18,6 +18,12 @@ trial, in the order they finished, against one reference point shared by all stu
 Target (issue 4): mo-asha reaches >= 95% of none's final hypervolume with <= 50% of
 none's device-seconds.
 
+  uv run python benchmarks/pruning.py --diagnose WORK [WORK ...]
+
+reads the studies stored in those work folders instead (no training): how well the rung
+proxy ranks the final FID, and their completed trials replayed in random orders through
+the rung rules (:func:`replay`), with how many of the rung prunes were mistakes.
+
 ``mo-asha-plain`` (an ablation, not in the default list) is mo-asha without the
 one-rung-ahead rule: every dominated trial outside a rung's top 1/eta stops. A study's
 cache (``WORK/<pruner>-s<seed>-b<budget>.json``) is read back instead of run again, so
@@ -40,12 +46,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import pareto, pruning, runner
 from search import study as st
 from search.coordinator import Coordinator
 from search.mo_asha import MoAshaPruner
+from search.pruning import Cost
+from search.space import parse_space
+from workers.records import Measurement, RungReport
 
 PRUNERS = ("none", "constraints", "mo-asha")
 ABLATIONS = {"mo-asha-plain": lambda space: MoAshaPruner(space, one_rung_ahead=False)}
@@ -300,6 +310,123 @@ def markdown(runs: list[Run], budget: float, args: argparse.Namespace, wall_s: f
             f"Device: {json.dumps(device, sort_keys=True)}\n\n{body}\n")
 
 
+# -- diagnosis: the proxy against the final FID, and rung rules replayed -----------------
+
+
+def recorded(folders: list[Path]) -> list[dict[str, Any]]:
+    """Every COMPLETE trial with all its rungs, under the parameter limit (stage-0
+    feasible), from the studies stored in ``folders``."""
+    space = parse_space(SPACE)
+    limit = space.constraints.max_params or math.inf
+    rows = []
+    for folder in folders:
+        storage = st.open_storage(st.default_storage(folder), create=False)
+        for summary in optuna.get_all_study_summaries(storage):
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+                rungs = {int(r["step"]): r for r in t.user_attrs.get(st.RUNGS, [])}
+                if sorted(rungs) != list(space.rungs.steps(90)):
+                    continue
+                if t.user_attrs.get(st.COST, {}).get("params", 0) > limit:
+                    continue
+                m = t.user_attrs[st.MEASUREMENT]
+                rows.append({"study": summary.study_name, "values": list(t.values),
+                             "feasible": st.feasible(t), "cpu_s": device_seconds(t),
+                             "lr": t.params["train.learning_rate"],
+                             "steps": t.params["schedule.steps"],
+                             "proxy": {s: float(r["val_loss"]) for s, r in rungs.items()},
+                             "elapsed": {s: float(r["elapsed_s"]) for s, r in rungs.items()},
+                             "latency": float(m["latency_ms"]), "memory": float(m["sample_mb"])})
+    return rows
+
+
+def spearman(x: Any, y: Any) -> float:
+    rx, ry = (np.argsort(np.argsort(np.asarray(v, float))) for v in (x, y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def proxy_report(rows: list[dict[str, Any]]) -> str:
+    """Rank correlations: rung 10 against the end, and the proxy against the final FID."""
+    v10 = np.array([r["proxy"][10] for r in rows])
+    v90 = np.array([r["proxy"][90] for r in rows])
+    fid = np.array([r["values"][0] for r in rows])
+    good = v10 <= np.median(v10)
+    lr, steps = (np.array([r[k] for r in rows]) for k in ("lr", "steps"))
+    return (f"{len(rows)} complete trials: rho(val loss at 10, at 90) = {spearman(v10, v90):.2f}; "
+            f"rho(val loss at 10, FID) = {spearman(v10, fid):.2f}. The better half by val loss "
+            f"at 10 ({good.sum()}): rho(val loss, FID) = {spearman(v10[good], fid[good]):.2f}, "
+            f"rho(learning rate, FID) = {spearman(lr[good], fid[good]):.2f}, rho(sampling "
+            f"steps, FID) = {spearman(steps[good], fid[good]):.2f}.")
+
+
+def replay(rows: list[dict[str, Any]], make: Any, order: np.ndarray, budget: float,
+           reference: np.ndarray) -> tuple[float, int, int, float]:
+    """One random order of recorded trials through a pruner (``make()``; None: no rung
+    pruning), one after the other, until ``budget`` device-seconds are spent. A trial over
+    the latency limit stops at stage 1 (0.5 device-s); one pruned at step s costs 0.55 +
+    cpu_s * elapsed(s) / elapsed(90). Returns the hypervolume of the completed feasible
+    points, the rung prunes, those whose final point would have raised that hypervolume,
+    and by how much together."""
+    space = parse_space(SPACE)
+    limit = space.constraints.max_latency_ms or math.inf
+    pruner = make() if make else None
+    spent, points, pruned = 0.0, [], []
+    for k, i in enumerate(order):
+        if spent >= budget:
+            break
+        r = rows[int(i)]
+        if r["latency"] > limit:
+            spent += 0.5
+            continue
+        stop = None
+        if pruner is not None:
+            m = Measurement(r["latency"], 0.0, (r["latency"],), train_mb=r["memory"],
+                            sample_mb=r["memory"], seconds=0.0)
+            pruner.prescreen(k, Cost(1, 1, 90))
+            pruner.on_measured(k, m)
+            for step in sorted(r["proxy"]):
+                rung = RungReport(step, r["proxy"][step], r["proxy"][step], r["elapsed"][step])
+                if not pruner.on_rung(k, rung, m).proceed:
+                    stop = step
+                    break
+        if stop is None:
+            spent += r["cpu_s"]
+            if r["feasible"]:
+                points.append(r["values"])
+        else:
+            spent += min(r["cpu_s"], 0.55 + r["cpu_s"] * r["elapsed"][stop] / r["elapsed"][90])
+            pruned.append(r)
+    hv = pareto.hypervolume(np.array(points), reference.tolist()) if points else 0.0
+    gains = [pareto.hypervolume(np.array([*points, r["values"]]), reference.tolist()) - hv
+             for r in pruned if r["feasible"]]
+    return hv, len(pruned), sum(g > 1e-9 for g in gains), float(sum(gains))
+
+
+def diagnose(folders: list[Path], orders: int = 200, seed: int = 0) -> str:
+    rows = recorded(folders)
+    space = parse_space(SPACE)
+    reference = pareto.default_reference(np.array([r["values"] for r in rows if r["feasible"]]))
+    rules = {"constraints (no rung pruning)": None,
+             "mo-asha-plain": lambda: MoAshaPruner(space, one_rung_ahead=False),
+             "mo-asha": lambda: MoAshaPruner(space)}
+    rng = np.random.default_rng(seed)
+    shuffled = [rng.permutation(len(rows)) for _ in range(orders)]
+    shown = ", ".join(f"{v:.4g}" for v in reference)
+    head = ("| rule | HV at 30 / 60 / 120 device-s | rung prunes per order at 60 s | "
+            "of which raised the HV had they completed | HV they would have added |")
+    lines = [proxy_report(rows), "",
+             f"Replay: {orders} random orders of these trials, reference ({shown}).", "",
+             head, "|---|---|---|---|---|"]
+    for name, make in rules.items():
+        hv = [[replay(rows, make, o, b, reference)[0] for o in shuffled] for b in (30, 120)]
+        at60 = np.array([replay(rows, make, o, 60, reference) for o in shuffled])
+        lines.append(f"| {name} | {np.mean(hv[0]):.1f} / {at60[:, 0].mean():.1f} / "
+                     f"{np.mean(hv[1]):.1f} | {at60[:, 1].mean():.1f} | "
+                     f"{at60[:, 2].sum() / max(at60[:, 1].sum(), 1):.0%} | "
+                     f"{at60[:, 3].mean():.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=150.0, help="device-seconds per study")
@@ -309,7 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the markdown report here")
     p.add_argument("--pruners", nargs="+", default=list(PRUNERS),
                    choices=[*PRUNERS, *ABLATIONS], help="none must be among them")
+    p.add_argument("--diagnose", type=Path, nargs="+", metavar="WORK",
+                   help="only analyse the studies stored in these work folders")
     args = p.parse_args(argv)
+    if args.diagnose:
+        print(diagnose(args.diagnose))
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     space = args.work / "space.toml"
     space.write_text(SPACE)
