@@ -103,7 +103,10 @@ def connect(address: str | None, workers: int | None) -> bool:
             raise ValueError(f"cannot join the Ray cluster at {address}: {err}") from None
         return True
     n = workers or local_worker_count()
-    ray.init(num_cpus=max(n, os.cpu_count() or 1), resources={RESOURCE: n}, **kwargs)
+    # address="local": always a new embedded cluster, even when another Ray instance runs
+    # on this machine (or RAY_ADDRESS points at one); without --address we never join one.
+    ray.init(address="local", num_cpus=max(n, os.cpu_count() or 1), resources={RESOURCE: n},
+             **kwargs)
     return True
 
 
