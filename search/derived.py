@@ -20,7 +20,9 @@ space's ``fid_samples`` with its seed against the same dataset and feature netwo
 peak sampling memory at batch 1, and batch-1 sampling latency. The latency is measured
 here, side by side with the source model, and reported as the source trial's recorded
 latency times that ratio, so that a point measured on this machine stays comparable
-with trials measured on the workers; both raw timings are kept with the point.
+with trials measured on the workers; peak sampling memory likewise, as the source's
+recorded peak plus the difference of the two peaks measured here. The raw numbers are
+kept with the point.
 """
 
 from __future__ import annotations
@@ -150,12 +152,19 @@ def measure(model: Any, config: Any, src: Source, dataset: Any, cache_dir: Path)
     source_config, source_model = load_model(src.folder)
     here, source_here = side_by_side(model, config, source_model, source_config, ev.latency_runs)
     latency = src.latency_ms * here / source_here
-    sample_mb = sampling_peak_mb(model, config, 1)
-    train_mb = src.trial.user_attrs.get(st.MEASUREMENT, {}).get("train_mb", sample_mb)
+    # Peak memory counts every live array, and this process holds more than a trial's does
+    # (both models, the feature network): the difference of the two peaks, measured here
+    # side by side, is added to the source's recorded peak.
+    mb_here = sampling_peak_mb(model, config, 1)
+    source_mb_here = sampling_peak_mb(source_model, source_config, 1)
+    recorded = src.trial.user_attrs.get(st.MEASUREMENT, {})
+    sample_mb = max(recorded.get("sample_mb", source_mb_here) + mb_here - source_mb_here, 0.0)
+    train_mb = recorded.get("train_mb", sample_mb)
     memory = {"sample": sample_mb, "train": train_mb, "max": max(sample_mb, train_mb)}[ev.memory]
     measurement = {"latency_ms": latency, "latency_here_ms": here,
                    "source_latency_here_ms": source_here, "latency_ratio": here / source_here,
                    "source_latency_ms": src.latency_ms, "sample_mb": sample_mb,
+                   "sample_mb_here": mb_here, "source_sample_mb_here": source_mb_here,
                    "train_mb": train_mb}
     return Point((float(quality["fid"]), float(latency), float(memory)), quality, measurement,
                  device_fingerprint(), fake[: ev.grid_images])

@@ -87,6 +87,9 @@ def test_distill_records_a_point_on_the_front(searched, tmp_path):
     assert point.values[0] == pytest.approx(point.user_attrs[st.QUALITY]["fid"])
     m = point.user_attrs[st.MEASUREMENT]
     assert point.values[1] == pytest.approx(m["source_latency_ms"] * m["latency_ratio"])
+    source_mb = dv.source(study, "0").trial.user_attrs[st.MEASUREMENT]["sample_mb"]
+    assert point.values[2] == pytest.approx(
+        source_mb + m["sample_mb_here"] - m["source_sample_mb_here"])
     # the search study itself is untouched: its sampler never sees the derived point
     assert [(t.number, t.state) for t in _study(storage).get_trials()] == before
     front = report.front(_study(storage))
