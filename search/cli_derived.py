@@ -157,7 +157,8 @@ def compress_trial(src: dv.Source, max_fid_increase: float, results: Path,
         folder = save_compressed(Path(work) / "model", config, result.recipe, compressed)
         point = dv.measure(compressed, config, src, dataset, cache)
         kept = [r for r in result.rows if r.kept and r.method != "baseline"]
-        detail = {"what": "compressed " + " + ".join(f"{r.method} {r.level}" for r in kept),
+        recipe = " + ".join(f"{step['method']} {step['level']}" for step in result.recipe)
+        detail = {"what": f"compressed: {recipe}",
                   "max_fid_increase": max_fid_increase, "size_mb": kept[-1].size_mb,
                   "baseline_size_mb": result.rows[0].size_mb, **result.to_dict()}
         label = dv.record(src, "compress", config, point, folder, detail, results)
