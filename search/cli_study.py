@@ -85,8 +85,12 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from search.artifacts import export_trial
+    from search.derived import companion, source
 
-    out = export_trial(_open(args), args.trial, args.out)
+    study = _open(args)
+    src = source(study, str(args.trial))  # a trial (3) or a derived point (d0)
+    holder = companion(study) if src.label.startswith("d") else study
+    out = export_trial(holder, src.trial.number, args.out)
     print(f"exported trial {args.trial} to {out} (sample with: diffnas sample {out})")
     return 0
 
@@ -161,7 +165,7 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("export", help="copy a trial's weights, config and samples")
     p.add_argument("study")
-    p.add_argument("trial", type=int)
+    p.add_argument("trial", help="trial number (3), or a derived point (d0)")
     p.add_argument("--out", type=Path, required=True)
     _storage_args(p)
     p.set_defaults(func=_cmd_export)

@@ -145,6 +145,10 @@ def test_cli_failed_gate_records_nothing_and_bad_input_is_one_line(searched):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], proc.stderr
     assert all(t.state == TrialState.COMPLETE for t in _study(storage).get_trials())
+    proc = _cli("export", "tiny", "d0", "--out", results / "d0", "--results", results)
+    assert proc.returncode == 0, proc.stderr
+    config, _ = load_model(results / "d0")
+    assert config.schedule.steps == 2  # d0 is the 2-step student
 
 
 def test_distill_front_takes_the_lowest_fid_front_trials(searched):
