@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from budgeted import device_seconds, hv_at, hv_curve, install, mean_spread
 from optuna.trial import FrozenTrial, TrialState
 
 from search import pareto, runner
 from search import study as st
-from search.coordinator import Coordinator
 from search.evolution import INHERITANCE, PARENT
 
 ARMS = {"sampler": "mutation_rate = 0.0",
@@ -83,23 +83,6 @@ eval_every = 30
 """
 
 
-class BudgetedCoordinator(Coordinator):
-    """Stops asking for trials once the finished ones have spent ``budget_s`` device-seconds."""
-
-    budget_s = math.inf
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.spent_s = 0.0
-
-    def _record(self, run: Any, outcome: Any) -> None:
-        super()._record(run, outcome)
-        self.spent_s += float(outcome.timings.get("cpu_s", 0.0))
-
-    def _may_ask(self) -> bool:
-        return self.spent_s < self.budget_s and super()._may_ask()
-
-
 @dataclass
 class Run:
     """One finished study, reduced to what the tables need."""
@@ -125,7 +108,7 @@ def summarise(arm: str, seed: int, trials: list[FrozenTrial], wall_s: float) -> 
                   key=lambda t: (t.datetime_complete, t.number))
     run, total = Run(arm, seed, wall_s), 0.0
     for t in done:
-        cost = float(t.user_attrs.get(st.TIMINGS, {}).get("cpu_s", 0.0))
+        cost = device_seconds(t)
         total += cost
         run.spent.append(total)
         run.cost.append(cost)
@@ -136,20 +119,6 @@ def summarise(arm: str, seed: int, trials: list[FrozenTrial], wall_s: float) -> 
     return run
 
 
-def hv_curve(run: Run, reference: np.ndarray) -> np.ndarray:
-    """Hypervolume after each finished trial."""
-    out, seen = [], []
-    for p in run.points:
-        if p is not None:
-            seen.append(p)
-        out.append(pareto.hypervolume(np.array(seen), reference.tolist()) if seen else 0.0)
-    return np.array(out)
-
-
-def hv_at(run: Run, curve: np.ndarray, spent: float) -> float:
-    """The hypervolume once ``spent`` device-seconds were used (the last trial within it)."""
-    inside = np.flatnonzero(np.array(run.spent) <= spent + 1e-9)
-    return float(curve[inside[-1]]) if len(inside) else 0.0
 
 
 def load_or_run(work: Path, arm: str, seed: int, workers: int, budget: float) -> Run:
@@ -174,10 +143,6 @@ def load_or_run(work: Path, arm: str, seed: int, workers: int, budget: float) ->
 # -- the report --------------------------------------------------------------------------
 
 
-def _ms(values: list[float]) -> str:
-    v = np.array(values, float)
-    return f"{v.mean():.4g} ± {v.std():.2g}" if len(v) > 1 else f"{v.mean():.4g}"
-
 
 def tables(runs: list[Run], budget: float) -> tuple[str, dict[str, Any]]:
     reference = pareto.default_reference(np.array([p for r in runs for p in r.points if p]))
@@ -193,15 +158,15 @@ def tables(runs: list[Run], budget: float) -> tuple[str, dict[str, Any]]:
         mine = [r for r in runs if r.arm == arm]
         if not mine:
             continue
-        counts = " / ".join(_ms([r.kinds.count(k) for r in mine])
+        counts = " / ".join(mean_spread([r.kinds.count(k) for r in mine])
                             for k in ("sampled", "inherited", "fresh"))
         cost = " / ".join(_mean_cost(mine, k) for k in ("sampled", "inherited"))
-        front = " / ".join(_ms([front_kinds(r).count(k) for r in mine])
+        front = " / ".join(mean_spread([front_kinds(r).count(k) for r in mine])
                            for k in ("sampled", "inherited"))
-        at = [_ms([hv_at(r, curves[(arm, r.seed)], f * budget) for r in mine])
+        at = [mean_spread([hv_at(r, curves[(arm, r.seed)], f * budget) for r in mine])
               for f in FRACTIONS]
         lines.append(f"| {arm} ({len(mine)} seeds) | {counts} | {cost} | {front} | "
-                     f"{_ms([r.spent[-1] for r in mine])} | {' | '.join(at)} |")
+                     f"{mean_spread([r.spent[-1] for r in mine])} | {' | '.join(at)} |")
     per_seed, ratios = seed_table(runs, curves, budget)
     doc = {"reference": reference.tolist(), "final_ratio": ratios}
     return "\n".join(lines) + "\n\n" + per_seed, doc
@@ -258,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                    "the curves next to it as .json")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    BudgetedCoordinator.budget_s = args.budget
-    runner.Coordinator = BudgetedCoordinator  # type: ignore[misc]  # the budget, nothing else
+    install(args.budget)
     start, runs = time.time(), []
     for seed in args.seeds:  # interleaved, so that load drift on a shared machine hits both
         for arm in ARMS:

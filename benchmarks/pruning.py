@@ -47,11 +47,11 @@ from typing import Any
 
 import numpy as np
 import optuna
+from budgeted import device_seconds, hv_at, hv_curve, install, mean_spread
 from optuna.trial import FrozenTrial, TrialState
 
 from search import pareto, pruning, runner
 from search import study as st
-from search.coordinator import Coordinator
 from search.mo_asha import MoAshaPruner
 from search.pruning import Cost
 from search.space import parse_space
@@ -107,23 +107,6 @@ eval_every = 10
 """
 
 
-class BudgetedCoordinator(Coordinator):
-    """Stops asking for trials once the finished ones have spent ``budget_s`` device-seconds."""
-
-    budget_s = math.inf
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.spent_s = 0.0
-
-    def _record(self, run: Any, outcome: Any) -> None:
-        super()._record(run, outcome)
-        self.spent_s += float(outcome.timings.get("cpu_s", 0.0))
-
-    def _may_ask(self) -> bool:
-        return self.spent_s < self.budget_s and super()._may_ask()
-
-
 @dataclass
 class Run:
     """One finished study, reduced to what the table needs."""
@@ -137,9 +120,6 @@ class Run:
     device: dict[str, Any] = field(default_factory=dict)
     load: list[float] = field(default_factory=list)  # 1-min load average, before and after
 
-
-def device_seconds(t: FrozenTrial) -> float:
-    return float(t.user_attrs.get(st.TIMINGS, {}).get("cpu_s", 0.0))
 
 
 def stage_of(t: FrozenTrial) -> str:
@@ -168,20 +148,6 @@ def summarise(pruner: str, seed: int, trials: list[FrozenTrial], wall_s: float) 
     return run
 
 
-def hv_curve(run: Run, reference: np.ndarray) -> np.ndarray:
-    """Hypervolume after each finished trial."""
-    out, seen = [], []
-    for p in run.points:
-        if p is not None:
-            seen.append(p)
-        out.append(pareto.hypervolume(np.array(seen), reference.tolist()) if seen else 0.0)
-    return np.array(out)
-
-
-def hv_at(run: Run, curve: np.ndarray, spent: float) -> float:
-    """The hypervolume once ``spent`` device-seconds were used (the last trial within it)."""
-    inside = np.flatnonzero(np.array(run.spent) <= spent + 1e-9)
-    return float(curve[inside[-1]]) if len(inside) else 0.0
 
 
 def seconds_to(run: Run, curve: np.ndarray, level: float) -> float:
@@ -219,10 +185,6 @@ def load_or_run(work: Path, space: Path, pruner: str, seed: int, workers: int, b
 # -- the report --------------------------------------------------------------------------
 
 
-def _ms(values: list[float]) -> str:
-    v = np.array(values, float)
-    return f"{v.mean():.4g} ± {v.std():.2g}" if len(v) > 1 else f"{v.mean():.4g}"
-
 
 def tables(runs: list[Run], budget: float) -> tuple[str, dict[str, Any]]:
     feasible = [p for r in runs for p in r.points if p is not None]
@@ -238,16 +200,16 @@ def tables(runs: list[Run], budget: float) -> tuple[str, dict[str, Any]]:
         mine = [r for r in runs if r.pruner == pruner]
         if not mine:
             continue
-        counts = " / ".join(_ms([r.stages.get(k, 0) for r in mine])
+        counts = " / ".join(mean_spread([r.stages.get(k, 0) for r in mine])
                             for k in ("complete", "stage0", "stage1", "rung"))
         failed = sum(r.stages.get("failed", 0) for r in mine)
-        at = [_ms([hv_at(r, curves[(pruner, r.seed)], f * budget) for r in mine])
+        at = [mean_spread([hv_at(r, curves[(pruner, r.seed)], f * budget) for r in mine])
               for f in FRACTIONS]
         ratio = [curves[(pruner, r.seed)][-1] / curves[("none", r.seed)][-1] for r in mine
                  if r.seed in base and curves[("none", r.seed)][-1] > 0]
         lines.append(f"| {pruner} ({len(mine)} seeds) | {counts} ({failed}) | "
-                     f"{_ms([r.spent[-1] for r in mine])} | {' | '.join(at)} | "
-                     f"{_ms(ratio) if ratio else '-'} |")
+                     f"{mean_spread([r.spent[-1] for r in mine])} | {' | '.join(at)} | "
+                     f"{mean_spread(ratio) if ratio else '-'} |")
     target, doc = target_table(runs, curves, base)
     return "\n".join(lines) + "\n\n" + target, {"reference": reference.tolist(), **doc}
 
@@ -445,8 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     space = args.work / "space.toml"
     space.write_text(SPACE)
-    BudgetedCoordinator.budget_s = args.budget
-    runner.Coordinator = BudgetedCoordinator  # type: ignore[misc]  # the budget, nothing else
+    install(args.budget)
     pruning.PRUNERS.update(ABLATIONS)  # this process only: the ablation is no CLI choice
     start, runs = time.time(), []
     for seed in args.seeds:  # interleaved, so that load drift on a shared machine hits all

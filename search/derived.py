@@ -28,7 +28,6 @@ kept with the point.
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import study as st
+from search.artifacts import write_trial
 from search.pruning import constraint_values
 from search.space import SearchSpace
 from workers.records import OBJECTIVES
@@ -201,8 +201,6 @@ def record(src: Source, kind: str, config: Any, point: Point, model_folder: Path
     files = {f"model/{p.name}": p.read_bytes() for p in sorted(model_folder.iterdir())
              if p.is_file()}
     files["samples.png"] = grid_png(point.grid)
-    from search.artifacts import write_trial
-
     paths = write_trial(folder, files)
     cost = _cost(config)
     frozen = optuna.trial.create_trial(
@@ -230,11 +228,6 @@ def _cost(config: Any) -> dict[str, int]:
     from engine.cost import flops, param_count
 
     return {"params": param_count(config.unet), "flops": flops(config.unet)}
-
-
-def remove_files(folder: Path) -> None:
-    """Drop a work folder (distillation stages, compression levels) once recorded."""
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def summary(trial: FrozenTrial) -> str:
