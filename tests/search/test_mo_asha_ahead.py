@@ -7,11 +7,8 @@ import math
 import statistics
 
 import numpy as np
-import optuna
 import pytest
-from optuna.trial import TrialState, create_trial
 
-from search import study as st
 from search.mo_asha import MoAshaPruner, ahead, judge, rank_order, rung_gain, survivors
 from search.pruning import Cost, make_pruner
 from search.space import load_space, parse_space
@@ -154,19 +151,7 @@ def test_pruner_with_a_maximised_proxy_moves_it_up():
     assert not _arrive(pruner, 3, {10: 0.40}, 9.0, 0.9).proceed  # 0.40 * 1.2 < 0.60
 
 
-def _stored(events):
-    study = optuna.create_study(directions=["minimize"] * 3)
-    for latency, memory, proxies in events:
-        m = {"latency_ms": latency, "train_mb": memory, "sample_mb": memory, "samples_ms": [],
-             "decision": "continue", "reason": ""}
-        rungs = [{"step": s, "val_loss": v, "train_loss": v, "elapsed_s": 1.0, "attempt": 0,
-                  "decision": "continue", "reason": ""} for s, v in proxies.items()]
-        study.add_trial(create_trial(state=TrialState.PRUNED,
-                                     user_attrs={st.MEASUREMENT: m, st.RUNGS: rungs}))
-    return study.get_trials()
-
-
-def test_a_restored_pruner_has_the_same_gain_and_answers():
+def test_a_restored_pruner_has_the_same_gain_and_answers(stored_trials):
     rng = np.random.default_rng(9)
     live, events = make_pruner("mo-asha", _space()), []
     for number in range(15):
@@ -177,7 +162,7 @@ def test_a_restored_pruner_has_the_same_gain_and_answers():
         reported = {s: v for s, v in proxies.items() if number in live.proxies.get(s, {})}
         events.append((latency, memory, reported))  # what a pruned trial stored
     restored = make_pruner("mo-asha", _space())
-    restored.restore(_stored(events))
+    restored.restore(stored_trials([(l, m, p.items()) for l, m, p in events]))
     assert restored.gain(10) == live.gain(10) < 1.0
     answers = []
     for p in (live, restored):

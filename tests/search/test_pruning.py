@@ -7,11 +7,8 @@ import itertools
 import math
 
 import numpy as np
-import optuna
 import pytest
-from optuna.trial import TrialState, create_trial
 
-from search import study as st
 from search.cli_study import register
 from search.mo_asha import MoAshaPruner, judge, keep_count, rank_order, survivors
 from search.pruning import PRUNERS, ConstraintPruner, Cost, constraint_values, make_pruner
@@ -272,20 +269,7 @@ def test_registry_and_bad_spaces():
         make_pruner("mo-asha", _space(rungs="min_steps = 0\neta = 3"))
 
 
-def _stored(pruner_events):
-    """The same reports as the coordinator stores them: ``measurement`` and ``rungs``."""
-    study = optuna.create_study(directions=["minimize"] * 3)
-    for latency, memory, proxies in pruner_events:
-        m = {"latency_ms": latency, "train_mb": memory, "sample_mb": memory, "samples_ms": [],
-             "decision": "continue", "reason": ""}
-        rungs = [{"step": s, "val_loss": v, "train_loss": v, "elapsed_s": 1.0, "attempt": 0,
-                  "decision": "continue", "reason": ""} for s, v in proxies]
-        study.add_trial(create_trial(state=TrialState.PRUNED,
-                                     user_attrs={st.MEASUREMENT: m, st.RUNGS: rungs}))
-    return study.get_trials()
-
-
-def test_a_restored_history_ranks_exactly_like_the_live_one():
+def test_a_restored_history_ranks_exactly_like_the_live_one(stored_trials):
     rng = np.random.default_rng(3)
     live = make_pruner("mo-asha", _space())
     events = []
@@ -295,7 +279,7 @@ def test_a_restored_history_ranks_exactly_like_the_live_one():
         _arrive(live, number, proxy, latency, memory, steps=steps)
         events.append((latency, memory, [(s, proxy) for s in steps]))
     restored = make_pruner("mo-asha", _space())
-    restored.restore(_stored(events))
+    restored.restore(stored_trials(events))
     for step in (10, 30):
         assert restored.table(step)[0] == live.table(step)[0]
         np.testing.assert_array_equal(restored.table(step)[1], live.table(step)[1])
