@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
-"""Mutation proposals with weight inheritance, on or off: hypervolume against device-seconds.
+"""Mutation proposals with weight inheritance, and adaptation during training, on or off:
+hypervolume against device-seconds.
 
   uv run python benchmarks/evolution.py [--budget 150] [--seeds 0 1 2] [--workers 2]
-      [--work /tmp/diffnas-bench-evolution] [--out benchmarks/evolution.md]
+      [--arms sampler evolution adapt] [--work /tmp/diffnas-bench-evolution]
+      [--out benchmarks/evolution.md]
 
-Two arms share the space :data:`SPACE` and the sampler seeds; only ``[study]`` differs:
+The arms share the space :data:`SPACE` and the sampler seeds; only ``[study]`` and
+``[adapt]`` differ:
 
 - ``sampler``: ``mutation_rate = 0``, every candidate comes from TPE and trains from scratch;
 - ``evolution``: ``mutation_rate = 0.25``: a quarter of the candidates mutate a trial of
   the current Pareto front (search.evolution), start from its weights morphed to the new
-  architecture (engine.morph.inherit) and train for ``inherit_budget = 0.5`` of the steps.
+  architecture (engine.morph.inherit) and train for ``inherit_budget = 0.5`` of the steps;
+- ``adapt``: every candidate from TPE, but a trial whose validation loss fell by less than
+  5% from the previous rung and is above the median of the study's trials there grows
+  (search.adapt) into a new trial that continues from its weights for the steps it had left.
 
 Every (arm, seed) is a fresh study on an embedded Ray cluster that runs until its finished
 trials have spent ``--budget`` device-seconds (a trial's ``timings.cpu_s``, the CPU time of
@@ -35,10 +41,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search import pareto, runner
 from search import study as st
+from search.adapt import ADAPTATION
 from search.evolution import INHERITANCE, PARENT
 
-ARMS = {"sampler": "mutation_rate = 0.0",
-        "evolution": "mutation_rate = 0.25\ninherit_budget = 0.5"}
+ARMS = {"sampler": ("mutation_rate = 0.0", ""),
+        "evolution": ("mutation_rate = 0.25\ninherit_budget = 0.5", ""),
+        "adapt": ("mutation_rate = 0.0", "grow = true\nplateau = 0.05\npatience = 1")}
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 SPACE = """\
 # benchmarks/evolution.py: 8 px, architectures whose neighbours engine.morph can reach.
@@ -47,6 +55,13 @@ trials = 100000        # the device-second budget ends each study
 sampler = "tpe"
 startup_trials = 8
 {arm}
+
+[adapt]
+{adapt}
+
+[rungs]                # at validation points (no extra work); nothing is pruned
+min_steps = 30
+eta = 2
 
 [data]
 dataset = "digits"
@@ -92,7 +107,7 @@ class Run:
     wall_s: float
     spent: list[float] = field(default_factory=list)  # cumulative device-s, finish order
     points: list[list[float] | None] = field(default_factory=list)  # feasible COMPLETE
-    kinds: list[str] = field(default_factory=list)  # sampled | inherited | fresh child
+    kinds: list[str] = field(default_factory=list)  # sampled | inherited | fresh | adapted
     cost: list[float] = field(default_factory=list)  # device-s of each trial
     device: dict[str, Any] = field(default_factory=dict)
 
@@ -100,6 +115,8 @@ class Run:
 def kind_of(t: FrozenTrial) -> str:
     if PARENT not in t.user_attrs:
         return "sampled"
+    if ADAPTATION in t.user_attrs:
+        return "adapted"
     return t.user_attrs.get(INHERITANCE, {}).get("status", "fresh")
 
 
@@ -128,7 +145,8 @@ def load_or_run(work: Path, arm: str, seed: int, workers: int, budget: float) ->
     if cache.is_file():
         return Run(**json.loads(cache.read_text()))
     space = work / f"{arm}.toml"
-    space.write_text(SPACE.format(arm=ARMS[arm]))
+    study, adapt = ARMS[arm]
+    space.write_text(SPACE.format(arm=study, adapt=adapt))
     options = runner.SearchOptions(space=space, study=name, results=work,
                                    storage=st.default_storage(work), workers=workers,
                                    seed=seed)
@@ -148,8 +166,9 @@ def tables(runs: list[Run], budget: float) -> tuple[str, dict[str, Any]]:
     reference = pareto.default_reference(np.array([p for r in runs for p in r.points if p]))
     curves = {(r.arm, r.seed): hv_curve(r, reference) for r in runs}
     shown = ", ".join(f"{v:.4g}" for v in reference)
-    head = ("| arm | complete: sampled / inherited / fresh children | device-s per complete "
-            "trial: sampled / inherited | final front: sampled / inherited | device-s | "
+    head = ("| arm | complete: sampled / inherited / fresh children / adapted | device-s per "
+            "complete trial: sampled / inherited / adapted | final front: sampled / inherited "
+            "/ adapted | device-s | "
             + " | ".join(f"HV at {f:.0%} of budget" for f in FRACTIONS) + " |")
     where = (f"Reference point (fid, latency_ms, peak_mem_mb): ({shown}); budget {budget:g} "
              "device-s per study.")
@@ -159,10 +178,10 @@ def tables(runs: list[Run], budget: float) -> tuple[str, dict[str, Any]]:
         if not mine:
             continue
         counts = " / ".join(mean_spread([r.kinds.count(k) for r in mine])
-                            for k in ("sampled", "inherited", "fresh"))
-        cost = " / ".join(_mean_cost(mine, k) for k in ("sampled", "inherited"))
+                            for k in ("sampled", "inherited", "fresh", "adapted"))
+        cost = " / ".join(_mean_cost(mine, k) for k in ("sampled", "inherited", "adapted"))
         front = " / ".join(mean_spread([front_kinds(r).count(k) for r in mine])
-                           for k in ("sampled", "inherited"))
+                           for k in ("sampled", "inherited", "adapted"))
         at = [mean_spread([hv_at(r, curves[(arm, r.seed)], f * budget) for r in mine])
               for f in FRACTIONS]
         lines.append(f"| {arm} ({len(mine)} seeds) | {counts} | {cost} | {front} | "
@@ -185,22 +204,25 @@ def _mean_cost(runs: list[Run], kind: str) -> str:
 
 
 def seed_table(runs: list[Run], curves: dict[tuple[str, int], np.ndarray], budget: float
-               ) -> tuple[str, list[float]]:
-    """Per seed: each arm's HV at half and at the whole budget, and evolution / sampler."""
-    head = ("| seed | sampler HV at 50% / 100% | evolution HV at 50% / 100% | evolution / "
-            "sampler at 100% |")
-    lines = [head, "|---|---|---|---|"]
-    ratios = []
+               ) -> tuple[str, dict[str, list[float]]]:
+    """Per seed: each arm's HV at half and at the whole budget, and each arm / sampler."""
     by = {(r.arm, r.seed): r for r in runs}
+    arms = [a for a in ARMS if any(r.arm == a for r in runs)]
+    others = [a for a in arms if a != "sampler"]
+    head = ("| seed | " + " | ".join(f"{a} HV at 50% / 100%" for a in arms) + " | "
+            + " | ".join(f"{a} / sampler at 100%" for a in others) + " |")
+    lines = [head, "|---" * (1 + len(arms) + len(others)) + "|"]
+    ratios: dict[str, list[float]] = {a: [] for a in others}
     for seed in sorted({r.seed for r in runs}):
-        if ("sampler", seed) not in by or ("evolution", seed) not in by:
+        if any((a, seed) not in by for a in arms) or "sampler" not in arms:
             continue
-        hv = {arm: [hv_at(by[(arm, seed)], curves[(arm, seed)], f * budget) for f in (0.5, 1)]
-              for arm in ARMS}
-        ratio = hv["evolution"][1] / hv["sampler"][1] if hv["sampler"][1] else math.inf
-        ratios.append(ratio)
-        lines.append(f"| {seed} | {hv['sampler'][0]:.4g} / {hv['sampler'][1]:.4g} | "
-                     f"{hv['evolution'][0]:.4g} / {hv['evolution'][1]:.4g} | {ratio:.3f} |")
+        hv = {a: [hv_at(by[(a, seed)], curves[(a, seed)], f * budget) for f in (0.5, 1)]
+              for a in arms}
+        cells = [f"{hv[a][0]:.4g} / {hv[a][1]:.4g}" for a in arms]
+        for a in others:
+            ratios[a].append(hv[a][1] / hv["sampler"][1] if hv["sampler"][1] else math.inf)
+            cells.append(f"{ratios[a][-1]:.3f}")
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines), ratios
 
 
@@ -221,12 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/diffnas-bench-evolution"))
     p.add_argument("--out", type=Path, help="write the measured tables (markdown) here, and "
                    "the curves next to it as .json")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     install(args.budget)
     start, runs = time.time(), []
     for seed in args.seeds:  # interleaved, so that load drift on a shared machine hits both
-        for arm in ARMS:
+        for arm in args.arms:
             runs.append(load_or_run(args.work, arm, seed, args.workers, args.budget))
             r = runs[-1]
             print(f"{arm} seed {seed}: {len(r.spent)} trials, {r.spent[-1]:.0f} device-s, "

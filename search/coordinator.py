@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from engine.config import Config, ScheduleConfig
-from search import artifacts, evolution, pareto
+from search import adapt, artifacts, evolution, pareto
 from search import study as st
 from search.hardware import LATENCY, PREDICTED_LATENCY, STEP_BUDGET, TARGET_DEVICE, Hardware
 from search.pool import Death, Reports, Result, Worker, WorkerPool
@@ -75,10 +75,20 @@ class TrialRun:
     overhead_s: float = 0.0
     parent: int | None = None  # a mutation child that inherits this trial's weights
     latency: dict[str, Any] | None = None  # where the latency was measured, its conversion
+    adapting: Adapting | None = None  # stopped at a rung to continue as another trial
 
     @property
     def number(self) -> int:
         return self.trial.number
+
+
+@dataclass(frozen=True)
+class Adapting:
+    """A trial stopped at rung ``step`` to continue as ``choice`` (search.adapt)."""
+
+    trigger: adapt.Trigger
+    choice: adapt.Choice
+    step: int
 
 
 @dataclass
@@ -215,8 +225,9 @@ class Coordinator:
                 continue
             trial.set_user_attr(st.CONFIG, config.to_dict())
             parent = self._inheriting(trial, config)
-            steps = (evolution.inherit_steps(config.train.steps, self.space.study.inherit_budget)
-                     if parent is not None else config.train.steps)
+            steps = (adapt.steps_of(trial) or evolution.inherit_steps(
+                config.train.steps, self.space.study.inherit_budget)
+                if parent is not None else config.train.steps)
             cost = Cost(param_count(config.unet), flops(config.unet), steps,
                         *self._predicted(trial, config))
             run = TrialRun(trial, config, cost, parent=parent)
@@ -357,14 +368,39 @@ class Coordinator:
         elif event.kind is EventKind.RUNG:
             rung: RungReport = event.payload
             decision = self.pruner.on_rung(run.number, rung, run.measurement)
-            run.rungs.append({**asdict(rung), "attempt": run.attempt,
-                              "decision": "continue" if decision.proceed else "prune",
-                              "reason": decision.reason})
+            last = rung.step >= run.cost.train_steps
+            if decision.proceed and not last:
+                decision = self._adapt(run, rung) or decision
+            doc = {k: v for k, v in asdict(rung).items() if k != "val_history"}
+            run.rungs.append({**doc, "attempt": run.attempt,
+                              "decision": _rung_decision(decision), "reason": decision.reason})
             run.trial.set_user_attr(st.RUNGS, run.rungs)
-            last = rung.step >= run.config.train.steps
             run.phase = Phase.EVALUATING if last and decision.proceed else Phase.TRAINING
             self.pool.decide(worker, event.key, decision)
         run.overhead_s += time.perf_counter() - start
+
+    def _adapt(self, run: TrialRun, rung: RungReport) -> Decision | None:
+        """Stop the trial to grow or shrink it into a new trial, when ``[adapt]`` says so
+        and the space has such a neighbour (search.adapt)."""
+        settings = self.space.adapt
+        if not settings.enabled or run.measurement is None:
+            return None
+        history = rung.val_history or ((rung.step, rung.val_loss),)
+        trials = self.study.get_trials(deepcopy=False) if settings.grow else []
+        fired = adapt.trigger(settings, history, run.measurement.latency_ms,
+                              adapt.peers(trials, rung.step, run.number), adapt.depth(run.trial))
+        if fired is None:
+            return None
+        cost = self.hardware.predict if self.hardware is not None else None
+        choice = adapt.choose(fired.kind, self.space, dict(run.trial.params), self.channels,
+                              run.measurement.latency_ms, cost, settings.shrink_above_ms)
+        if choice is None:
+            self._say(f"trial {run.number}: {fired.reason}, but the space has no neighbour "
+                      f"to {fired.kind} into")
+            return None
+        run.adapting = Adapting(fired, choice, rung.step)
+        return Decision(False, f"{fired.kind}: {fired.reason}; continues as {choice.change}",
+                        keep_weights=True)
 
     def _in_target_terms(self, run: TrialRun, worker: Worker, m: Measurement) -> Measurement:
         """The measurement with its latency converted to the target device class; both
@@ -395,6 +431,8 @@ class Coordinator:
             self._retry_or_fail(run, outcome.reason)
         elif outcome.status is Outcome.COMPLETED:
             self._complete(run, outcome)
+        elif run.adapting is not None and outcome.status is Outcome.PRUNED:
+            self._continue_adapted(run, run.adapting, outcome)
         else:
             self._record(run, outcome)
             state = TrialState.PRUNED if outcome.status is Outcome.PRUNED else TrialState.FAIL
@@ -423,6 +461,7 @@ class Coordinator:
             return
         run.avoid.add(run.attempts[-1]["worker"])
         run.attempt += 1
+        run.adapting = None  # the next attempt is judged afresh
         run.phase = Phase.QUEUED
         self.queue.appendleft(run)
         self._say(f"trial {run.number} retried (attempt {run.attempt + 1}): {reason}")
@@ -436,13 +475,33 @@ class Coordinator:
             self._record(run, outcome)
             self._tell(run, TrialState.FAIL, f"non-finite objective values {values}")
             return
+        self._keep_artifacts(run, outcome)
+        self._record(run, outcome)
+        run.overhead_s += time.perf_counter() - start
+        self._tell(run, TrialState.COMPLETE, "", values, outcome.timings.get("total_s"))
+
+    def _continue_adapted(self, run: TrialRun, adapting: Adapting, outcome: TrialOutcome
+                          ) -> None:
+        """Keep the stopped trial's checkpoint, enqueue the trial it continues as (the next
+        ask runs it), then tell it PRUNED with the child's number."""
+        self._keep_artifacts(run, outcome)
+        reason = outcome.reason
+        if evolution.WEIGHTS in outcome.artifacts:
+            left = max(1, run.cost.train_steps - adapting.step)
+            child = adapt.enqueue(self.study, run.number, adapting.choice, adapting.trigger,
+                                  adapting.step, left, adapt.depth(run.trial))
+            run.trial.set_user_attr(adapt.ADAPTED_INTO, {
+                "trial": child, "trigger": adapting.trigger.kind,
+                **adapt.describe(adapting.choice)})
+            reason = f"{reason} (trial {child})"
+        self._record(run, outcome)
+        self._tell(run, TrialState.PRUNED, reason)
+
+    def _keep_artifacts(self, run: TrialRun, outcome: TrialOutcome) -> None:
         folder = artifacts.trial_dir(self.results, self.study.study_name, run.number)
         paths = artifacts.write_trial(folder, outcome.artifacts)
         run.trial.set_user_attr(st.ARTIFACTS, paths)
         run.trial.set_user_attr("artifact_ids", artifacts.register(run.trial, self.store, paths))
-        self._record(run, outcome)
-        run.overhead_s += time.perf_counter() - start
-        self._tell(run, TrialState.COMPLETE, "", values, outcome.timings.get("total_s"))
 
     def _record(self, run: TrialRun, outcome: TrialOutcome) -> None:
         """Everything but the state: device, timings, quality, and the constraint values."""
@@ -562,6 +621,12 @@ def _lineage(trial: optuna.Trial) -> dict[str, Any]:
     """A mutation child's parent and mutation, shown with its stage-0 record."""
     keys = (evolution.PARENT, evolution.MUTATION)
     return {k: trial.user_attrs[k] for k in keys if k in trial.user_attrs}
+
+
+def _rung_decision(decision: Decision) -> str:
+    if decision.proceed:
+        return "continue"
+    return "adapt" if decision.keep_weights else "prune"
 
 
 def _measurement_doc(m: Measurement, decision: Decision,

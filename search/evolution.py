@@ -66,7 +66,7 @@ def propose(space: SearchSpace, params: dict[str, Any], rng: np.random.Generator
     others = [p for p in searched if p not in unet]
     if unet and (not others or rng.random() < len(unet) / len(searched)):
         parent = space.decode(params, channels)
-        options = [m for m in (_onto_space(space, params, parent.unet, child, channels)
+        options = [m for m in (onto_space(space, params, parent.unet, child, channels)
                                for child in morph.neighbours(parent.unet, quantum=1,
                                                              max_width=10**6))
                    if m is not None]
@@ -76,7 +76,7 @@ def propose(space: SearchSpace, params: dict[str, Any], rng: np.random.Generator
     return _step_one(space, params, rng, channels, others)
 
 
-def _onto_space(space: SearchSpace, params: dict[str, Any], parent: UNetConfig,
+def onto_space(space: SearchSpace, params: dict[str, Any], parent: UNetConfig,
                 child: UNetConfig, channels: int) -> tuple[dict[str, Any], str] | None:
     """The parameters of ``child``, if every field it changes is searched and allowed."""
     searched = {p.name: p for p in space.params if p.searched}

@@ -165,11 +165,19 @@ def trial_text(study: optuna.Study, label: int | str) -> str:
         lines.append("constraints (> 0 violates): " + ", ".join(
             f"{k} {v:+.3f}" for k, v in t.constraints.items()))
     lines.append("params: " + json.dumps(t.params, sort_keys=True))
+    from search.adapt import ADAPTED_INTO
     from search.evolution import INHERITANCE, MUTATION, PARENT
     from search.hardware import LATENCY, PREDICTED_LATENCY, STEP_BUDGET
 
     if PARENT in a:
         lines.append(f"mutation of trial {a[PARENT]}: {a.get(MUTATION, '?')}")
+    if st.ADAPTATION in a:
+        d = a[st.ADAPTATION]
+        lines.append(f"adapted ({d['trigger']}) from trial {d['parent']} at its step "
+                     f"{d['at_step']}: {d['reason']}; trains its {d['steps']} steps left")
+    if ADAPTED_INTO in a:
+        d = a[ADAPTED_INTO]
+        lines.append(f"continued as trial {d['trial']} ({d['trigger']}: {d['change']})")
     for key in (st.COST, PREDICTED_LATENCY, st.MEASUREMENT, STEP_BUDGET, LATENCY, INHERITANCE,
                 st.QUALITY, st.TIMINGS, st.WORKER, st.DEVICE):
         if key in a:

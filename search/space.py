@@ -165,9 +165,48 @@ class Constraints:
                 if f.name.startswith("max_") and getattr(self, f.name) is not None}
 
 
+@dataclass(frozen=True)
+class AdaptSettings:
+    """Architecture adaptation during training (search.adapt), off unless switched on.
+
+    At a rung before the last, a running trial is stopped and continued as a new trial
+    whose architecture is one morphism away and whose weights are its own, morphed:
+
+    - ``shrink_above_ms``: its latency (target device) is over this: narrow, shallower or
+      without an attention level, the largest such neighbour that is predicted to fit;
+    - ``grow``: its validation loss improved by less than ``plateau`` (relative) over the
+      last ``patience`` validation points and is above ``target_loss`` (default: the
+      median validation loss of the study's trials at that step): wider, deeper or with
+      attention, the neighbour predicted to cost the least latency.
+
+    The new trial trains for the steps its parent had left. ``max_depth`` caps how many
+    adaptations one lineage makes.
+    """
+
+    grow: bool = False
+    plateau: float = 0.02
+    patience: int = 2
+    target_loss: float | None = None
+    shrink_above_ms: float | None = None
+    max_depth: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.plateau >= 0, "plateau", "must be >= 0")
+        _require(self.patience >= 1, "patience", "must be >= 1")
+        _require(self.target_loss is None or self.target_loss >= 0, "target_loss",
+                 "must be >= 0")
+        _require(self.shrink_above_ms is None or self.shrink_above_ms > 0, "shrink_above_ms",
+                 "must be > 0")
+        _require(self.max_depth >= 1, "max_depth", "must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.grow or self.shrink_above_ms is not None
+
+
 SETTINGS: dict[str, type] = {"study": StudySettings, "data": DataSettings,
                              "evaluate": EvalSettings, "rungs": RungSettings,
-                             "constraints": Constraints}
+                             "constraints": Constraints, "adapt": AdaptSettings}
 
 
 def _require(ok: bool, key: str, why: str) -> None:
@@ -265,6 +304,7 @@ class SearchSpace:
     evaluate: EvalSettings = field(default_factory=EvalSettings)
     rungs: RungSettings = field(default_factory=RungSettings)
     constraints: Constraints = field(default_factory=Constraints)
+    adapt: AdaptSettings = field(default_factory=AdaptSettings)
     params: tuple[Param, ...] = ()
 
     def distributions(self) -> dict[str, BaseDistribution]:

@@ -43,6 +43,7 @@ ARTIFACTS = "artifacts"
 FEASIBLE = "feasible"
 PARENT = "parent"  # a mutation proposal: the number of the trial it mutates
 MUTATION = "mutation"  # what the mutation changed, e.g. "unet.base_width 8 -> 16"
+ADAPTATION = "adaptation"  # a trial grown or shrunk from a running one (search.adapt)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -199,7 +200,8 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
     trials = study.get_trials(deepcopy=False)
     already = any(t.user_attrs.get(REQUEUED_FROM) == trial.number for t in trials)
     if not already:
-        carried = {k: trial.user_attrs[k] for k in (PARENT, MUTATION) if k in trial.user_attrs}
+        carried = {k: trial.user_attrs[k] for k in (PARENT, MUTATION, ADAPTATION)
+                   if k in trial.user_attrs}
         study.enqueue_trial(dict(trial.params), user_attrs={REQUEUED_FROM: trial.number,
                                                             **carried})
     storage = study._storage

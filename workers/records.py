@@ -122,6 +122,8 @@ class RungReport:
     val_loss: float
     train_loss: float
     elapsed_s: float
+    # Every validation point so far, ``(step, val_loss)``: what a plateau is judged on.
+    val_history: tuple[tuple[int, float], ...] = ()
 
 
 class EventKind(enum.Enum):
@@ -149,10 +151,15 @@ class Event:
 
 @dataclass(frozen=True)
 class Decision:
-    """The coordinator's answer to a report: continue, or stop with a reason (PRUNED)."""
+    """The coordinator's answer to a report: continue, or stop with a reason (PRUNED).
+
+    ``keep_weights``: a stopped trial sends its checkpoint back with the outcome, because a
+    new trial continues from its weights (a grown or shrunk architecture, search.adapt).
+    """
 
     proceed: bool = True
     reason: str = ""
+    keep_weights: bool = False
 
 
 class Outcome(enum.Enum):

@@ -160,7 +160,8 @@ def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Any, don
         decision = ask(EventKind.RUNG, done.rungs[-1])
         if not decision.proceed:
             done.timings["train_s"] = time.perf_counter() - train_start
-            return done.outcome(Outcome.PRUNED, decision.reason)
+            files = _checkpoint_files(state) if decision.keep_weights else {}
+            return done.outcome(Outcome.PRUNED, decision.reason, artifacts=files)
     done.timings["train_s"] = time.perf_counter() - train_start
     return _complete(state, config, data, request, done, started)
 
@@ -235,13 +236,15 @@ def _rung_report(state: Any, data: DataPayload, elapsed_s: float) -> RungReport:
     history holds an older point, or none) is evaluated here, on the same fixed batch."""
     from engine.train import validation_loss
 
+    history = tuple((p.step, p.val_loss) for p in state.history)
     point = state.history[-1] if state.history else None
     if point is not None and point.step == state.step:
-        return RungReport(point.step, point.val_loss, point.train_loss, elapsed_s)
+        return RungReport(point.step, point.val_loss, point.train_loss, elapsed_s, history)
     val_loss = validation_loss(state.ema_model(), state.config, data.val)
     pending = state.pending_losses
     train_loss = sum(pending) / len(pending) if pending else float("nan")
-    return RungReport(state.step, val_loss, train_loss, elapsed_s)
+    return RungReport(state.step, val_loss, train_loss, elapsed_s,
+                      (*history, (state.step, val_loss)))
 
 
 def _measure(model: Any, config: Any, runs: int,
@@ -345,14 +348,16 @@ def _metrics(request: TrialRequest, config: Any, values: dict[str, float],
 
 
 def _artifacts(state: Any, grid: bytes, metrics: dict[str, Any]) -> dict[str, bytes]:
+    return {"samples.png": grid, **_checkpoint_files(state)}
+
+
+def _checkpoint_files(state: Any) -> dict[str, bytes]:
+    """The training state's checkpoint as ``checkpoint/<file>`` bytes."""
     from engine.io import save_checkpoint
 
-    files = {"samples.png": grid}
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_checkpoint(state, Path(tmp) / "checkpoint")
-        for path in sorted(folder.iterdir()):
-            files[f"checkpoint/{path.name}"] = path.read_bytes()
-    return files
+        return {f"checkpoint/{path.name}": path.read_bytes() for path in sorted(folder.iterdir())}
 
 
 def _stop_if_orphaned(_: Any) -> None:

@@ -1,0 +1,92 @@
+"""Adaptation during a real search (Ray cluster, SQLite, MLX training on the digits): a
+trial over the latency budget shrinks, one on a plateau grows; each continues as a new
+trial that starts from its weights and trains the steps it had left."""
+
+import pytest
+from optuna.trial import TrialState
+
+from search import study as st
+from search.adapt import ADAPTATION, ADAPTED_INTO
+from search.evolution import INHERITANCE, MUTATION, PARENT, WEIGHTS
+from search.report import trial_text
+from search.runner import SearchOptions, run_search
+from search.space import load_space
+
+SPACE = """
+[data]
+image_size = 8
+
+[study]
+trials = 2
+startup_trials = 2
+
+[evaluate]
+fid_samples = 16
+grid_images = 4
+
+[rungs]
+min_steps = 10
+
+[adapt]
+{adapt}
+max_depth = 1
+
+[unet]
+base_width = {{ choice = [8, 16] }}
+width_mults = [1, 2]
+norm_groups = 4
+time_emb_dim = 32
+activation = "relu"
+
+[schedule]
+sampler = "ddim"
+steps = 2
+
+[train]
+steps = 30
+batch_size = 8
+learning_rate = 2e-3
+warmup_steps = 5
+eval_every = 5
+"""
+
+
+def _adapted_search(tmp_path, results, storage, name, adapt, base_width):
+    """Run a 2-trial search whose first trial has ``base_width``; returns the two trials."""
+    path = tmp_path / f"{name}.toml"
+    path.write_text(SPACE.format(adapt=adapt))
+    space = load_space(path)
+    study, _, _ = st.open_study(st.open_storage(storage, create=True), name, space)
+    study.enqueue_trial({"unet.base_width": base_width})
+    result = run_search(SearchOptions(space=path, study=name, results=results,
+                                      storage=storage, workers=1))
+    assert (result.complete, result.pruned, result.failed) == (1, 1, 0)
+    study = st.load_existing(st.open_storage(storage, create=False), name)
+    return study, study.trials
+
+
+@pytest.mark.parametrize(("adapt", "start", "end", "trigger"), [
+    ("shrink_above_ms = 0.001", 16, 8, "latency"),
+    ("grow = true\nplateau = 1.0\npatience = 1\ntarget_loss = 0.0", 8, 16, "plateaued")])
+def test_a_trial_adapts_into_a_new_trial_that_starts_from_its_weights(
+        ray_cluster, results, storage, tmp_path, adapt, start, end, trigger):
+    kind = "shrink" if start > end else "grow"
+    study, (parent, child) = _adapted_search(tmp_path, results, storage, kind, adapt, start)
+    assert parent.state == TrialState.PRUNED and child.state == TrialState.COMPLETE
+    assert parent.params["unet.base_width"] == start
+    assert child.params["unet.base_width"] == end
+    [rung] = parent.user_attrs[st.RUNGS]  # stopped at its first rung, checkpoint kept
+    assert (rung["step"], rung["decision"]) == (10, "adapt") and trigger in rung["reason"]
+    assert WEIGHTS in parent.user_attrs[st.ARTIFACTS]
+    assert parent.user_attrs[ADAPTED_INTO]["trial"] == child.number
+    assert child.user_attrs[PARENT] == parent.number
+    assert child.user_attrs[MUTATION] == f"{kind}: unet.base_width {start} -> {end}"
+    doc = child.user_attrs[ADAPTATION]
+    assert (doc["trigger"], doc["at_step"], doc["steps"], doc["depth"]) == (kind, 10, 20, 1)
+    assert child.user_attrs[INHERITANCE] == {"status": "inherited", "parent": parent.number,
+                                             "train_steps": 20}
+    assert [r["step"] for r in child.user_attrs[st.RUNGS]] == [10, 20]  # the steps left
+    assert all(r["decision"] == "continue" for r in child.user_attrs[st.RUNGS])  # max_depth
+    shown = trial_text(study, str(child.number))
+    assert f"adapted ({kind}) from trial {parent.number} at its step 10" in shown
+    assert f"continued as trial {child.number} ({kind}: " in trial_text(study, "0")
