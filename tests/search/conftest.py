@@ -25,3 +25,37 @@ def stored_trials():
         return study.get_trials()
 
     return make
+
+
+TINY = {"data": {"image_size": "8"}, "study": {"trials": "2", "startup_trials": "2"},
+        "evaluate": {"fid_samples": "16", "grid_images": "4"},
+        "unet": {"base_width": "8", "width_mults": "[1, 2]", "norm_groups": "4",
+                 "time_emb_dim": "32"},
+        "train": {"batch_size": "8"}}
+
+
+@pytest.fixture()
+def tiny_search(tmp_path, results, storage):
+    """``tiny_search(name, tables, *enqueued, **options)``: a one-worker search of a tiny
+    8 px space whose first trials have the ``enqueued`` params; ``tables`` adds to it
+    (``{"train": {"steps": "30"}}``, values as TOML text). Returns ``(SearchResult, study)``.
+    """
+    from search.runner import SearchOptions, run_search
+    from search.space import load_space
+
+    def run(name, tables, *enqueued, **options):
+        doc = {table: dict(body) for table, body in TINY.items()}
+        for table, body in tables.items():
+            doc.setdefault(table, {}).update(body)
+        path = tmp_path / f"{name}.toml"
+        path.write_text("\n".join(f"[{table}]\n" + "".join(f"{k} = {v}\n" for k, v in body.items())
+                                  for table, body in doc.items()))
+        study, _, _ = st.open_study(st.open_storage(storage, create=True), name,
+                                    load_space(path))
+        for params in enqueued:
+            study.enqueue_trial(params)
+        result = run_search(SearchOptions(space=path, study=name, results=results,
+                                          storage=storage, workers=1, **options))
+        return result, st.load_existing(st.open_storage(storage, create=False), name)
+
+    return run

@@ -9,69 +9,25 @@ from search import study as st
 from search.adapt import ADAPTATION, ADAPTED_INTO
 from search.evolution import INHERITANCE, MUTATION, PARENT, WEIGHTS
 from search.report import trial_text
-from search.runner import SearchOptions, run_search
-from search.space import load_space
 
-SPACE = """
-[data]
-image_size = 8
-
-[study]
-trials = 2
-startup_trials = 2
-
-[evaluate]
-fid_samples = 16
-grid_images = 4
-
-[rungs]
-min_steps = 10
-
-[adapt]
-{adapt}
-max_depth = 1
-
-[unet]
-base_width = {{ choice = [8, 16] }}
-width_mults = [1, 2]
-norm_groups = 4
-time_emb_dim = 32
-activation = "relu"
-
-[schedule]
-sampler = "ddim"
-steps = 2
-
-[train]
-steps = 30
-batch_size = 8
-learning_rate = 2e-3
-warmup_steps = 5
-eval_every = 5
-"""
-
-
-def _adapted_search(tmp_path, results, storage, name, adapt, base_width):
-    """Run a 2-trial search whose first trial has ``base_width``; returns the two trials."""
-    path = tmp_path / f"{name}.toml"
-    path.write_text(SPACE.format(adapt=adapt))
-    space = load_space(path)
-    study, _, _ = st.open_study(st.open_storage(storage, create=True), name, space)
-    study.enqueue_trial({"unet.base_width": base_width})
-    result = run_search(SearchOptions(space=path, study=name, results=results,
-                                      storage=storage, workers=1))
-    assert (result.complete, result.pruned, result.failed) == (1, 1, 0)
-    study = st.load_existing(st.open_storage(storage, create=False), name)
-    return study, study.trials
+TABLES = {"rungs": {"min_steps": "10"},
+          "unet": {"base_width": "{ choice = [8, 16] }", "activation": '"relu"'},
+          "schedule": {"sampler": '"ddim"', "steps": "2"},
+          "train": {"steps": "30", "learning_rate": "2e-3", "warmup_steps": "5",
+                    "eval_every": "5"}}
 
 
 @pytest.mark.parametrize(("adapt", "start", "end", "trigger"), [
-    ("shrink_above_ms = 0.001", 16, 8, "latency"),
-    ("grow = true\nplateau = 1.0\npatience = 1\ntarget_loss = 0.0", 8, 16, "plateaued")])
+    ({"shrink_above_ms": "0.001"}, 16, 8, "latency"),
+    ({"grow": "true", "plateau": "1.0", "patience": "1", "target_loss": "0.0"}, 8, 16,
+     "plateaued")])
 def test_a_trial_adapts_into_a_new_trial_that_starts_from_its_weights(
-        ray_cluster, results, storage, tmp_path, adapt, start, end, trigger):
+        ray_cluster, tiny_search, adapt, start, end, trigger):
     kind = "shrink" if start > end else "grow"
-    study, (parent, child) = _adapted_search(tmp_path, results, storage, kind, adapt, start)
+    tables = {**TABLES, "adapt": {**adapt, "max_depth": "1"}}
+    result, study = tiny_search(kind, tables, {"unet.base_width": start})
+    assert (result.complete, result.pruned, result.failed) == (1, 1, 0)
+    parent, child = study.trials
     assert parent.state == TrialState.PRUNED and child.state == TrialState.COMPLETE
     assert parent.params["unet.base_width"] == start
     assert child.params["unet.base_width"] == end

@@ -10,63 +10,30 @@ from optuna.trial import TrialState
 
 from search import cli
 from search import study as st
-from search.hardware import STEP_BUDGET
 from search.dataset import build_payload
-from search.runner import SearchOptions, run_search
+from search.hardware import STEP_BUDGET
 from search.space import load_space
 from workers.process import run_in_child
 from workers.records import Decision, Outcome, TrialRequest
 
-SPACE = """
-[data]
-image_size = 8
-
-[study]
-trials = 2
-startup_trials = 2
-
-[evaluate]
-fid_samples = 16
-grid_images = 4
-
-[unet]
-base_width = 8
-width_mults = [1, 2]
-norm_groups = 4
-time_emb_dim = 32
-
-[schedule]
-sampler = { choice = ["ddim", "adaptive"] }
-steps = { int = [3, 6] }
-spacing = { choice = ["quadratic", "karras"] }
-tolerance = { float = [0.01, 0.1], log = true }
-
-[train]
-steps = 10
-batch_size = 8
-warmup_steps = 2
-eval_every = 10
-"""
+TABLES = {"schedule": {"sampler": '{ choice = ["ddim", "adaptive"] }',
+                       "steps": "{ int = [3, 6] }",
+                       "spacing": '{ choice = ["quadratic", "karras"] }',
+                       "tolerance": "{ float = [0.01, 0.1], log = true }"},
+          "train": {"steps": "10", "warmup_steps": "2", "eval_every": "10"}}
 FIXED = {"schedule.sampler": "ddim", "schedule.steps": 3, "schedule.spacing": "quadratic",
          "schedule.tolerance": 0.05}
 ADAPTIVE = {**FIXED, "schedule.sampler": "adaptive", "schedule.spacing": "karras"}
 TARGET_MS = 40.0  # tens of network evaluations of this 8 px U-Net on a 2-core CPU
 
 
-def _search(tmp_path, results, storage, name, target_ms):
-    path = tmp_path / f"{name}.toml"
-    path.write_text(SPACE)
-    study, _, _ = st.open_study(st.open_storage(storage, create=True), name, load_space(path))
-    for params in (FIXED, ADAPTIVE):
-        study.enqueue_trial(params)
-    run_search(SearchOptions(space=path, study=name, results=results, storage=storage,
-                             workers=1, max_latency_ms=target_ms))
-    return st.load_existing(st.open_storage(storage, create=False), name).trials
+def _search(tiny_search, name, target_ms):
+    _, study = tiny_search(name, TABLES, FIXED, ADAPTIVE, max_latency_ms=target_ms)
+    return study.trials
 
 
-def test_each_trial_samples_with_the_most_steps_that_fit_the_target(
-        ray_cluster, results, storage, tmp_path):
-    fixed, adaptive = _search(tmp_path, results, storage, "budget", TARGET_MS)
+def test_each_trial_samples_with_the_most_steps_that_fit_the_target(ray_cluster, tiny_search):
+    fixed, adaptive = _search(tiny_search, "budget", TARGET_MS)
     for trial in (fixed, adaptive):
         assert trial.state == TrialState.COMPLETE
         budget = trial.user_attrs[STEP_BUDGET]
@@ -92,9 +59,8 @@ def test_each_trial_samples_with_the_most_steps_that_fit_the_target(
     assert kept["sampler"] == "adaptive" and kept["tolerance"] == 0.05  # caps its evaluations
 
 
-def test_a_candidate_that_cannot_fit_one_step_is_infeasible(ray_cluster, results, storage,
-                                                            tmp_path):
-    trials = _search(tmp_path, results, storage, "tight", 1e-3)
+def test_a_candidate_that_cannot_fit_one_step_is_infeasible(ray_cluster, tiny_search):
+    trials = _search(tiny_search, "tight", 1e-3)
     for trial in trials:
         assert trial.state == TrialState.PRUNED
         assert "latency target: max latency 0.0 ms is below one network evaluation" in (
