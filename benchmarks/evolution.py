@@ -6,16 +6,20 @@ hypervolume against device-seconds.
       [--arms sampler evolution adapt] [--work /tmp/diffnas-bench-evolution]
       [--out benchmarks/evolution.md]
 
-The arms share the space :data:`SPACE` and the sampler seeds; only ``[study]`` and
-``[adapt]`` differ:
+The arms share the space :data:`SPACE` and the sampler seeds; only ``[study]``,
+``[adapt]`` and ``[constraints]`` differ:
 
 - ``sampler``: ``mutation_rate = 0``, every candidate comes from TPE and trains from scratch;
 - ``evolution``: ``mutation_rate = 0.25``: a quarter of the candidates mutate a trial of
   the current Pareto front (search.evolution), start from its weights morphed to the new
   architecture (engine.morph.inherit) and train for ``inherit_budget = 0.5`` of the steps;
-- ``adapt``: every candidate from TPE, but a trial whose validation loss fell by less than
-  5% from the previous rung and is above the median of the study's trials there grows
-  (search.adapt) into a new trial that continues from its weights for the steps it had left.
+- ``budget``: ``sampler`` under a latency limit (``[constraints] max_latency_ms``) with the
+  ``constraints`` pruner: a candidate measured over it stops before training;
+- ``shrink``: the same limit, but a candidate over it trains to its first rung and then
+  shrinks (``[adapt] shrink_above_ms``, search.adapt) into a new trial one morphism
+  smaller, which continues from its weights for the steps it had left.
+
+``evolution`` is compared with ``sampler``, ``shrink`` with ``budget``.
 
 Every (arm, seed) is a fresh study on an embedded Ray cluster that runs until its finished
 trials have spent ``--budget`` device-seconds (a trial's ``timings.cpu_s``, the CPU time of
@@ -44,9 +48,12 @@ from search import study as st
 from search.adapt import ADAPTATION
 from search.evolution import INHERITANCE, PARENT
 
-ARMS = {"sampler": ("mutation_rate = 0.0", ""),
-        "evolution": ("mutation_rate = 0.25\ninherit_budget = 0.5", ""),
-        "adapt": ("mutation_rate = 0.0", "grow = true\nplateau = 0.05\npatience = 1")}
+LIMIT = "max_latency_ms = 12"  # about the median latency of the space's candidates
+ARMS = {"sampler": {"study": "mutation_rate = 0.0"},
+        "evolution": {"study": "mutation_rate = 0.25\ninherit_budget = 0.5"},
+        "budget": {"study": 'pruner = "constraints"', "constraints": LIMIT},
+        "shrink": {"constraints": LIMIT, "adapt": "shrink_above_ms = 12"}}
+BASELINE = {"evolution": "sampler", "shrink": "budget"}
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 SPACE = """\
 # benchmarks/evolution.py: 8 px, architectures whose neighbours engine.morph can reach.
@@ -54,10 +61,13 @@ SPACE = """\
 trials = 100000        # the device-second budget ends each study
 sampler = "tpe"
 startup_trials = 8
-{arm}
+{study}
 
 [adapt]
 {adapt}
+
+[constraints]
+{constraints}
 
 [rungs]                # at validation points (no extra work); nothing is pruned
 min_steps = 30
@@ -145,8 +155,8 @@ def load_or_run(work: Path, arm: str, seed: int, workers: int, budget: float) ->
     if cache.is_file():
         return Run(**json.loads(cache.read_text()))
     space = work / f"{arm}.toml"
-    study, adapt = ARMS[arm]
-    space.write_text(SPACE.format(arm=study, adapt=adapt))
+    tables = {"study": "", "adapt": "", "constraints": "", **ARMS[arm]}
+    space.write_text(SPACE.format(**tables))
     options = runner.SearchOptions(space=space, study=name, results=work,
                                    storage=st.default_storage(work), workers=workers,
                                    seed=seed)
@@ -205,22 +215,22 @@ def _mean_cost(runs: list[Run], kind: str) -> str:
 
 def seed_table(runs: list[Run], curves: dict[tuple[str, int], np.ndarray], budget: float
                ) -> tuple[str, dict[str, list[float]]]:
-    """Per seed: each arm's HV at half and at the whole budget, and each arm / sampler."""
+    """Per seed: each arm's HV at half and at the whole budget, and each arm / its baseline."""
     by = {(r.arm, r.seed): r for r in runs}
     arms = [a for a in ARMS if any(r.arm == a for r in runs)]
-    others = [a for a in arms if a != "sampler"]
+    pairs = [(a, b) for a, b in BASELINE.items() if a in arms and b in arms]
     head = ("| seed | " + " | ".join(f"{a} HV at 50% / 100%" for a in arms) + " | "
-            + " | ".join(f"{a} / sampler at 100%" for a in others) + " |")
-    lines = [head, "|---" * (1 + len(arms) + len(others)) + "|"]
-    ratios: dict[str, list[float]] = {a: [] for a in others}
+            + " | ".join(f"{a} / {b} at 100%" for a, b in pairs) + " |")
+    lines = [head, "|---" * (1 + len(arms) + len(pairs)) + "|"]
+    ratios: dict[str, list[float]] = {a: [] for a, _ in pairs}
     for seed in sorted({r.seed for r in runs}):
-        if any((a, seed) not in by for a in arms) or "sampler" not in arms:
+        if any((a, seed) not in by for a in arms):
             continue
         hv = {a: [hv_at(by[(a, seed)], curves[(a, seed)], f * budget) for f in (0.5, 1)]
               for a in arms}
         cells = [f"{hv[a][0]:.4g} / {hv[a][1]:.4g}" for a in arms]
-        for a in others:
-            ratios[a].append(hv[a][1] / hv["sampler"][1] if hv["sampler"][1] else math.inf)
+        for a, b in pairs:
+            ratios[a].append(hv[a][1] / hv[b][1] if hv[b][1] else math.inf)
             cells.append(f"{ratios[a][-1]:.3f}")
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines), ratios
