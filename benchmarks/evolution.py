@@ -240,7 +240,8 @@ def markdown(runs: list[Run], budget: float, args: argparse.Namespace, wall_s: f
     body, _ = tables(runs, budget)
     device = next((r.device for r in runs if r.device), {})
     return (f"`uv run python benchmarks/evolution.py --budget {budget:g} --seeds "
-            f"{' '.join(map(str, args.seeds))} --workers {args.workers}` "
+            f"{' '.join(map(str, args.seeds))} --workers {args.workers} --arms "
+            f"{' '.join(args.arms)}` "
             f"({wall_s / 60:.1f} min wall).\n\n"
             f"Device: {json.dumps(device, sort_keys=True)}\n\n{body}\n")
 
