@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -170,7 +172,8 @@ def validation_loss(model: nn.Module, config: Config, val: np.ndarray) -> float:
 
 
 def train(state: TrainState, images: np.ndarray, val: np.ndarray, until: int | None = None,
-          callback: Callback | None = None) -> TrainState:
+          callback: Callback | None = None,
+          guard: Callable[[], AbstractContextManager[Any]] | None = None) -> TrainState:
     """Train ``state`` in place up to step ``until`` (default: ``config.train.steps``).
 
     Args:
@@ -180,6 +183,8 @@ def train(state: TrainState, images: np.ndarray, val: np.ndarray, until: int | N
         until: stop after this many total steps (for training in rungs).
         callback: receives an :class:`EvalPoint` every ``eval_every`` steps and at the last step;
             returning ``False`` stops training early.
+        guard: each step (with its validation, if due) runs inside ``guard()``, for
+            example a lock that other processes on the device share.
 
     Returns:
         The same ``state``, advanced.
@@ -190,26 +195,34 @@ def train(state: TrainState, images: np.ndarray, val: np.ndarray, until: int | N
     tc = state.config.train
     until = tc.steps if until is None else min(until, tc.steps)
     step_fn = _compiled_step(state)
-    start, losses = time.perf_counter(), state.pending_losses
+    start = time.perf_counter()
     while state.step < until:
-        n = state.step
-        mx.random.seed(tc.seed * 7919 + n)  # dropout draws from the global generator
-        loss = step_fn(_batch(images, tc.seed, n, tc.batch_size), _step_key(tc.seed, n))
-        d = _ema_decay(tc.ema_decay, n)
-        state.ema = tree_map(lambda e, p: d * e + (1 - d) * p, state.ema,
-                             state.model.parameters())
-        mx.eval(loss, state.ema, state.model.state, state.optimizer.state)
-        value = float(loss.item())
-        if not math.isfinite(value):
-            raise TrainingDiverged(n + 1, value)
-        losses.append(value)
-        state.step = n + 1
-        if state.step % tc.eval_every == 0 or state.step == tc.steps:
-            point = EvalPoint(state.step, float(np.mean(losses)),
-                              validation_loss(state.ema_model(), state.config, val),
-                              time.perf_counter() - start)
-            state.history.append(point)
-            losses.clear()
-            if callback is not None and callback(point) is False:
-                break
+        with guard() if guard is not None else nullcontext():
+            point = _one_step(state, step_fn, images, val, start)
+        if point is not None and callback is not None and callback(point) is False:
+            break
     return state
+
+
+def _one_step(state: TrainState, step_fn: Callable[[mx.array, mx.array], mx.array],
+              images: np.ndarray, val: np.ndarray, start: float) -> EvalPoint | None:
+    """Step ``state`` once; returns the new :class:`EvalPoint` when validation was due."""
+    tc, n, losses = state.config.train, state.step, state.pending_losses
+    mx.random.seed(tc.seed * 7919 + n)  # dropout draws from the global generator
+    loss = step_fn(_batch(images, tc.seed, n, tc.batch_size), _step_key(tc.seed, n))
+    d = _ema_decay(tc.ema_decay, n)
+    state.ema = tree_map(lambda e, p: d * e + (1 - d) * p, state.ema, state.model.parameters())
+    mx.eval(loss, state.ema, state.model.state, state.optimizer.state)
+    value = float(loss.item())
+    if not math.isfinite(value):
+        raise TrainingDiverged(n + 1, value)
+    losses.append(value)
+    state.step = n + 1
+    if state.step % tc.eval_every and state.step != tc.steps:
+        return None
+    point = EvalPoint(state.step, float(np.mean(losses)),
+                      validation_loss(state.ema_model(), state.config, val),
+                      time.perf_counter() - start)
+    state.history.append(point)
+    losses.clear()
+    return point

@@ -57,7 +57,9 @@ def build(configs: list[dict[str, Any]], cache_dir: str | Path, device_class: st
         cache_dir = FALLBACK_DIR
     table = load_table(cache_dir, device_class)
     calibration = [Config.from_dict(c) for c in configs]
-    with table.locked():
+    from workers.device_lock import DeviceLock
+
+    with DeviceLock().exclusive(), table.locked():  # measured with the device to itself
         if len(table.points) < len(calibration):
             calibrate(calibration, table)
         else:  # calibrated before: only measure blocks these configs add

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
+from workers.device_lock import DeviceLock
 from workers.records import (
     LATENCY_TARGET,
     TRIAL_MEMORY,
@@ -43,6 +44,9 @@ from workers.records import (
 
 Ask = Callable[[EventKind, Any], Decision]
 """Sends a report to the coordinator and blocks for its answer."""
+
+DEVICE = DeviceLock()
+"""This machine's device: shared while computing, exclusive while timing a measurement."""
 
 
 class Infeasible(Exception):
@@ -115,6 +119,7 @@ class _Progress:
 
     def outcome(self, status: Outcome, reason: str = "", **fields: Any) -> TrialOutcome:
         self.timings["cpu_s"] = time.process_time()  # this process's CPU time: the device cost
+        self.timings["device_wait_s"] = DEVICE.waited_s  # for the exclusive device lock
         fields.setdefault("constraint_values", self.constraint_values())
         return TrialOutcome(self.request.number, self.request.attempt, status, reason,
                             measurement=self.measurement, rungs=tuple(self.rungs),
@@ -140,12 +145,13 @@ def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Any, don
     started = time.perf_counter()
     state, rungs, start = _initial_state(config, request)
     latency = None
-    if request.latency_target_ms is not None:
-        config, latency = _fit_latency_target(state.model, config, request.latency_target_ms,
-                                              request.latency_runs)
-        state.config = config  # trained, evaluated and saved with the chosen schedule
-    measurement = done.measurement = replace(
-        _measure(state.model, config, request.latency_runs, latency), start=start)
+    with DEVICE.exclusive():
+        if request.latency_target_ms is not None:
+            config, latency = _fit_latency_target(state.model, config,
+                                                  request.latency_target_ms, request.latency_runs)
+            state.config = config  # trained, evaluated and saved with the chosen schedule
+        measurement = done.measurement = replace(
+            _measure(state.model, config, request.latency_runs, latency), start=start)
     done.device = device_fingerprint()
     done.timings["measure_s"] = measurement.seconds
     done.check_memory("measurement", max(measurement.train_mb, measurement.sample_mb))
@@ -154,8 +160,10 @@ def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Any, don
         return done.outcome(Outcome.PRUNED, decision.reason)
     train_start = time.perf_counter()
     for rung in rungs:
-        train(state, data.train, data.val, until=rung, callback=_stop_if_orphaned)
-        done.rungs.append(_rung_report(state, data, time.perf_counter() - train_start))
+        train(state, data.train, data.val, until=rung, callback=_stop_if_orphaned,
+              guard=DEVICE.shared)
+        with DEVICE.shared():
+            done.rungs.append(_rung_report(state, data, time.perf_counter() - train_start))
         done.check_memory(f"training to step {rung}")
         decision = ask(EventKind.RUNG, done.rungs[-1])
         if not decision.proceed:
@@ -172,7 +180,8 @@ def _complete(state: Any, config: Any, data: DataPayload, request: TrialRequest,
     assert done.measurement is not None
     measurement = done.measurement
     eval_start = time.perf_counter()
-    quality, grid = _evaluate(state, config, data, request)
+    with DEVICE.shared():
+        quality, grid = _evaluate(state, config, data, request)
     done.check_memory("evaluation")
     done.timings["eval_s"] = time.perf_counter() - eval_start
     values = {"fid": quality["fid"], "latency_ms": measurement.latency_ms,
@@ -183,10 +192,12 @@ def _complete(state: Any, config: Any, data: DataPayload, request: TrialRequest,
     if request.table_dir:
         from workers.table import observe_trial
 
-        table = observe_trial(state.model, config, request.table_dir, request.device_class,
-                              measurement.latency_ms)
+        with DEVICE.exclusive():
+            table = observe_trial(state.model, config, request.table_dir,
+                                  request.device_class, measurement.latency_ms)
     done.timings["total_s"] = time.perf_counter() - started
     done.timings["cpu_s"] = time.process_time()
+    done.timings["device_wait_s"] = DEVICE.waited_s
     metrics["timings"] = done.timings
     artifacts["metrics.json"] = json.dumps(metrics, indent=2).encode()
     return done.outcome(Outcome.COMPLETED, values=values, metrics=metrics, artifacts=artifacts,

@@ -29,6 +29,21 @@ def test_loss_decreases_and_callback_every_k(images):
     assert state.step == 40
 
 
+def test_every_step_runs_inside_the_guard(images):
+    import contextlib
+
+    log = []
+
+    @contextlib.contextmanager
+    def guard():
+        log.append("enter")
+        yield
+        log.append("exit")
+
+    state = train(init_state(TINY), images, images[:16], until=6, guard=guard)
+    assert state.step == 6 and log == ["enter", "exit"] * 6
+
+
 def test_callback_false_stops_training(images):
     state = train(init_state(TINY), images, images[:16], callback=lambda p: False)
     assert state.step == 4
