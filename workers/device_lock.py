@@ -11,7 +11,8 @@ steps in flight to end and holds the others back until it is done.
 Two ``flock`` files under the temp folder (``DIFFNAS_LOCK_DIR`` overrides it): ``device``
 is the lock itself, ``turnstile`` keeps a waiting measurement from starving behind a
 stream of steps (every holder passes the turnstile on its way in; a measurement keeps it
-until it holds the device). The kernel drops a dead process's locks.
+until it holds the device). The kernel drops a dead process's locks. The files are opened
+read-only (``flock`` needs no more), so the processes of every user of a machine share them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
 LOCK_DIR_ENV = "DIFFNAS_LOCK_DIR"
 
@@ -37,13 +37,14 @@ class DeviceLock:
     def __init__(self, folder: str | Path | None = None) -> None:
         self.folder = Path(folder or os.environ.get(LOCK_DIR_ENV) or tempfile.gettempdir())
         self.waited_s = 0.0
-        self._files: tuple[IO[str], IO[str]] | None = None
+        self._files: tuple[int, int] | None = None
 
-    def _open(self) -> tuple[IO[str], IO[str]]:
+    def _open(self) -> tuple[int, int]:
         if self._files is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._files = (open(self.folder / "diffnas-device.turnstile", "a"),  # noqa: SIM115
-                           open(self.folder / "diffnas-device.lock", "a"))  # noqa: SIM115
+            flags = os.O_RDONLY | os.O_CREAT
+            self._files = (os.open(self.folder / "diffnas-device.turnstile", flags, 0o666),
+                           os.open(self.folder / "diffnas-device.lock", flags, 0o666))
         return self._files
 
     @contextmanager
@@ -78,6 +79,6 @@ class DeviceLock:
 
     def close(self) -> None:
         if self._files is not None:
-            for f in self._files:
-                f.close()
+            for fd in self._files:
+                os.close(fd)
             self._files = None
