@@ -385,7 +385,10 @@ class Coordinator:
         settings = self.space.adapt
         if not settings.enabled or run.measurement is None:
             return None
-        history = rung.val_history or ((rung.step, rung.val_loss),)
+        points = {r["step"]: r["val_loss"] for r in run.rungs if r["attempt"] == run.attempt}
+        points.update(rung.val_history)  # every eval_every steps, and the rungs so far
+        points[rung.step] = rung.val_loss
+        history = sorted(points.items())
         trials = self.study.get_trials(deepcopy=False) if settings.grow else []
         fired = adapt.trigger(settings, history, run.measurement.latency_ms,
                               adapt.peers(trials, rung.step, run.number), adapt.depth(run.trial))

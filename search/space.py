@@ -175,7 +175,8 @@ class AdaptSettings:
     - ``shrink_above_ms``: its latency (target device) is over this: narrow, shallower or
       without an attention level, the largest such neighbour that is predicted to fit;
     - ``grow``: its validation loss improved by less than ``plateau`` (relative) over the
-      last ``patience`` validation points and is above ``target_loss`` (default: the
+      last ``patience`` validation points (every ``eval_every`` steps and at every rung)
+      and is above ``target_loss`` (default: the
       median validation loss of the study's trials at that step): wider, deeper or with
       attention, the neighbour predicted to cost the least latency.
 
