@@ -40,11 +40,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from budgeted import device_seconds, hv_at, hv_curve, install, mean_spread
-from optuna.trial import FrozenTrial, TrialState
+from budgeted import (
+    BudgetRun,
+    budget_arguments,
+    finished_in_order,
+    hv_at,
+    hv_curves,
+    install,
+    mean_spread,
+    reference_line,
+    run_cached,
+    run_interleaved,
+    write_report,
+)
+from optuna.trial import FrozenTrial
 
-from search import pareto, runner
-from search import study as st
+from search import pareto
 from search.adapt import ADAPTATION
 from search.evolution import INHERITANCE, PARENT
 
@@ -108,18 +119,16 @@ eval_every = 30
 """
 
 
-@dataclass
-class Run:
+@dataclass(kw_only=True)
+class Run(BudgetRun):
     """One finished study, reduced to what the tables need."""
 
     arm: str
-    seed: int
-    wall_s: float
-    spent: list[float] = field(default_factory=list)  # cumulative device-s, finish order
-    points: list[list[float] | None] = field(default_factory=list)  # feasible COMPLETE
     kinds: list[str] = field(default_factory=list)  # sampled | inherited | fresh | adapted
-    cost: list[float] = field(default_factory=list)  # device-s of each trial
-    device: dict[str, Any] = field(default_factory=dict)
+
+    def costs(self) -> np.ndarray:
+        """The device-seconds of each trial, in finish order."""
+        return np.diff(self.spent, prepend=0.0)
 
 
 def kind_of(t: FrozenTrial) -> str:
@@ -131,41 +140,19 @@ def kind_of(t: FrozenTrial) -> str:
 
 
 def summarise(arm: str, seed: int, trials: list[FrozenTrial], wall_s: float) -> Run:
-    done = sorted((t for t in trials if st.is_finished(t)),
-                  key=lambda t: (t.datetime_complete, t.number))
-    run, total = Run(arm, seed, wall_s), 0.0
-    for t in done:
-        cost = device_seconds(t)
-        total += cost
-        run.spent.append(total)
-        run.cost.append(cost)
-        ok = t.state == TrialState.COMPLETE and st.feasible(t)
-        run.points.append(list(t.values) if ok else None)
-        run.kinds.append(kind_of(t) if ok else "not complete")
-        run.device = t.user_attrs.get(st.DEVICE, run.device)
+    run = Run(arm=arm, seed=seed, wall_s=wall_s)
+    for t in finished_in_order(trials):
+        run.kinds.append(kind_of(t) if run.add(t) else "not complete")
     return run
-
-
 
 
 def load_or_run(work: Path, arm: str, seed: int, workers: int, budget: float) -> Run:
-    """A finished study is read back (the script resumes after an interruption)."""
-    name = f"{arm}-s{seed}-b{budget:g}"
-    cache = work / f"{name}.json"
-    if cache.is_file():
-        return Run(**json.loads(cache.read_text()))
+    """The study of ``arm`` and ``seed`` (its space written to ``work/<arm>.toml``)."""
     space = work / f"{arm}.toml"
-    tables = {"study": "", "adapt": "", "constraints": "", **ARMS[arm]}
-    space.write_text(SPACE.format(**tables))
-    options = runner.SearchOptions(space=space, study=name, results=work,
-                                   storage=st.default_storage(work), workers=workers,
-                                   seed=seed)
-    start = time.time()
-    runner.run_search(options)
-    study = st.load_existing(st.open_storage(options.storage or "", create=False), name)
-    run = summarise(arm, seed, study.get_trials(), time.time() - start)
-    cache.write_text(json.dumps(run.__dict__))
-    return run
+    space.write_text(SPACE.format(**{"study": "", "adapt": "", "constraints": "", **ARMS[arm]}))
+    return run_cached(work, f"{arm}-s{seed}-b{budget:g}", Run,
+                      lambda trials, wall_s: summarise(arm, seed, trials, wall_s),
+                      space=space, workers=workers, seed=seed)
 
 
 # -- the report --------------------------------------------------------------------------
@@ -173,16 +160,12 @@ def load_or_run(work: Path, arm: str, seed: int, workers: int, budget: float) ->
 
 
 def tables(runs: list[Run], budget: float) -> tuple[str, dict[str, Any]]:
-    reference = pareto.default_reference(np.array([p for r in runs for p in r.points if p]))
-    curves = {(r.arm, r.seed): hv_curve(r, reference) for r in runs}
-    shown = ", ".join(f"{v:.4g}" for v in reference)
+    reference, curves = hv_curves(runs, lambda r: r.arm)
     head = ("| arm | complete: sampled / inherited / fresh children / adapted | device-s per "
             "complete trial: sampled / inherited / adapted | final front: sampled / inherited "
             "/ adapted | device-s | "
             + " | ".join(f"HV at {f:.0%} of budget" for f in FRACTIONS) + " |")
-    where = (f"Reference point (fid, latency_ms, peak_mem_mb): ({shown}); budget {budget:g} "
-             "device-s per study.")
-    lines = [where, "", head, "|---" * (5 + len(FRACTIONS)) + "|"]
+    lines = [reference_line(reference, budget), "", head, "|---" * (5 + len(FRACTIONS)) + "|"]
     for arm in ARMS:
         mine = [r for r in runs if r.arm == arm]
         if not mine:
@@ -209,7 +192,7 @@ def front_kinds(run: Run) -> list[str]:
 
 
 def _mean_cost(runs: list[Run], kind: str) -> str:
-    costs = [c for r in runs for c, k in zip(r.cost, r.kinds) if k == kind]
+    costs = [c for r in runs for c, k in zip(r.costs(), r.kinds) if k == kind]
     return f"{np.mean(costs):.3g}" if costs else "-"
 
 
@@ -248,30 +231,17 @@ def markdown(runs: list[Run], budget: float, args: argparse.Namespace, wall_s: f
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget", type=float, default=150.0, help="device-seconds per study")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--work", type=Path, default=Path("/tmp/diffnas-bench-evolution"))
-    p.add_argument("--out", type=Path, help="write the measured tables (markdown) here, and "
-                   "the curves next to it as .json")
+    budget_arguments(p, "/tmp/diffnas-bench-evolution")
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     install(args.budget)
-    start, runs = time.time(), []
-    for seed in args.seeds:  # interleaved, so that load drift on a shared machine hits both
-        for arm in args.arms:
-            runs.append(load_or_run(args.work, arm, seed, args.workers, args.budget))
-            r = runs[-1]
-            print(f"{arm} seed {seed}: {len(r.spent)} trials, {r.spent[-1]:.0f} device-s, "
-                  f"{r.wall_s:.0f} s wall", flush=True)
+    start = time.time()
+    runs = run_interleaved(args.seeds, args.arms, lambda arm, seed: load_or_run(
+        args.work, arm, seed, args.workers, args.budget))
     text = markdown(runs, args.budget, args, time.time() - start)
     print(text)
-    if args.out:
-        args.out.write_text(text)
-        _, doc = tables(runs, args.budget)
-        args.out.with_suffix(".json").write_text(json.dumps(
-            {**doc, "runs": [r.__dict__ for r in runs]}, indent=1))
+    write_report(args.out, text, tables(runs, args.budget)[1], runs)
     return 0
 
 

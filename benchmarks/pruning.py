@@ -47,10 +47,23 @@ from typing import Any
 
 import numpy as np
 import optuna
-from budgeted import device_seconds, hv_at, hv_curve, install, mean_spread
+from budgeted import (
+    BudgetRun,
+    budget_arguments,
+    device_seconds,
+    finished_in_order,
+    hv_at,
+    hv_curves,
+    install,
+    mean_spread,
+    reference_line,
+    run_cached,
+    run_interleaved,
+    write_report,
+)
 from optuna.trial import FrozenTrial, TrialState
 
-from search import pareto, pruning, runner
+from search import pareto, pruning
 from search import study as st
 from search.mo_asha import MoAshaPruner
 from search.pruning import Cost
@@ -107,17 +120,12 @@ eval_every = 10
 """
 
 
-@dataclass
-class Run:
+@dataclass(kw_only=True)
+class Run(BudgetRun):
     """One finished study, reduced to what the table needs."""
 
     pruner: str
-    seed: int
-    wall_s: float
-    spent: list[float] = field(default_factory=list)  # cumulative device-s, finish order
-    points: list[list[float] | None] = field(default_factory=list)  # feasible COMPLETE
     stages: dict[str, int] = field(default_factory=dict)
-    device: dict[str, Any] = field(default_factory=dict)
     load: list[float] = field(default_factory=list)  # 1-min load average, before and after
 
 
@@ -134,20 +142,11 @@ def stage_of(t: FrozenTrial) -> str:
 
 
 def summarise(pruner: str, seed: int, trials: list[FrozenTrial], wall_s: float) -> Run:
-    done = sorted((t for t in trials if st.is_finished(t)),
-                  key=lambda t: (t.datetime_complete, t.number))
-    run = Run(pruner, seed, wall_s)
-    total = 0.0
-    for t in done:
-        total += device_seconds(t)
-        run.spent.append(total)
-        ok = t.state == TrialState.COMPLETE and st.feasible(t)
-        run.points.append(list(t.values) if ok else None)
+    run = Run(pruner=pruner, seed=seed, wall_s=wall_s)
+    for t in finished_in_order(trials):
+        run.add(t)
         run.stages[stage_of(t)] = run.stages.get(stage_of(t), 0) + 1
-        run.device = t.user_attrs.get(st.DEVICE, run.device)
     return run
-
-
 
 
 def seconds_to(run: Run, curve: np.ndarray, level: float) -> float:
@@ -156,30 +155,18 @@ def seconds_to(run: Run, curve: np.ndarray, level: float) -> float:
     return float(run.spent[hit[0]]) if len(hit) else math.inf
 
 
-def run_study(work: Path, space: Path, pruner: str, seed: int, workers: int, name: str
-              ) -> Run:
-    options = runner.SearchOptions(space=space, study=name, results=work,
-                                   storage=st.default_storage(work), workers=workers,
-                                   pruner=pruner, seed=seed)
-    start, load = time.time(), os.getloadavg()[0]
-    runner.run_search(options)
-    wall = time.time() - start
-    study = st.load_existing(st.open_storage(options.storage or "", create=False), name)
-    run = summarise(pruner, seed, study.get_trials(), wall)
-    run.load = [load, os.getloadavg()[0]]
-    return run
-
-
 def load_or_run(work: Path, space: Path, pruner: str, seed: int, workers: int, budget: float
                 ) -> Run:
-    """A finished study is read back (the script resumes after an interruption)."""
-    name = f"{pruner}-s{seed}-b{budget:g}"
-    cache = work / f"{name}.json"
-    if cache.is_file():
-        return Run(**json.loads(cache.read_text()))
-    run = run_study(work, space, pruner, seed, workers, name)
-    cache.write_text(json.dumps(run.__dict__))
-    return run
+    """The study of ``pruner`` and ``seed``, with the load average before and after it."""
+    load = os.getloadavg()[0]
+
+    def summary(trials: list[FrozenTrial], wall_s: float) -> Run:
+        run = summarise(pruner, seed, trials, wall_s)
+        run.load = [load, os.getloadavg()[0]]
+        return run
+
+    return run_cached(work, f"{pruner}-s{seed}-b{budget:g}", Run, summary, space=space,
+                      workers=workers, pruner=pruner, seed=seed)
 
 
 # -- the report --------------------------------------------------------------------------
@@ -187,15 +174,11 @@ def load_or_run(work: Path, space: Path, pruner: str, seed: int, workers: int, b
 
 
 def tables(runs: list[Run], budget: float) -> tuple[str, dict[str, Any]]:
-    feasible = [p for r in runs for p in r.points if p is not None]
-    reference = pareto.default_reference(np.array(feasible))
-    curves = {(r.pruner, r.seed): hv_curve(r, reference) for r in runs}
+    reference, curves = hv_curves(runs, lambda r: r.pruner)
     base = {r.seed: r for r in runs if r.pruner == "none"}
-    shown = ", ".join(f"{v:.4g}" for v in reference)
     head = ("| pruner | trials: complete / pruned stage 0 / stage 1 / rung (failed) | device-s | "
             + " | ".join(f"HV at {f:.0%} of budget" for f in FRACTIONS) + " | final HV / none's |")
-    where = f"Reference point (fid, latency_ms, peak_mem_mb): ({shown}); budget {budget:g} "
-    lines = [where + "device-s per study.", "", head, "|---" * (4 + len(FRACTIONS)) + "|"]
+    lines = [reference_line(reference, budget), "", head, "|---" * (4 + len(FRACTIONS)) + "|"]
     for pruner in dict.fromkeys([*PRUNERS, *(r.pruner for r in runs)]):
         mine = [r for r in runs if r.pruner == pruner]
         if not mine:
@@ -391,11 +374,7 @@ def diagnose(folders: list[Path], orders: int = 200, seed: int = 0) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget", type=float, default=150.0, help="device-seconds per study")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--work", type=Path, default=Path("/tmp/diffnas-bench-pruning"))
-    p.add_argument("--out", type=Path, help="write the markdown report here")
+    budget_arguments(p, "/tmp/diffnas-bench-pruning")
     p.add_argument("--pruners", nargs="+", default=list(PRUNERS),
                    choices=[*PRUNERS, *ABLATIONS], help="none must be among them")
     p.add_argument("--diagnose", type=Path, nargs="+", metavar="WORK",
@@ -409,19 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     space.write_text(SPACE)
     install(args.budget)
     pruning.PRUNERS.update(ABLATIONS)  # this process only: the ablation is no CLI choice
-    start, runs = time.time(), []
-    for seed in args.seeds:  # interleaved, so that load drift on a shared machine hits all
-        for pruner in args.pruners:
-            runs.append(load_or_run(args.work, space, pruner, seed, args.workers, args.budget))
-            print(f"{pruner} seed {seed}: {runs[-1].stages}, {runs[-1].spent[-1]:.0f} "
-                  f"device-s, {runs[-1].wall_s:.0f} s wall", flush=True)
+    start = time.time()
+    runs = run_interleaved(args.seeds, args.pruners, lambda pruner, seed: load_or_run(
+        args.work, space, pruner, seed, args.workers, args.budget))
     text = markdown(runs, args.budget, args, time.time() - start)
     print(text)
-    if args.out:
-        args.out.write_text(text)
-        _, doc = tables(runs, args.budget)
-        args.out.with_suffix(".json").write_text(json.dumps(
-            {**doc, "runs": [r.__dict__ for r in runs]}, indent=1))
+    write_report(args.out, text, tables(runs, args.budget)[1], runs)
     return 0
 
 

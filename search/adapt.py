@@ -66,13 +66,16 @@ def grow_target(settings: AdaptSettings, peers: Sequence[float]) -> float | None
 
 
 def trigger(settings: AdaptSettings, history: Sequence[tuple[int, float]],
-            latency_ms: float | None, peers: Sequence[float], depth: int) -> Trigger | None:
+            latency_ms: float | None, peers: Callable[[], Sequence[float]], depth: int
+            ) -> Trigger | None:
     """Whether a trial at a rung before its last should adapt (shrink is judged first).
 
     Args:
         history: the trial's validation points so far, ``(step, loss)``, the rung's last.
         latency_ms: its measured latency on the target device class (None: not measured).
-        peers: the validation losses other trials reached at the rung's step.
+        peers: the validation losses other trials reached at the rung's step; asked for
+            only when the loss has plateaued and no ``target_loss`` is set (it reads the
+            study).
         depth: how many adaptations its lineage has made already.
     """
     if depth >= settings.max_depth or not history:
@@ -83,9 +86,11 @@ def trigger(settings: AdaptSettings, history: Sequence[tuple[int, float]],
     if not settings.grow:
         return None
     gain = plateau_gain(history, settings.patience)
-    target = grow_target(settings, peers)
+    if gain is None or gain >= settings.plateau:
+        return None
+    target = grow_target(settings, peers())
     step, loss = history[-1]
-    if gain is None or target is None or gain >= settings.plateau or loss <= target:
+    if target is None or loss <= target:
         return None
     source = "target_loss" if settings.target_loss is not None else "the median at this step"
     return Trigger(GROW, f"val loss {loss:.4g} plateaued (-{gain:.1%} over the last "

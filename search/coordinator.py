@@ -389,9 +389,11 @@ class Coordinator:
         points.update(rung.val_history)  # every eval_every steps, and the rungs so far
         points[rung.step] = rung.val_loss
         history = sorted(points.items())
-        trials = self.study.get_trials(deepcopy=False) if settings.grow else []
-        fired = adapt.trigger(settings, history, run.measurement.latency_ms,
-                              adapt.peers(trials, rung.step, run.number), adapt.depth(run.trial))
+        def peers() -> list[float]:
+            return adapt.peers(self.study.get_trials(deepcopy=False), rung.step, run.number)
+
+        fired = adapt.trigger(settings, history, run.measurement.latency_ms, peers,
+                              adapt.depth(run.trial))
         if fired is None:
             return None
         cost = self.hardware.predict if self.hardware is not None else None

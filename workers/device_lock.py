@@ -76,9 +76,3 @@ class DeviceLock:
             yield
         finally:
             fcntl.flock(device, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        if self._files is not None:
-            for fd in self._files:
-                os.close(fd)
-            self._files = None

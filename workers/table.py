@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from workers.device_lock import DeviceLock
+
 CLASS_LABEL = "diffnas-device-class"
 BUILD_TIMEOUT_S = 1800
 FALLBACK_DIR = Path.home() / ".cache" / "diffnas" / "latency-tables"
@@ -57,8 +59,6 @@ def build(configs: list[dict[str, Any]], cache_dir: str | Path, device_class: st
         cache_dir = FALLBACK_DIR
     table = load_table(cache_dir, device_class)
     calibration = [Config.from_dict(c) for c in configs]
-    from workers.device_lock import DeviceLock
-
     with DeviceLock().exclusive(), table.locked():  # measured with the device to itself
         if len(table.points) < len(calibration):
             calibrate(calibration, table)

@@ -117,9 +117,14 @@ class _Progress:
             values[LATENCY_TARGET] = self.measurement.latency_ms
         return values
 
+    def stamp(self) -> None:
+        """Timings so far: this process's CPU time (the device cost) and its wait for the
+        exclusive device lock."""
+        self.timings["cpu_s"] = time.process_time()
+        self.timings["device_wait_s"] = DEVICE.waited_s
+
     def outcome(self, status: Outcome, reason: str = "", **fields: Any) -> TrialOutcome:
-        self.timings["cpu_s"] = time.process_time()  # this process's CPU time: the device cost
-        self.timings["device_wait_s"] = DEVICE.waited_s  # for the exclusive device lock
+        self.stamp()
         fields.setdefault("constraint_values", self.constraint_values())
         return TrialOutcome(self.request.number, self.request.attempt, status, reason,
                             measurement=self.measurement, rungs=tuple(self.rungs),
@@ -187,7 +192,7 @@ def _complete(state: Any, config: Any, data: DataPayload, request: TrialRequest,
     values = {"fid": quality["fid"], "latency_ms": measurement.latency_ms,
               "peak_mem_mb": measurement.memory_mb(request.memory)}
     metrics = _metrics(request, config, values, measurement, quality, done.rungs, done.device)
-    artifacts = _artifacts(state, grid, metrics)
+    artifacts = {"samples.png": grid, **_checkpoint_files(state)}
     table = None
     if request.table_dir:
         from workers.table import observe_trial
@@ -196,8 +201,7 @@ def _complete(state: Any, config: Any, data: DataPayload, request: TrialRequest,
             table = observe_trial(state.model, config, request.table_dir,
                                   request.device_class, measurement.latency_ms)
     done.timings["total_s"] = time.perf_counter() - started
-    done.timings["cpu_s"] = time.process_time()
-    done.timings["device_wait_s"] = DEVICE.waited_s
+    done.stamp()
     metrics["timings"] = done.timings
     artifacts["metrics.json"] = json.dumps(metrics, indent=2).encode()
     return done.outcome(Outcome.COMPLETED, values=values, metrics=metrics, artifacts=artifacts,
@@ -356,10 +360,6 @@ def _metrics(request: TrialRequest, config: Any, values: dict[str, float],
             "config": config.to_dict(), "params": param_count(config.unet),
             "flops": flops(config.unet), "measurement": asdict(measurement),
             "quality": quality, "rungs": [asdict(r) for r in rungs], "device": device}
-
-
-def _artifacts(state: Any, grid: bytes, metrics: dict[str, Any]) -> dict[str, bytes]:
-    return {"samples.png": grid, **_checkpoint_files(state)}
 
 
 def _checkpoint_files(state: Any) -> dict[str, bytes]:

@@ -36,9 +36,10 @@ TINY = {"data": {"image_size": "8"}, "study": {"trials": "2", "startup_trials": 
 
 @pytest.fixture()
 def tiny_search(tmp_path, results, storage):
-    """``tiny_search(name, tables, *enqueued, **options)``: a one-worker search of a tiny
-    8 px space whose first trials have the ``enqueued`` params; ``tables`` adds to it
-    (``{"train": {"steps": "30"}}``, values as TOML text). Returns ``(SearchResult, study)``.
+    """``tiny_search(name, tables, *enqueued, **options)``: a search of a tiny 8 px space
+    (one worker unless ``options`` say otherwise) whose first trials have the ``enqueued``
+    params; ``tables`` adds to it (``{"train": {"steps": "30"}}``, values as TOML text).
+    Returns ``(SearchResult, study)``.
     """
     from search.runner import SearchOptions, run_search
     from search.space import load_space
@@ -55,7 +56,7 @@ def tiny_search(tmp_path, results, storage):
         for params in enqueued:
             study.enqueue_trial(params)
         result = run_search(SearchOptions(space=path, study=name, results=results,
-                                          storage=storage, workers=1, **options))
+                                          storage=storage, **{"workers": 1, **options}))
         return result, st.load_existing(st.open_storage(storage, create=False), name)
 
     return run

@@ -13,40 +13,41 @@ from search.space import AdaptSettings, SpaceError, parse_space
 
 FALLING = [(5, 1.0), (10, 0.5)]  # -50% over the last point
 FLAT = [(5, 0.50), (10, 0.495), (15, 0.494)]  # -1% over one point, -1.2% over two
+NONE = list  # no peers
 
 
 def test_shrink_fires_over_the_latency_budget_only():
     s = AdaptSettings(shrink_above_ms=10.0)
-    fired = adapt.trigger(s, FALLING, 12.0, [], depth=0)
+    fired = adapt.trigger(s, FALLING, 12.0, NONE, depth=0)
     assert fired == adapt.Trigger("shrink", "latency 12 ms is over the 10 ms budget")
-    assert adapt.trigger(s, FALLING, 10.0, [], depth=0) is None
-    assert adapt.trigger(s, FALLING, None, [], depth=0) is None  # not measured
-    assert adapt.trigger(s, FALLING, 12.0, [], depth=s.max_depth) is None  # lineage capped
+    assert adapt.trigger(s, FALLING, 10.0, NONE, depth=0) is None
+    assert adapt.trigger(s, FALLING, None, NONE, depth=0) is None  # not measured
+    assert adapt.trigger(s, FALLING, 12.0, NONE, depth=s.max_depth) is None  # lineage capped
 
 
 def test_grow_fires_on_a_plateau_above_the_target():
     s = AdaptSettings(grow=True, plateau=0.02, patience=2, target_loss=0.3)
-    fired = adapt.trigger(s, FLAT, None, [], depth=0)
+    fired = adapt.trigger(s, FLAT, None, NONE, depth=0)
     assert fired is not None and fired.kind == "grow"
     assert "0.494 plateaued (-1.2% over the last 2 points to step 15) above 0.3" in fired.reason
-    assert adapt.trigger(s, FALLING + [(15, 0.3)], None, [], 0) is None  # still falling
-    assert adapt.trigger(s, FLAT[:2], None, [], 0) is None  # too few points to judge
+    assert adapt.trigger(s, FALLING + [(15, 0.3)], None, NONE, 0) is None  # still falling
+    assert adapt.trigger(s, FLAT[:2], None, NONE, 0) is None  # too few points to judge
     below = AdaptSettings(grow=True, plateau=0.02, patience=2, target_loss=0.6)
-    assert adapt.trigger(below, FLAT, None, [], 0) is None  # plateaued, but good enough
-    assert adapt.trigger(AdaptSettings(plateau=0.02, target_loss=0.3), FLAT, None, [], 0) is None
+    assert adapt.trigger(below, FLAT, None, NONE, 0) is None  # plateaued, but good enough
+    assert adapt.trigger(AdaptSettings(plateau=0.02, target_loss=0.3), FLAT, None, NONE, 0) is None
 
 
 def test_the_default_grow_target_is_the_median_of_the_peers_at_that_step():
     s = AdaptSettings(grow=True, patience=2)
-    assert adapt.trigger(s, FLAT, None, [0.4, 0.45], 0) is None  # too few peers to judge
-    assert adapt.trigger(s, FLAT, None, [0.4, 0.45, 0.6], 0).kind == "grow"  # median 0.45
-    assert adapt.trigger(s, FLAT, None, [0.4, 0.5, 0.6], 0) is None  # 0.494 < median 0.5
+    assert adapt.trigger(s, FLAT, None, lambda: [0.4, 0.45], 0) is None  # too few peers to judge
+    assert adapt.trigger(s, FLAT, None, lambda: [0.4, 0.45, 0.6], 0).kind == "grow"  # median 0.45
+    assert adapt.trigger(s, FLAT, None, lambda: [0.4, 0.5, 0.6], 0) is None  # 0.494 < median 0.5
 
 
 def test_shrink_is_judged_before_grow():
     s = AdaptSettings(grow=True, target_loss=0.0, shrink_above_ms=1.0)
-    assert adapt.trigger(s, FLAT, 2.0, [], 0).kind == "shrink"
-    assert adapt.trigger(s, FLAT, 0.5, [], 0).kind == "grow"
+    assert adapt.trigger(s, FLAT, 2.0, NONE, 0).kind == "shrink"
+    assert adapt.trigger(s, FLAT, 0.5, NONE, 0).kind == "grow"
 
 
 @pytest.mark.parametrize(("key", "value"), [("plateau", "-0.1"), ("patience", "0"),

@@ -15,61 +15,28 @@ from search import cli
 from search import study as st
 from search.evolution import INHERITANCE, MUTATION, PARENT
 from search.hardware import LATENCY, PREDICTED_LATENCY, TARGET_DEVICE
-from search.runner import SearchOptions, run_search
 from search.space import load_space
 from workers import RESOURCE
 
-SPACE = """
-[data]
-image_size = 8
-
-[study]
-trials = 3
-startup_trials = 3
-{study}
-
-[evaluate]
-fid_samples = 16
-grid_images = 4
-
-[rungs]
-min_steps = 10
-
-{constraints}
-
-[unet]
-base_width = {{ choice = [8, 16] }}
-width_mults = [1, 2]
-norm_groups = 4
-time_emb_dim = 32
-activation = {{ choice = ["relu", "silu"] }}
-
-[schedule]
-sampler = "ddim"
-steps = {{ int = [2, 4] }}
-
-[train]
-steps = 30
-batch_size = 8
-learning_rate = {{ float = [1e-3, 3e-3], log = true }}
-warmup_steps = 5
-eval_every = 10
-"""
+TABLES = {"study": {"trials": "3", "startup_trials": "3"},
+          "rungs": {"min_steps": "10"},
+          "unet": {"base_width": "{ choice = [8, 16] }",
+                   "activation": '{ choice = ["relu", "silu"] }'},
+          "schedule": {"sampler": '"ddim"', "steps": "{ int = [2, 4] }"},
+          "train": {"steps": "30", "learning_rate": "{ float = [1e-3, 3e-3], log = true }",
+                    "warmup_steps": "5", "eval_every": "10"}}
 
 
-def _search(tmp_path, results, storage, name, study="", constraints="", **options):
-    path = tmp_path / f"{name}.toml"
-    path.write_text(SPACE.format(study=study, constraints=constraints))
-    result = run_search(SearchOptions(space=path, study=name, results=results,
-                                      storage=storage, **options))
-    return result, st.load_existing(st.open_storage(storage, create=False), name)
+def _tables(study=None, **more):
+    """The tables with ``study`` added to ``[study]`` and ``more`` tables."""
+    return {**TABLES, "study": {**TABLES["study"], **(study or {})}, **more}
 
 
 def test_stage0_prunes_on_the_latency_predicted_from_the_worker_table(
-        ray_cluster, results, storage, tmp_path, capsys):
-    constraints = "[constraints]\nmax_latency_ms = 0.001  # below any prediction\n"
-    result, study = _search(tmp_path, results, storage, "predicted", workers=1,
-                            study='pruner = "constraints"', constraints=constraints)
+        ray_cluster, tiny_search, results, storage, capsys):
+    limited = _tables({"pruner": '"constraints"'},
+                      constraints={"max_latency_ms": "0.001"})  # below any prediction
+    result, study = tiny_search("predicted", limited)
     assert (result.pruned, result.complete) == (3, 0)
     tables = list((results / "latency-tables").glob("*.json"))
     assert len(tables) == 1 and json.loads(tables[0].read_text())["entries"]
@@ -86,12 +53,12 @@ def test_stage0_prunes_on_the_latency_predicted_from_the_worker_table(
 
 
 def test_latency_measured_on_another_class_is_reported_for_the_target(
-        ray_cluster, results, storage, tmp_path):
+        ray_cluster, tiny_search, results):
     node = ray_cluster.add_node(num_cpus=1, resources={RESOURCE: 1, "node_fake": 1},
                                 labels={"diffnas-device-class": "fake-b"})
     try:
-        result, study = _search(tmp_path, results, storage, "target",
-                                study='target_device = "fake-b"')
+        result, study = tiny_search("target", _tables({"target_device": '"fake-b"'}),
+                                    workers=None)
     finally:
         ray_cluster.remove_node(node)
     assert result.complete == 3 and study.user_attrs[TARGET_DEVICE] == "fake-b"
@@ -112,16 +79,16 @@ def test_latency_measured_on_another_class_is_reported_for_the_target(
     assert converted >= 1
 
 
-def test_an_unknown_target_device_is_a_one_line_error(ray_cluster, results, storage, tmp_path):
+def test_an_unknown_target_device_is_a_one_line_error(ray_cluster, tiny_search):
     with pytest.raises(ValueError, match=r"^target_device 'nope': no worker of that device "
                                          r"class \(classes here: cpu:.*\)$"):
-        _search(tmp_path, results, storage, "nope", study='target_device = "nope"')
+        tiny_search("nope", _tables({"target_device": '"nope"'}), workers=None)
 
 
 def test_mutation_children_inherit_their_parents_weights_and_complete(
-        ray_cluster, results, storage, tmp_path):
-    result, study = _search(tmp_path, results, storage, "evolve", workers=1,
-                            study="mutation_rate = 1.0\ninherit_budget = 0.5")
+        ray_cluster, tiny_search, tmp_path):
+    result, study = tiny_search("evolve", _tables({"mutation_rate": "1.0",
+                                                   "inherit_budget": "0.5"}))
     assert result.complete == 3
     first, *children = study.trials
     assert PARENT not in first.user_attrs  # no front yet: the sampler's

@@ -34,7 +34,7 @@ with lock.exclusive():
     start = time.monotonic()
     time.sleep(0.05)
     end = time.monotonic()
-out.write_text(json.dumps([start, end, lock.waited_s]))
+out.write_text(json.dumps([start, end]))
 stop.touch()
 """
 
@@ -57,11 +57,10 @@ def test_a_measurement_runs_alone_while_steps_share_the_device(tmp_path):
                    check=True, timeout=60)
     for proc in trainers:
         assert proc.wait(timeout=60) == 0
-    start, end, waited = json.loads(measured.read_text())
+    start, end = json.loads(measured.read_text())
     steps = [[tuple(s) for s in json.loads(out.read_text())] for out in outs]
     for mine in steps:
         assert not any(_overlap(s, (start, end)) for s in mine)
         assert any(s[1] <= start for s in mine) and any(s[0] >= end for s in mine)
         assert len(mine) < 4000  # the measurement got in while they kept stepping
     assert any(_overlap(a, b) for a in steps[0] for b in steps[1])  # shared is shared
-    assert waited >= 0.0
