@@ -6,7 +6,7 @@
   uv run python benchmarks/compression.py --quick               # 8 px smoke run, ~3 min
 
 Without ``--checkpoint`` it trains a small U-Net on the built-in 16 px digits (cached
-under ``--work``, so a re-run skips it). It then runs :func:`engine.compress.compress`:
+under ``--work``, so a re-run skips it). It then runs :func:`engine.compression.compress.compress`:
 each method's levels from mild to aggressive, each level scored by FID of ``--n`` samples
 against real digits on the shipped feature network (same seeds at every level), kept
 while the FID rises at most ``--max-fid-increase`` over the baseline and otherwise rolled
@@ -23,14 +23,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from engine.bench import device_fingerprint  # first: engine binds OpenBLAS before mlx loads
-from engine.compress import compress, fid_evaluator, format_table
+from engine.device.bench import device_fingerprint  # first: engine binds OpenBLAS before mlx loads
+from engine.compression.compress import compress, fid_evaluator, format_table
 from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
-from engine.data import load_dataset
-from engine.features import feature_network_for
-from engine.io import load_weights, save_checkpoint
-from engine.metrics import evaluate_quality
-from engine.train import init_state, train
+from engine.data.datasets import load_dataset
+from engine.quality.features import feature_network_for
+from engine.io.checkpoint import load_weights, save_checkpoint
+from engine.quality.metrics import evaluate_quality
+from engine.training.train import init_state, train
 
 MODEL = Config(
     unet=UNetConfig(image_size=16, base_width=16, width_mults=(1, 2), norm_groups=4,
@@ -84,7 +84,7 @@ def markdown(result, config: Config, floor: float, noise: list[str], args, devic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", type=Path, help="a checkpoint folder (engine.io)")
+    parser.add_argument("--checkpoint", type=Path, help="a checkpoint folder (engine.io.checkpoint)")
     parser.add_argument("--work", type=Path, default=Path("results/compression-bench"))
     parser.add_argument("--out", type=Path, help="Markdown output (default: WORK/table.md)")
     parser.add_argument("--n", type=int, default=1000, help="FID sample count")

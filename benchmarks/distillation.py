@@ -33,16 +33,16 @@ import engine  # noqa: F401  (binds OpenBLAS before mlx loads)
 # isort: split
 from mlx import nn
 
-from engine.bench import device_fingerprint, sampling_latency
+from engine.device.bench import device_fingerprint, sampling_latency
 from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
-from engine.consistency import (
+from engine.training.consistency import (
     ConsistencyConfig,
     ConsistencyModel,
     consistency_distill,
     sampling_schedule,
 )
-from engine.data import Dataset, load_dataset
-from engine.distill import (
+from engine.data.datasets import Dataset, load_dataset
+from engine.training.distill import (
     DistillResult,
     Gate,
     ProgressiveConfig,
@@ -50,11 +50,11 @@ from engine.distill import (
     load_distilled,
     progressive_distill,
 )
-from engine.features import feature_network_for
-from engine.io import load_checkpoint, save_checkpoint
-from engine.metrics import evaluate_quality
-from engine.samplers import generate
-from engine.train import init_state, train
+from engine.quality.features import feature_network_for
+from engine.io.checkpoint import load_checkpoint, save_checkpoint
+from engine.quality.metrics import evaluate_quality
+from engine.sampling.samplers import generate
+from engine.training.train import init_state, train
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,7 @@ def latency_pass(report: Report, teacher: nn.Module, config: Config, rounds: int
     for r in report.rows:
         r["latency_ms"] = best[(r["model"], r["steps"])]
     report.sections["Latency protocol"] = (
-        f"Batch 1, warm-up then the median of >= 5 runs (engine.bench.sampling_latency), "
+        f"Batch 1, warm-up then the median of >= 5 runs (engine.device.bench.sampling_latency), "
         f"all {len(cases)} cases measured round-robin {rounds} times; the best median is "
         "reported. Students share the teacher's architecture, so the teacher's weights stand in.")
     report.write()

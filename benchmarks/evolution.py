@@ -12,7 +12,7 @@ The arms share the space :data:`SPACE` and the sampler seeds; only ``[study]``,
 - ``sampler``: ``mutation_rate = 0``, every candidate comes from TPE and trains from scratch;
 - ``evolution``: ``mutation_rate = 0.25``: a quarter of the candidates mutate a trial of
   the current Pareto front (search.evolution), start from its weights morphed to the new
-  architecture (engine.morph.inherit) and train for ``inherit_budget = 0.5`` of the steps;
+  architecture (engine.model.morph.inherit) and train for ``inherit_budget = 0.5`` of the steps;
 - ``budget``: ``sampler`` under a latency limit (``[constraints] max_latency_ms``) with the
   ``constraints`` pruner: a candidate measured over it stops before training;
 - ``shrink``: the same limit, but a candidate over it trains to its first rung and then
@@ -67,7 +67,7 @@ ARMS = {"sampler": {"study": "mutation_rate = 0.0"},
 BASELINE = {"evolution": "sampler", "shrink": "budget"}
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 SPACE = """\
-# benchmarks/evolution.py: 8 px, architectures whose neighbours engine.morph can reach.
+# benchmarks/evolution.py: 8 px, architectures whose neighbours engine.model.morph can reach.
 [study]
 trials = 100000        # the device-second budget ends each study
 sampler = "tpe"

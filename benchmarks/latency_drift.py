@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 from latency_predictor import describe, random_config
 
-from engine import latency  # first: engine binds OpenBLAS before mlx loads
-from engine.bench import device_fingerprint
-from engine.unet import UNet
+from engine.model import latency  # first: engine binds OpenBLAS before mlx loads
+from engine.device.bench import device_fingerprint
+from engine.model.unet import UNet
 
 
 def main(argv: list[str] | None = None) -> int:

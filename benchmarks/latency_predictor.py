@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Accuracy of the per-device latency predictor (engine.latency) on held-out configs.
+"""Accuracy of the per-device latency predictor (engine.model.latency) on held-out configs.
 
   uv run python benchmarks/latency_predictor.py [--held-out 24] [--calibration 8]
       [--clock cpu|wall] [--seed 0] [--json results/latency_predictor.json]
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import latency  # first: engine binds OpenBLAS before mlx loads
+from engine.model import latency  # first: engine binds OpenBLAS before mlx loads
 from engine.config import Config, ScheduleConfig, UNetConfig
-from engine.unet import UNet
+from engine.model.unet import UNet
 
 MULTS = [(1, 2), (1, 2, 2), (1, 2, 4), (2, 2), (1, 1, 2), (1,), (1, 2, 2, 2)]
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Accuracy of engine.memory's predicted peaks on configs it was not calibrated on.
+"""Accuracy of engine.device.memory's predicted peaks on configs it was not calibrated on.
 
   uv run python benchmarks/memory_accuracy.py [--quick] [--json results/memory_accuracy.json]
 
-For each held-out config (none is in ``engine.memory.CALIBRATION_CONFIGS``) it predicts,
+For each held-out config (none is in ``engine.device.memory.CALIBRATION_CONFIGS``) it predicts,
 then measures (``mx.reset_peak_memory`` / ``mx.get_peak_memory``): the training-step peak
 in the four training modes (float32 / bf16, with and without per-block checkpointing)
 at two batch sizes, and the sampling peak at batch 1 and 16. It prints one row per
@@ -17,9 +17,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from engine.bench import device_fingerprint  # first: engine binds OpenBLAS before mlx loads
+from engine.device.bench import device_fingerprint  # first: engine binds OpenBLAS before mlx loads
 from engine.config import Config, ScheduleConfig, UNetConfig
-from engine.memory import (
+from engine.device.memory import (
     CALIBRATION_CONFIGS,
     MODES,
     measure_sampling_mb,

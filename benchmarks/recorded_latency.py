@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.bench import device_fingerprint, sampling_latency  # first: binds OpenBLAS
-from engine.models import load_model
+from engine.device.bench import device_fingerprint, sampling_latency  # first: binds OpenBLAS
+from engine.io.models import load_model
 from search import study as st
 
 

@@ -18,15 +18,15 @@ import engine  # noqa: F401  (binds OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 
-from engine.adaptive import nfe_histogram, sample_adaptive
-from engine.bench import device_fingerprint
-from engine.data import load_dataset
-from engine.diffusion import denoiser
+from engine.sampling.adaptive import nfe_histogram, sample_adaptive
+from engine.device.bench import device_fingerprint
+from engine.data.datasets import load_dataset
+from engine.sampling.diffusion import denoiser
 from engine.experiment import sample_images
-from engine.features import digits_feature_network
-from engine.io import load_weights
-from engine.metrics import evaluate_quality
-from engine.timesteps import optimize_schedule
+from engine.quality.features import digits_feature_network
+from engine.io.checkpoint import load_weights
+from engine.quality.metrics import evaluate_quality
+from engine.sampling.timesteps import optimize_schedule
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 import engine  # noqa: F401  (binds OpenBLAS before mlx loads)
-from engine.bench import device_fingerprint
+from engine.device.bench import device_fingerprint
 from search.runner import SearchOptions, run_search
 from workers import RESOURCE
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side throughput of the same U-Net in MLX (engine.unet) and PyTorch (torch_unet).
+"""Side-by-side throughput of the same U-Net in MLX (engine.model.unet) and PyTorch (torch_unet).
 
 Each framework runs in its own interpreter; this one file is the worker for both and
 the driver that launches them:
@@ -10,7 +10,7 @@ the driver that launches them:
   python3 benchmarks/throughput.py --device-report
 
 The torch worker never imports ``engine`` or ``mlx``; the MLX worker imports ``engine``
-before ``mlx`` (so that ``engine._blas`` can bind OpenBLAS; ``DIFFNAS_BLAS=reference``
+before ``mlx`` (so that ``engine.device.blas`` can bind OpenBLAS; ``DIFFNAS_BLAS=reference``
 keeps the BLAS bundled with the mlx wheel). Workers print one JSON line prefixed with
 ``@@RESULT`` on stdout; progress goes to stderr. See benchmarks/README.md.
 
@@ -62,7 +62,7 @@ CHECK_ONLY: dict[str, dict[str, Any]] = {
     "v-dropout": {"base_width": 16, "dropout": 0.1},
 }
 
-# engine.schedules / engine.diffusion constants and the cosine schedule, duplicated so
+# engine.sampling.schedules / engine.sampling.diffusion constants and the cosine schedule, duplicated so
 # that the torch worker does not import engine.
 T_MIN = 1e-3
 ALPHA_BAR_MIN = 1e-5
@@ -103,7 +103,7 @@ def _load_configs(names: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def ddim_grid(steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Trailing spacing + t = 0, cosine alpha/sigma (engine.schedules.grid, duplicated)."""
+    """Trailing spacing + t = 0, cosine alpha/sigma (engine.sampling.schedules.grid, duplicated)."""
     t = np.concatenate([np.arange(steps, 0, -1) / steps, [0.0]])
     s = 0.008
     ab = np.cos((t + s) / (1 + s) * math.pi / 2) ** 2 / math.cos(s / (1 + s) * math.pi / 2) ** 2
@@ -156,7 +156,7 @@ def _mlx_setup(device: str) -> Any:
 
 def mlx_fingerprint(device: str = "auto") -> dict[str, Any]:
     mx = _mlx_setup(device)
-    from engine.bench import device_fingerprint
+    from engine.device.bench import device_fingerprint
 
     fp = device_fingerprint()
     fp["default_device"] = str(mx.default_device())
@@ -176,11 +176,11 @@ def mlx_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _mlx_eager_step(state: Any) -> Callable[[Any, Any], Any]:
-    """``engine.train._compiled_step`` without ``mx.compile`` (same loss, clip, AdamW)."""
+    """``engine.training.train._compiled_step`` without ``mx.compile`` (same loss, clip, AdamW)."""
     import mlx.optimizers as optim
     from mlx import nn
 
-    from engine.diffusion import diffusion_loss
+    from engine.sampling.diffusion import diffusion_loss
 
     cfg, model, opt = state.config, state.model, state.optimizer
     loss_and_grad = nn.value_and_grad(model, lambda x0, key: diffusion_loss(
@@ -201,8 +201,8 @@ def _mlx_dump(ucfg: Any, path: Path) -> int:
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map
 
-    from engine.cost import param_count
-    from engine.unet import UNet
+    from engine.model.cost import param_count
+    from engine.model.unet import UNet
 
     mx.random.seed(1)
     model = UNet(ucfg)
@@ -223,11 +223,11 @@ def _mlx_dump(ucfg: Any, path: Path) -> int:
 def _mlx_config(args: argparse.Namespace, name: str, data: dict[str, Any]) -> dict[str, Any]:
     import mlx.core as mx
 
-    from engine import train as etrain
+    from engine.training import train as etrain
     from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
-    from engine.cost import flops, param_count
-    from engine.samplers import generate
-    from engine.unet import UNet
+    from engine.model.cost import flops, param_count
+    from engine.sampling.samplers import generate
+    from engine.model.unet import UNet
 
     ucfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
     res: dict[str, Any] = {"params_cost": param_count(ucfg), "gflops_fwd_b1": flops(ucfg) / 1e9}
@@ -261,7 +261,7 @@ def _mlx_config(args: argparse.Namespace, name: str, data: dict[str, Any]) -> di
         if _skipped(args.skip, name, f"sample_b{n}"):
             continue
         _log(f"[mlx] {name}: sample ddim{args.sample_steps} b{n}")
-        # engine.samplers.generate ends with mx.eval: each call is one synchronised run.
+        # engine.sampling.samplers.generate ends with mx.eval: each call is one synchronised run.
         stat = timed(lambda n=n: generate(model, cfg.schedule, n, 0, ucfg.image_size,
                                           ucfg.channels),
                      mx.synchronize, args.windows, 1, 0.0)
@@ -311,7 +311,7 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
         res: dict[str, Any] = {"params_model": tu.param_count(cfg)}
         if name in expect and res["params_model"] != expect[name]:
             raise SystemExit(f"{name}: the torch port has {res['params_model']} parameters, "
-                             f"engine.cost.param_count says {expect[name]}")
+                             f"engine.model.cost.param_count says {expect[name]}")
         if args.check:
             res.update(_torch_check(torch, tu, cfg, Path(args.check) / f"{name}.npz", dev))
         else:
@@ -331,13 +331,13 @@ def _torch_config(args: argparse.Namespace, torch: Any, tu: Any, cfg: Any, name:
         -1, 1, (args.batch, h, h, cfg.channels)).astype(np.float32)).permute(0, 3, 1, 2)
     x0 = x0.contiguous().to(dev)
     model = tu.UNet(cfg).to(dev).train()
-    # AdamW as engine.train.make_optimizer (MLX: no bias correction; negligible cost).
+    # AdamW as engine.training.train.make_optimizer (MLX: no bias correction; negligible cost).
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=0.0)
     s_ = 0.008
     norm = math.cos(s_ / (1 + s_) * math.pi / 2) ** 2
 
-    def step() -> None:  # engine.diffusion.diffusion_loss (eps, cosine) + clip + AdamW
+    def step() -> None:  # engine.sampling.diffusion.diffusion_loss (eps, cosine) + clip + AdamW
         t = torch.rand(args.batch, device=dev) * (1.0 - T_MIN) + T_MIN
         eps = torch.randn_like(x0)
         ab = (torch.cos((t + s_) / (1 + s_) * math.pi / 2) ** 2 / norm).clamp(ALPHA_BAR_MIN, 1)
@@ -358,7 +358,7 @@ def _torch_config(args: argparse.Namespace, torch: Any, tu: Any, cfg: Any, name:
     ts, alphas, sigmas = ddim_grid(args.sample_steps)
 
     @torch.inference_mode()
-    def sample(n: int) -> Any:  # engine.samplers.sample_ddim, eta = 0, clip_x0 = True
+    def sample(n: int) -> Any:  # engine.sampling.samplers.sample_ddim, eta = 0, clip_x0 = True
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.randn(n, cfg.channels, h, h, generator=g, device=dev)
         for i in range(args.sample_steps):
@@ -500,7 +500,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"MLX and torch models differ: {bad}: "
                              f"{json.dumps(out['equivalence'], indent=1)}")
 
-    # 2. Expected parameter counts from engine.cost, for the torch worker to assert.
+    # 2. Expected parameter counts from engine.model.cost, for the torch worker to assert.
     expect = {}
     # 3. Timings. MLX: one run per BLAS x thread count (on GPU: one run); torch: per thread.
     mlx_variants = []
@@ -583,7 +583,7 @@ def markdown(out: dict[str, Any], args: argparse.Namespace) -> str:
     lines.append("\nRatios are MLX speed ÷ PyTorch speed (> 1: MLX faster), at the same "
                  "thread count; ± is the spread (IQR / median) of the timed windows.")
     if out.get("equivalence"):
-        lines.append("\n| equivalence check | params engine.cost | MLX | torch | "
+        lines.append("\n| equivalence check | params engine.model.cost | MLX | torch | "
                      "max abs err | max rel err | ok |")
         lines.append("|---|---|---|---|---|---|---|")
         for n, e in out["equivalence"].items():

@@ -1,4 +1,4 @@
-"""PyTorch (NCHW) port of ``engine.unet.UNet``, for side-by-side benchmarks only.
+"""PyTorch (NCHW) port of ``engine.model.unet.UNet``, for side-by-side benchmarks only.
 
 This file must not import ``engine`` or ``mlx``: it runs in a separate interpreter
 that has PyTorch but not the project's dependencies. :class:`UNetCfg` therefore
@@ -10,7 +10,7 @@ The module tree mirrors the MLX one name for name (``down.0.blocks.0.conv1.conv`
 by name, transposing only the convolution kernels (MLX: ``O,kH,kW,I``; torch
 ``Conv2d``: ``O,I,kH,kW``; torch ``ConvTranspose2d``: ``I,O,kH,kW``).
 
-Parameter count: :func:`param_count` must equal ``engine.cost.param_count`` for the
+Parameter count: :func:`param_count` must equal ``engine.model.cost.param_count`` for the
 same config; the harness (``benchmarks/throughput.py``) asserts it.
 """
 
@@ -181,7 +181,7 @@ class Level(nn.Module):
 
 
 class UNet(nn.Module):
-    """Same architecture as ``engine.unet.UNet``; call with x (B, C, H, W), t (B,)."""
+    """Same architecture as ``engine.model.unet.UNet``; call with x (B, C, H, W), t (B,)."""
 
     def __init__(self, cfg: UNetCfg):
         super().__init__()

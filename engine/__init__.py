@@ -1,5 +1,5 @@
 """diffnas engine: a plain MLX diffusion library (no ray, no optuna)."""
 
-from engine import _blas
+from engine.device import blas as _blas
 
 _blas.bind()

@@ -99,7 +99,7 @@ class ScheduleConfig:
 
     Time is continuous, ``t`` in [0, 1]; ``timesteps`` (for ``explicit`` and
     ``optimized`` spacing) lists the sampler's times from high to low, excluding 0.
-    The ``adaptive`` sampler (:func:`engine.adaptive.sample_adaptive`) chooses its own
+    The ``adaptive`` sampler (:func:`engine.sampling.adaptive.sample_adaptive`) chooses its own
     steps: ``steps`` caps its network evaluations per sample, ``tolerance`` is its error
     tolerance (absolute and relative), and ``spacing`` does not apply.
     """

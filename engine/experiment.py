@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from engine.bench import device_fingerprint, sampling_latency, sampling_peak_mb, training_peak_mb
+from engine.device.bench import device_fingerprint, sampling_latency, sampling_peak_mb, training_peak_mb
 from engine.config import Config
-from engine.data import Dataset
-from engine.images import save_grid
-from engine.io import save_checkpoint
-from engine.samplers import generate
-from engine.train import Callback, EvalPoint, init_state, train
-from engine.unet import UNet
+from engine.data.datasets import Dataset
+from engine.data.images import save_grid
+from engine.io.checkpoint import save_checkpoint
+from engine.sampling.samplers import generate
+from engine.training.train import Callback, EvalPoint, init_state, train
+from engine.model.unet import UNet
 
 GRID_IMAGES = 64
 
@@ -45,8 +45,8 @@ def sample_images(model: UNet, config: Config, n: int, seed: int, batch: int = 2
 def quality(model: UNet, config: Config, dataset: Dataset, settings: QualityEval,
             cache_dir: Path | None = None) -> dict[str, Any]:
     """FID, KID, precision and recall of ``model``'s samples, with the real-vs-real floor."""
-    from engine.features import feature_network_for
-    from engine.metrics import evaluate_quality
+    from engine.quality.features import feature_network_for
+    from engine.quality.metrics import evaluate_quality
 
     net = feature_network_for(dataset, cache_dir or Path("results") / "feature-nets")
     fake = sample_images(model, config, settings.n, settings.seed)

@@ -4,8 +4,8 @@ plateaued above the target, shrink one whose latency is over budget.
 Both triggers are judged by the coordinator at a rung before the last (``[adapt]`` in the
 space, :class:`search.space.AdaptSettings`). When one fires, the running trial stops
 (PRUNED, with its checkpoint kept) and a new trial is enqueued whose architecture is one
-morphism away (:func:`engine.morph.neighbours`, mapped onto the space) and whose weights
-are the stopped trial's, morphed on the worker by :func:`engine.morph.inherit`: widening
+morphism away (:func:`engine.model.morph.neighbours`, mapped onto the space) and whose weights
+are the stopped trial's, morphed on the worker by :func:`engine.model.morph.inherit`: widening
 and deepening preserve the network's function, narrowing keeps the most important
 channels and the rest of training is the recovery. The new trial trains for the steps its
 parent had left.
@@ -26,9 +26,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from engine import morph
+from engine.model import morph
 from engine.config import Config, UNetConfig
-from engine.cost import flops, param_count
+from engine.model.cost import flops, param_count
 from search import evolution
 from search import study as st
 from search.space import AdaptSettings, SearchSpace
@@ -113,8 +113,8 @@ def choose(kind: str, space: SearchSpace, params: dict[str, Any], channels: int,
            budget_ms: float | None = None) -> Choice | None:
     """The neighbour of ``params`` to grow or shrink into (None: the space has none).
 
-    Candidates are the morphisms of :func:`engine.morph.neighbours` that map onto the
-    space, change the parameter count the right way and that :func:`engine.morph.inherit`
+    Candidates are the morphisms of :func:`engine.model.morph.neighbours` that map onto the
+    space, change the parameter count the right way and that :func:`engine.model.morph.inherit`
     can carry the weights across. Each one's latency is predicted as the trial's measured
     ``latency_ms`` times the ratio of ``cost`` (the target device's latency table; FLOPs
     when it gives none). Growth takes the cheapest; shrinking takes the largest that fits

@@ -23,7 +23,7 @@ def _load_config(name_or_path: str) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from engine.data import load_dataset
+    from engine.data.datasets import load_dataset
     from engine.experiment import QualityEval, run
 
     config = _load_config(args.config)
@@ -41,8 +41,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from engine.experiment import sample_images
-    from engine.images import save_grid
-    from engine.models import load_model
+    from engine.data.images import save_grid
+    from engine.io.models import load_model
 
     config, model = load_model(args.checkpoint)
     overrides = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v}
@@ -55,7 +55,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from engine.bench import bench
+    from engine.device.bench import bench
 
     record = bench(_load_config(args.config), batch_n=args.batch).to_dict()
     print(json.dumps(record, indent=2))
@@ -63,7 +63,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_memory(args: argparse.Namespace) -> int:
-    from engine.memory import format_report
+    from engine.device.memory import format_report
 
     print(format_report(_load_config(args.config), args.budget_mb))
     return 0

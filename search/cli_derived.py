@@ -51,10 +51,10 @@ def distill_trial(src: dv.Source, method: str, steps: int, results: Path,
 
     Returns:
         ``(label, result)``: the new point's label (``None`` if no stage passed) and the
-        :class:`engine.distill.DistillResult`.
+        :class:`engine.training.distill.DistillResult`.
     """
-    from engine.distill import Gate, distill, fid_quality
-    from engine.models import kind_of, load_model
+    from engine.training.distill import Gate, distill, fid_quality
+    from engine.io.models import kind_of, load_model
 
     if kind_of(src.folder) != "checkpoint":
         raise ValueError(f"trial {src.label} is a {kind_of(src.folder)} model; distil a trained "
@@ -123,15 +123,15 @@ def compress_trial(src: dv.Source, max_fid_increase: float, results: Path,
                    methods: tuple[str, ...] | None = None, finetune_steps: int = 100,
                    emit: Any = print) -> tuple[str | None, Any]:
     """Compress ``src``'s model as far as ``max_fid_increase`` allows; record what was kept."""
-    from engine.compress import (
+    from engine.compression.compress import (
         DEFAULT_LEVELS,
         compress,
         fid_evaluator,
         format_table,
         save_compressed,
     )
-    from engine.features import feature_network_for
-    from engine.models import kind_of, load_model
+    from engine.quality.features import feature_network_for
+    from engine.io.models import kind_of, load_model
 
     if kind_of(src.folder) == "compressed":
         raise ValueError(f"trial {src.label} is already compressed; compress its source instead")
@@ -195,10 +195,10 @@ def schedule_trial(src: dv.Source, steps: int, results: Path, sampler: str | Non
                    seconds: float = 60.0, seed: int = 0, batch: int = 64,
                    emit: Any = print) -> str:
     """Optimise ``steps`` sampling times for ``src``'s model; record it with that schedule."""
-    from engine.diffusion import denoiser
-    from engine.io import load_weights
-    from engine.models import kind_of
-    from engine.timesteps import optimize_schedule
+    from engine.sampling.diffusion import denoiser
+    from engine.io.checkpoint import load_weights
+    from engine.io.models import kind_of
+    from engine.sampling.timesteps import optimize_schedule
 
     if kind_of(src.folder) != "checkpoint":
         raise ValueError(f"trial {src.label} is a {kind_of(src.folder)} model; tune the "

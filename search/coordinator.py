@@ -210,7 +210,7 @@ class Coordinator:
     # -- ask and stage 0 ------------------------------------------------------------------
 
     def _ask(self) -> TrialRun | None:
-        from engine.cost import flops, param_count
+        from engine.model.cost import flops, param_count
 
         for _ in range(MAX_INVALID_IN_A_ROW):
             start = time.perf_counter()

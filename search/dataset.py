@@ -17,11 +17,11 @@ def build_payload(settings: DataSettings, cache_dir: Path) -> DataPayload:
     """Load the dataset, split train/val, and pack the feature network for FID/KID.
 
     Raises:
-        ValueError: a missing or corrupt dataset (``engine.data.DatasetError``), with the path.
+        ValueError: a missing or corrupt dataset (``engine.data.datasets.DatasetError``), with the path.
     """
     import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
-    from engine.data import load_dataset
-    from engine.features import feature_network_for
+    from engine.data.datasets import load_dataset
+    from engine.quality.features import feature_network_for
 
     dataset = load_dataset(settings.dataset, image_size=settings.image_size)
     train, val = dataset.split(settings.val_fraction, settings.split_seed)

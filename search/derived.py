@@ -75,7 +75,7 @@ class Source:
     label: str  # "3" or "d0"
     trial: FrozenTrial
     space: SearchSpace
-    folder: Path  # the model folder (engine.models.load_model reads it)
+    folder: Path  # the model folder (engine.io.models.load_model reads it)
 
     @property
     def latency_ms(self) -> float:
@@ -118,7 +118,7 @@ def _model_folder(trial: FrozenTrial, label: str) -> Path:
 def dataset_of(space: SearchSpace) -> Any:
     """The study's dataset at its image size (errors name a missing or corrupt one)."""
     import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
-    from engine.data import load_dataset
+    from engine.data.datasets import load_dataset
 
     return load_dataset(space.data.dataset, image_size=space.data.image_size)
 
@@ -139,11 +139,11 @@ class Point:
 
 def measure(model: Any, config: Any, src: Source, dataset: Any, cache_dir: Path) -> Point:
     """FID/KID, side-by-side latency against the source, and peak memory of ``model``."""
-    from engine.bench import device_fingerprint, sampling_peak_mb
+    from engine.device.bench import device_fingerprint, sampling_peak_mb
     from engine.experiment import sample_images
-    from engine.features import feature_network_for
-    from engine.metrics import evaluate_quality
-    from engine.models import load_model
+    from engine.quality.features import feature_network_for
+    from engine.quality.metrics import evaluate_quality
+    from engine.io.models import load_model
 
     ev = src.space.evaluate
     net = feature_network_for(dataset, cache_dir)
@@ -173,7 +173,7 @@ def measure(model: Any, config: Any, src: Source, dataset: Any, cache_dir: Path)
 def side_by_side(model: Any, config: Any, other: Any, other_config: Any, runs: int
                  ) -> tuple[float, float]:
     """Batch-1 sampling latency of two models, alternated; the best median of each (ms)."""
-    from engine.bench import sampling_latency
+    from engine.device.bench import sampling_latency
 
     best = [np.inf, np.inf]
     for _ in range(ROUNDS):
@@ -192,7 +192,7 @@ def record(src: Source, kind: str, config: Any, point: Point, model_folder: Path
     The model folder is copied under ``results/<study>/derived/`` first, so a point is
     never recorded without its files.
     """
-    from engine.images import grid_png
+    from engine.data.images import grid_png
 
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: must be one of {', '.join(KINDS)}")
@@ -225,7 +225,7 @@ def record(src: Source, kind: str, config: Any, point: Point, model_folder: Path
 
 
 def _cost(config: Any) -> dict[str, int]:
-    from engine.cost import flops, param_count
+    from engine.model.cost import flops, param_count
 
     return {"params": param_count(config.unet), "flops": flops(config.unet)}
 

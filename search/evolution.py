@@ -4,14 +4,14 @@ starts from its parent's weights.
 With probability ``[study] mutation_rate`` the coordinator, instead of asking the sampler,
 picks a trial of the current front (feasible, complete, with a checkpoint), mutates its
 parameters and enqueues them (``study.enqueue_trial``) with the user attrs ``parent`` and
-``mutation``. An architecture mutation is a morphism (:func:`engine.morph.neighbours`,
-what :func:`engine.morph.mutate` draws from) that maps onto the space -- every changed
+``mutation``. An architecture mutation is a morphism (:func:`engine.model.morph.neighbours`,
+what :func:`engine.model.morph.mutate` draws from) that maps onto the space -- every changed
 field is searched and takes a value the space allows; a schedule or training mutation
 moves one parameter to a neighbouring value. Either way the child decodes to a valid
 config of the space.
 
 The child then starts from the parent's EMA weights, morphed to its architecture by
-:func:`engine.morph.inherit` on the worker, and trains for ``[study] inherit_budget`` of
+:func:`engine.model.morph.inherit` on the worker, and trains for ``[study] inherit_budget`` of
 the training steps; an architecture the morphisms cannot reach starts fresh with the
 full budget. The trial's ``inheritance`` user attr says which.
 """
@@ -29,7 +29,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from engine import morph
+from engine.model import morph
 from engine.config import Config, UNetConfig
 from search import pareto
 from search import study as st
@@ -174,7 +174,7 @@ def reachable(study: optuna.Study, parent: int, child: Config) -> str:
         return f"trial {parent} kept no weights"
     parent_unet = Config.from_dict(trial.user_attrs[st.CONFIG]).unet
     if not morph.reachable(parent_unet, child.unet):
-        return "not reachable from the parent's architecture by engine.morph"
+        return "not reachable from the parent's architecture by engine.model.morph"
     return ""
 
 

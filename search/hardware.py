@@ -1,7 +1,7 @@
 """Hardware-aware search: a latency table per device class, predicted latency before
 dispatch, and every latency reported for the study's target device class.
 
-Each worker measures a latency table of its device class (:mod:`engine.latency`,
+Each worker measures a latency table of its device class (:mod:`engine.model.latency`,
 :mod:`workers.table`) and sends it with its profile; each completed trial grows it. The
 coordinator keeps the latest table of every class and
 
@@ -21,9 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from engine.adaptive import choose_budget, with_budget
+from engine.sampling.adaptive import choose_budget, with_budget
 from engine.config import Config
-from engine.latency import LatencyTable, predict_latency_ms
+from engine.model.latency import LatencyTable, predict_latency_ms
 from search.space import Param, SearchSpace
 from workers.records import WorkerSetup
 

@@ -90,7 +90,7 @@ class NoPruner:
 
 # -- constraints (stages 0 and 1) --------------------------------------------------------
 
-STAGE0 = ("params", "flops")  # known before dispatch (engine.cost)
+STAGE0 = ("params", "flops")  # known before dispatch (engine.model.cost)
 STAGE1 = ("latency_ms", "memory_mb")  # measured by the worker before training
 UNITS = {"params": "", "flops": " FLOPs", "latency_ms": " ms", "memory_mb": " MB"}
 

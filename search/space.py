@@ -142,9 +142,9 @@ class Constraints:
     max_latency_ms: float | None = None
     max_memory_mb: float | None = None
     max_params: int | None = None
-    max_flops: int | None = None  # per forward pass at batch 1 (engine.cost)
+    max_flops: int | None = None  # per forward pass at batch 1 (engine.model.cost)
     # The whole trial (measurement, training, validation, evaluation) on its worker:
-    # predicted before anything is built, then measured at every phase (engine.memory).
+    # predicted before anything is built, then measured at every phase (engine.device.memory).
     max_trial_memory_mb: float | None = None
     # Stage 0 prunes on the predicted latency (search.hardware) only when it is over
     # max_latency_ms by more than this fraction: the predictor is not exact.

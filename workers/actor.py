@@ -37,7 +37,7 @@ def device_profile() -> dict[str, Any]:
     """This process's device: chip or CPU, backend, memory, MLX and BLAS, host, pid, and its
     device class (:func:`workers.table.device_class`)."""
     import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
-    from engine.bench import device_fingerprint
+    from engine.device.bench import device_fingerprint
 
     profile = dict(device_fingerprint())
     profile.update(host=socket.gethostname(), pid=os.getpid())

@@ -53,7 +53,7 @@ class Parent:
     """A mutated trial's parent: its config and EMA weights (``ema.safetensors`` bytes).
 
     The child starts from these weights morphed to its own architecture
-    (``engine.morph.inherit``) and trains to ``rungs``, a shorter budget than a fresh start.
+    (``engine.model.morph.inherit``) and trains to ``rungs``, a shorter budget than a fresh start.
     """
 
     number: int
@@ -75,9 +75,9 @@ class TrialRequest:
     latency_runs: int = 5
     memory: str = "sample"
     eval_seed: int = 0
-    memory_limit_mb: float | None = None  # the whole trial must fit (engine.memory)
+    memory_limit_mb: float | None = None  # the whole trial must fit (engine.device.memory)
     # Sample with the most steps whose latency fits this (ms per image at batch 1) on the
-    # worker's device; the sampler and step count come from engine.adaptive.choose_budget.
+    # worker's device; the sampler and step count come from engine.sampling.adaptive.choose_budget.
     latency_target_ms: float | None = None
     parent: Parent | None = None
     # Set by the worker: its device class and the folder of its latency tables, where the

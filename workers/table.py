@@ -33,8 +33,8 @@ def device_class(profile: dict[str, Any], labels: dict[str, str]) -> str:
 
 def load_table(cache_dir: str | Path, device_class: str) -> Any:
     """This device's table for ``device_class``, read from ``cache_dir`` (or a new one)."""
-    from engine.bench import device_fingerprint
-    from engine.latency import LatencyTable
+    from engine.device.bench import device_fingerprint
+    from engine.model.latency import LatencyTable
 
     return LatencyTable.load(cache_dir, {**device_fingerprint(), "device_class": device_class})
 
@@ -51,7 +51,7 @@ def build(configs: list[dict[str, Any]], cache_dir: str | Path, device_class: st
         ``{"table": table dict, "cache_dir": the folder used}``.
     """
     from engine.config import Config
-    from engine.latency import calibrate, raw_latency_ms
+    from engine.model.latency import calibrate, raw_latency_ms
 
     try:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
@@ -99,9 +99,9 @@ def observe_trial(model: Any, config: Any, table_dir: str, device_class: str,
     """Add a trial's sampling latency to the worker's table; returns the table.
 
     ``measured_ms`` is the trial's wall-clock latency; a table on the CPU clock
-    (:func:`engine.latency.default_clock`) measures it again on its own clock.
+    (:func:`engine.model.latency.default_clock`) measures it again on its own clock.
     """
-    from engine.latency import observe, sampling_latency
+    from engine.model.latency import observe, sampling_latency
 
     table = load_table(table_dir, device_class)
     with table.locked():

@@ -64,8 +64,8 @@ def run_trial(request: TrialRequest, data: DataPayload, ask: Ask) -> TrialOutcom
     its constraint value: under a memory limit (``request.memory_limit_mb``) its predicted
     or measured peak, under a latency target one step's latency.
     """
-    from engine.memory import MemoryBudgetExceeded
-    from engine.train import TrainingDiverged
+    from engine.device.memory import MemoryBudgetExceeded
+    from engine.training.train import TrainingDiverged
 
     done = _Progress(request)
     try:
@@ -104,7 +104,7 @@ class _Progress:
         """After each phase under a memory limit: raise if it went over, else keep the peak."""
         if self.limit_mb is None:
             return
-        from engine.memory import MemoryBudgetExceeded, check_peak
+        from engine.device.memory import MemoryBudgetExceeded, check_peak
 
         if peak_mb > self.limit_mb:
             raise MemoryBudgetExceeded(what, peak_mb, self.limit_mb, "measured")
@@ -133,7 +133,7 @@ class _Progress:
 
 def _run(request: TrialRequest, data: DataPayload, ask: Ask, done: _Progress) -> TrialOutcome:
     from engine.config import Config
-    from engine.memory import enforce_limit
+    from engine.device.memory import enforce_limit
 
     config = Config.from_dict(request.config)
     limit = request.memory_limit_mb
@@ -144,8 +144,8 @@ def _run(request: TrialRequest, data: DataPayload, ask: Ask, done: _Progress) ->
 def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Any, done: _Progress
             ) -> TrialOutcome:
     """Measure, train in rungs, evaluate: each stage reports and obeys the answer."""
-    from engine.bench import device_fingerprint
-    from engine.train import train
+    from engine.device.bench import device_fingerprint
+    from engine.training.train import train
 
     started = time.perf_counter()
     state, rungs, start = _initial_state(config, request)
@@ -217,8 +217,8 @@ def _initial_state(config: Any, request: TrialRequest
         how the weights began (``Measurement.start``).
     """
     from engine.config import Config
-    from engine.morph import inherit, inherited_state
-    from engine.train import init_state
+    from engine.model.morph import inherit, inherited_state
+    from engine.training.train import init_state
 
     parent = request.parent
     if parent is None:
@@ -228,7 +228,7 @@ def _initial_state(config: Any, request: TrialRequest
     if params is None:
         return init_state(config), request.rungs, {
             "status": "fresh", "parent": parent.number,
-            "reason": "not reachable from the parent's architecture by engine.morph"}
+            "reason": "not reachable from the parent's architecture by engine.model.morph"}
     return inherited_state(config, params), parent.rungs, {
         "status": "inherited", "parent": parent.number, "train_steps": parent.rungs[-1]}
 
@@ -249,7 +249,7 @@ def _load_params(weights: bytes) -> dict[str, Any]:
 def _rung_report(state: Any, data: DataPayload, elapsed_s: float) -> RungReport:
     """The proxy at the step just reached; a rung between two ``eval_every`` points (whose
     history holds an older point, or none) is evaluated here, on the same fixed batch."""
-    from engine.train import validation_loss
+    from engine.training.train import validation_loss
 
     history = tuple((p.step, p.val_loss) for p in state.history)
     point = state.history[-1] if state.history else None
@@ -268,7 +268,7 @@ def _measure(model: Any, config: Any, runs: int,
 
     ``latency``: the sampling latency and step budget already measured for a latency target.
     """
-    from engine.bench import sampling_latency, sampling_peak_mb, training_peak_mb
+    from engine.device.bench import sampling_latency, sampling_peak_mb, training_peak_mb
 
     start = time.perf_counter()
     stat, budget = latency or (sampling_latency(model, config, batch=1, runs=runs), None)
@@ -287,7 +287,7 @@ def _fit_latency_target(model: Any, config: Any, target_ms: float, runs: int
     """The config with the most sampling steps that fit ``target_ms`` on this device.
 
     Measures one network evaluation and the sampler's overhead (a one-step call less one
-    evaluation), lets :func:`engine.adaptive.choose_budget` pick the sampler and steps, then
+    evaluation), lets :func:`engine.sampling.adaptive.choose_budget` pick the sampler and steps, then
     measures the chosen schedule; if that comes out over the target, the step count is
     chosen again from the measured cost per step (at most ``REFITS`` times).
 
@@ -297,8 +297,8 @@ def _fit_latency_target(model: Any, config: Any, target_ms: float, runs: int
     Raises:
         Infeasible: not even one network evaluation fits the target here.
     """
-    from engine.adaptive import StepBudget, choose_budget, with_budget
-    from engine.bench import forward_latency, sampling_latency
+    from engine.sampling.adaptive import StepBudget, choose_budget, with_budget
+    from engine.device.bench import forward_latency, sampling_latency
 
     start = time.perf_counter()
     per_eval = forward_latency(model, config).median_ms
@@ -337,9 +337,9 @@ def _fit_latency_target(model: Any, config: Any, target_ms: float, runs: int
 def _evaluate(state: Any, config: Any, data: DataPayload, request: TrialRequest
               ) -> tuple[dict[str, Any], bytes]:
     from engine.experiment import sample_images
-    from engine.features import FeatureNetwork
-    from engine.images import grid_png
-    from engine.metrics import evaluate_quality
+    from engine.quality.features import FeatureNetwork
+    from engine.data.images import grid_png
+    from engine.quality.metrics import evaluate_quality
 
     model = state.ema_model()
     fake = sample_images(model, config, request.fid_samples, request.eval_seed)
@@ -354,7 +354,7 @@ def _evaluate(state: Any, config: Any, data: DataPayload, request: TrialRequest
 def _metrics(request: TrialRequest, config: Any, values: dict[str, float],
              measurement: Measurement, quality: dict[str, Any], rungs: list[RungReport],
              device: dict[str, Any]) -> dict[str, Any]:
-    from engine.cost import flops, param_count
+    from engine.model.cost import flops, param_count
 
     return {"trial": request.number, "attempt": request.attempt, "values": values,
             "config": config.to_dict(), "params": param_count(config.unet),
@@ -364,7 +364,7 @@ def _metrics(request: TrialRequest, config: Any, values: dict[str, float],
 
 def _checkpoint_files(state: Any) -> dict[str, bytes]:
     """The training state's checkpoint as ``checkpoint/<file>`` bytes."""
-    from engine.io import save_checkpoint
+    from engine.io.checkpoint import save_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_checkpoint(state, Path(tmp) / "checkpoint")

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from engine.config import Config
-from engine.data import load_dataset
+from engine.data.datasets import load_dataset
 from engine.experiment import QualityEval, run
-from engine.features import digits_feature_network
-from engine.metrics import evaluate_quality
+from engine.quality.features import digits_feature_network
+from engine.quality.metrics import evaluate_quality
 
 TINY = Config.load("engine/configs/tiny.json")
 

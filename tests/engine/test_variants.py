@@ -6,9 +6,9 @@ import pytest
 from mlx.utils import tree_flatten
 
 from engine.config import Config, TrainConfig, UNetConfig
-from engine.cost import param_count
-from engine.io import load_checkpoint, load_weights, save_checkpoint
-from engine.train import init_state, train
+from engine.model.cost import param_count
+from engine.io.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from engine.training.train import init_state, train
 
 BASE = {"image_size": 8, "channels": 1, "norm_groups": 8, "time_emb_dim": 32}
 

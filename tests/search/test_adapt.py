@@ -5,9 +5,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from engine import morph
-from engine.cost import param_count
-from engine.unet import UNet
+from engine.model import morph
+from engine.model.cost import param_count
+from engine.model.unet import UNet
 from search import adapt
 from search.space import AdaptSettings, SpaceError, parse_space
 

@@ -27,8 +27,8 @@ def test_bad_input_one_line_nonzero(argv, culprit, capsys, tmp_path):
 
 def test_sample_from_checkpoint(tmp_path, capsys):
     from engine.config import Config
-    from engine.io import save_checkpoint
-    from engine.train import init_state
+    from engine.io.checkpoint import save_checkpoint
+    from engine.training.train import init_state
 
     save_checkpoint(init_state(Config.load("engine/configs/tiny.json")), tmp_path / "ck")
     out = tmp_path / "grid.png"

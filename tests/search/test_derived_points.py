@@ -7,7 +7,7 @@ import sys
 import pytest
 from optuna.trial import TrialState
 
-from engine.models import load_model
+from engine.io.models import load_model
 from search import derived as dv
 from search import report
 from search import study as st

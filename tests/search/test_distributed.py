@@ -6,7 +6,7 @@ import signal
 import pytest
 from optuna.trial import TrialState
 
-from engine.io import load_weights
+from engine.io.checkpoint import load_weights
 from search import report
 from search import study as st
 from search.artifacts import export_trial

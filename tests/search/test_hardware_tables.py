@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from engine import latency
+from engine.model import latency
 from engine.config import Config, ScheduleConfig, UNetConfig
 from search.hardware import Hardware, calibration_configs
 from search.pruning import ConstraintPruner, Cost, stage0_values

@@ -8,7 +8,7 @@ from search import study as st
 from search.runner import SearchOptions, run_search
 from search.space import load_space
 
-# The predictor (engine.memory) puts batch 1024 near 330 MB: over before anything runs.
+# The predictor (engine.device.memory) puts batch 1024 near 330 MB: over before anything runs.
 # Base width 64 trains at batch 8 well inside the limit (about 60 MB) but sampling the
 # 250 FID images peaks near 390 MB: measured over at the evaluation. Base width 8 at
 # batch 8 peaks near 15 MB.

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from engine.io import load_weights
+from engine.io.checkpoint import load_weights
 from search.dataset import build_payload
 from search.space import load_space
 from workers.process import run_in_child

@@ -1,0 +1,1 @@
+"""Compression: structured pruning, weight quantisation and reduced precision."""

@@ -1,0 +1,1 @@
+"""The device: BLAS binding, latency and memory measurement, the memory model."""

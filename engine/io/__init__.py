@@ -1,0 +1,1 @@
+"""Checkpoints: safetensors weights and configs, and loading any kind of saved model."""

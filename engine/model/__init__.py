@@ -1,0 +1,1 @@
+"""The network: the U-Net, its cost (parameters, FLOPs), its morphisms and its latency model."""

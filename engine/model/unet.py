@@ -1,0 +1,239 @@
+"""Noise-prediction U-Net in MLX (NHWC), built from a :class:`UNetConfig`.
+
+The layout follows Ho et al. 2020 / Nichol & Dhariwal 2021: residual blocks with
+additive time conditioning, optional self-attention per level, and skip connections
+from every block of the encoder to the decoder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from engine.config import UNetConfig
+
+_ACTIVATIONS = {"silu": nn.silu, "gelu": nn.gelu, "relu": nn.relu}
+
+
+def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
+    """Sinusoidal embedding of continuous time ``t`` in [0, 1], shape (B,) -> (B, dim).
+
+    Vaswani et al. 2017, applied to ``1000 t`` so that frequencies match discrete DDPM.
+    """
+    half = dim // 2
+    freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
+    args = (1000.0 * t)[:, None].astype(mx.float32) * freqs[None]
+    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+
+
+def _norm(cfg: UNetConfig, width: int) -> nn.Module:
+    groups = cfg.norm_groups if cfg.norm == "group" else 1
+    return nn.GroupNorm(groups, width, pytorch_compatible=True)
+
+
+class Conv3x3(nn.Module):
+    """A 3x3 conv, or depthwise 3x3 followed by pointwise 1x1 when ``separable``."""
+
+    def __init__(self, cin: int, cout: int, separable: bool, stride: int = 1):
+        super().__init__()
+        self.separable = separable
+        if separable:
+            self.depthwise = nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin)
+            self.pointwise = nn.Conv2d(cin, cout, 1)
+        else:
+            self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.separable:
+            return self.pointwise(self.depthwise(x))
+        return self.conv(x)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cfg: UNetConfig, cin: int, cout: int):
+        super().__init__()
+        self.act = _ACTIVATIONS[cfg.activation]
+        self.norm1 = _norm(cfg, cin)
+        self.conv1 = Conv3x3(cin, cout, cfg.separable)
+        self.temb = nn.Linear(cfg.time_emb_dim, cout)
+        self.norm2 = _norm(cfg, cout)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
+        self.conv2 = Conv3x3(cout, cout, cfg.separable)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
+        h = self.conv1(self.act(self.norm1(x)))
+        h = h + self.temb(temb)[:, None, None, :]
+        h = self.act(self.norm2(h))
+        if self.dropout is not None:
+            h = self.dropout(h)
+        h = self.conv2(h)
+        return h + (self.skip(x) if self.skip is not None else x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions of a feature map."""
+
+    def __init__(self, cfg: UNetConfig, width: int):
+        super().__init__()
+        self.heads = width // cfg.head_dim
+        self.norm = _norm(cfg, width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, h, w, c = x.shape
+        qkv = self.qkv(self.norm(x).reshape(b, h * w, c))
+        # (B, L, 3C) -> 3 x (B, heads, L, head_dim)
+        qkv = qkv.reshape(b, h * w, 3, self.heads, c // self.heads).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scale = 1.0 / math.sqrt(c // self.heads)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        o = o.transpose(0, 2, 1, 3).reshape(b, h * w, c)
+        return x + self.out(o).reshape(b, h, w, c)
+
+
+class Downsample(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, stride=2, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsample + 3x3 conv, or a 4x4 stride-2 transposed conv."""
+
+    def __init__(self, width: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        if kind == "nearest":
+            self.conv = nn.Conv2d(width, width, 3, padding=1)
+        else:
+            self.conv = nn.ConvTranspose2d(width, width, 4, stride=2, padding=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.kind == "nearest":
+            b, h, w, c = x.shape
+            x = mx.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+            x = x.reshape(b, 2 * h, 2 * w, c)
+        return self.conv(x)
+
+
+class Level(nn.Module):
+    """The blocks of one resolution, with optional attention after each block."""
+
+    def __init__(self, cfg: UNetConfig, cins: list[int], cout: int, attention: bool):
+        super().__init__()
+        self.blocks = [ResBlock(cfg, cin, cout) for cin in cins]
+        self.attns = [Attention(cfg, cout) for _ in cins] if attention else []
+
+
+class UNet(nn.Module):
+    """U-Net mapping ``(x_t, t)`` to the configured prediction target.
+
+    Args:
+        cfg: the architecture.
+
+    Call with ``x`` of shape (B, H, W, C) and ``t`` of shape (B,) in [0, 1].
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        self.act = _ACTIVATIONS[cfg.activation]
+        self.time_in = nn.Linear(cfg.base_width, cfg.time_emb_dim)
+        self.time_out = nn.Linear(cfg.time_emb_dim, cfg.time_emb_dim)
+        self.conv_in = nn.Conv2d(cfg.channels, cfg.base_width, 3, padding=1)
+        widths = cfg.widths
+        skips = [cfg.base_width]
+        self.down: list[Level] = []
+        self.downsamples: list[Downsample] = []
+        cin = cfg.base_width
+        for level, width in enumerate(widths):
+            ins = [cin] + [width] * (cfg.num_res_blocks - 1)
+            self.down.append(Level(cfg, ins, width, level in cfg.attn_levels))
+            skips += [width] * cfg.num_res_blocks
+            cin = width
+            if level < len(widths) - 1:
+                self.downsamples.append(Downsample(width))
+                skips.append(width)
+        self.mid1 = ResBlock(cfg, cin, cin)
+        self.mid_attn = [Attention(cfg, cin)] if (len(widths) - 1) in cfg.attn_levels else []
+        self.mid2 = ResBlock(cfg, cin, cin)
+        self.up: list[Level] = []
+        self.upsamples: list[Upsample] = []
+        for level in reversed(range(len(widths))):
+            width = widths[level]
+            ins = []
+            for _ in range(cfg.num_res_blocks + 1):
+                ins.append(cin + skips.pop())
+                cin = width
+            self.up.append(Level(cfg, ins, width, level in cfg.attn_levels))
+            if level > 0:
+                self.upsamples.append(Upsample(width, cfg.resample))
+        self.norm_out = _norm(cfg, cin)
+        self.conv_out = nn.Conv2d(cin, cfg.channels, 3, padding=1)
+        # Gradient checkpointing per ResBlock/Attention (set by engine.training.train, not a weight).
+        self.checkpointing = False
+
+    def __call__(self, x: mx.array, t: mx.array) -> mx.array:
+        # Compute in the dtype of the weights (bf16/fp16 casts; MLX has no autocast).
+        dtype = self.norm_out.weight.dtype
+        temb = timestep_embedding(t, self.config.base_width).astype(dtype)
+        temb = self.time_out(self.act(self.time_in(temb)))
+        h = self.conv_in(x.astype(dtype))
+        hs = [h]
+        run = _checkpointed if self.checkpointing else _direct
+        for i, level in enumerate(self.down):
+            h = _run_level(level, h, temb, hs, run=run)
+            if i < len(self.downsamples):
+                h = self.downsamples[i](h)
+                hs.append(h)
+        h = run(self.mid1, h, temb)
+        for attn in self.mid_attn:
+            h = run(attn, h)
+        h = run(self.mid2, h, temb)
+        for i, level in enumerate(self.up):
+            h = _run_level(level, h, temb, None, skips=hs, run=run)
+            if i < len(self.upsamples):
+                h = self.upsamples[i](h)
+        return self.conv_out(self.act(self.norm_out(h)))
+
+    def num_params(self) -> int:
+        return sum(v.size for _, v in tree_flatten(self.parameters()))
+
+
+def _direct(module: nn.Module, *args: mx.array) -> mx.array:
+    return module(*args)
+
+
+def _checkpointed(module: nn.Module, *args: mx.array) -> mx.array:
+    """Keep only the block's inputs for backward and recompute its insides (Chen et al. 2016).
+
+    A block with active dropout runs un-checkpointed: the recomputation would draw a new
+    dropout mask, so backward would not match forward.
+    """
+    if getattr(module, "dropout", None) is not None and module.training:
+        return module(*args)
+    return nn.utils.checkpoint(module)(*args)
+
+
+def _run_level(
+    level: Level, h: mx.array, temb: mx.array, out: list[mx.array] | None,
+    skips: list[mx.array] | None = None, run: Callable[..., mx.array] = _direct,
+) -> mx.array:
+    for i, block in enumerate(level.blocks):
+        if skips is not None:
+            h = mx.concatenate([h, skips.pop()], axis=-1)
+        h = run(block, h, temb)
+        if level.attns:
+            h = run(level.attns[i], h)
+        if out is not None:
+            out.append(h)
+    return h

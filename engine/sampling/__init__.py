@@ -1,0 +1,1 @@
+"""Sampling: noise schedules, the diffusion maths, samplers, timestep tuning and step budgets."""

@@ -1,0 +1,1 @@
+"""Training: the compiled update, and distillation to fewer steps (progressive, consistency)."""

@@ -1,0 +1,280 @@
+"""Consistency distillation (Song et al. 2023) in continuous VP time, gated like progressive.
+
+The consistency function maps any point ``x_t`` of a probability-flow ODE trajectory to
+its start, ``f(x_t, t) ~ x_eps``. It is parametrised as
+
+    f(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t)
+
+with the EDM scalings (Karras et al. 2022) shifted so that ``c_skip(eps) = 1`` and
+``c_out(eps) = 0`` (Song et al. 2023, App. C). The noise level they use is that of the
+variance-exploding variable ``x_t / alpha_t``, ``sigma_t / alpha_t``; ``x0_theta`` is the
+U-Net's own data prediction (so ``c_out -> 1`` at high noise, as in Luo et al. 2023).
+Training matches ``f_theta`` at ``t_{n+1}`` against an EMA target network ``f_theta-``
+at ``t_n``, one teacher DDIM step earlier on an N-point Karras discretisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx import nn
+from mlx.utils import tree_map
+
+from engine.config import Config, ScheduleConfig
+from engine.sampling.diffusion import Denoise, alpha_sigma_mx, to_x0_eps
+from engine.training.distill import (
+    DistillResult,
+    Emit,
+    FitPlan,
+    Gate,
+    QualityFn,
+    Scorer,
+    Snapshot,
+    StagePlan,
+    Trained,
+    base_schedule,
+    copy_model,
+    ddim_step,
+    fit,
+    grid_arrays,
+    reparametrise,
+    result_of,
+    run_stages,
+    student_prediction,
+    student_state,
+    teacher_snapshot,
+)
+from engine.sampling.schedules import T_MIN, Grid, karras_times
+from engine.model.unet import UNet
+
+__all__ = [
+    "EPS",
+    "SIGMA_DATA",
+    "ConsistencyConfig",
+    "ConsistencyModel",
+    "c_skip_c_out",
+    "consistency_distill",
+    "consistency_function",
+    "consistency_loss",
+    "sample_consistency",
+]
+
+SIGMA_DATA = 0.5  # Song et al. 2023 / Karras et al. 2022
+EPS = T_MIN  # the boundary time: f(x, EPS) = x
+
+
+def _check(cond: bool, name: str, value: Any, why: str) -> None:
+    if not cond:
+        raise ValueError(f"ConsistencyConfig.{name}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class ConsistencyConfig:
+    """Consistency distillation settings.
+
+    ``num_scales`` is N of the Karras discretisation (Song et al. 2023 use N = 18 on
+    CIFAR-10), ``target_decay`` the target network's EMA rate mu (0.95 there).
+    ``target_steps`` is the sampling step count the gate scores, at ``sample_times``
+    (default: trailing times 1, (K-1)/K, ...). ``rounds`` gated training rounds run in
+    sequence; a failing round rolls back to the last passing one. ``teacher_steps`` is
+    the teacher's DDIM step count for the baseline FID (stage 0).
+    """
+
+    teacher_steps: int = 64
+    target_steps: int = 1
+    num_scales: int = 18
+    rounds: int = 1
+    train_steps: int = 1000
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    target_decay: float = 0.95
+    sigma_data: float = SIGMA_DATA
+    rho: float = 7.0
+    sample_times: tuple[float, ...] = ()
+    reparam_steps: int = 300
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sample_times", tuple(float(t) for t in self.sample_times))
+        _check(1 <= self.teacher_steps <= 4096, "teacher_steps", self.teacher_steps,
+               "must be in [1, 4096]")
+        _check(1 <= self.target_steps <= 16, "target_steps", self.target_steps, "must be in [1, 16]")
+        _check(self.num_scales >= 2, "num_scales", self.num_scales, "must be >= 2")
+        _check(self.rounds >= 1, "rounds", self.rounds, "must be >= 1")
+        _check(self.train_steps >= 1, "train_steps", self.train_steps, "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be > 0")
+        _check(0.0 <= self.target_decay < 1.0, "target_decay", self.target_decay,
+               "must be in [0, 1)")
+        _check(self.sigma_data > 0, "sigma_data", self.sigma_data, "must be > 0")
+        _check(self.rho > 0, "rho", self.rho, "must be > 0")
+        _check(not self.sample_times or len(self.sample_times) == self.target_steps,
+               "sample_times", self.sample_times, f"needs target_steps={self.target_steps} values")
+        _check(self.reparam_steps >= 0, "reparam_steps", self.reparam_steps, "must be >= 0")
+        _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+
+
+# --- paper math ---------------------------------------------------------------------------
+
+def _sigma_ve(t: mx.array, kind: str) -> mx.array:
+    """Noise level ``sigma_t / alpha_t`` of the variance-exploding variable ``x_t / alpha_t``."""
+    alpha, sigma = alpha_sigma_mx(t, kind)
+    return sigma / alpha
+
+
+def c_skip_c_out(t: mx.array, kind: str, sigma_data: float = SIGMA_DATA,
+                 eps: float = EPS) -> tuple[mx.array, mx.array]:
+    """Song et al. 2023, App. C: EDM's c_skip, c_out at ``s = sigma(t) - sigma(eps)``, shape (B,).
+
+    ``s`` is exactly 0 at ``t = eps`` (the same ops on the same input), so ``c_skip = 1``
+    and ``c_out = 0`` there exactly. ``c_out`` lacks EDM's ``sigma_data`` factor because it
+    scales a data-space ``x0`` rather than a unit-variance network output.
+    """
+    s = mx.maximum(_sigma_ve(t, kind) - _sigma_ve(mx.full(t.shape, eps, t.dtype), kind), 0.0)
+    c_skip = sigma_data**2 / (s**2 + sigma_data**2)
+    c_out = s / mx.sqrt(s**2 + sigma_data**2)
+    return c_skip, c_out
+
+
+def consistency_function(model: nn.Module, x: mx.array, t: mx.array, prediction: str, kind: str,
+                         sigma_data: float = SIGMA_DATA, eps: float = EPS) -> mx.array:
+    """``f(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t)`` for x (B, H, W, C), t (B,)."""
+    alpha, sigma = (a[:, None, None, None] for a in alpha_sigma_mx(t, kind))
+    x0, _ = to_x0_eps(model(x, t), x, alpha, sigma, prediction)
+    c_skip, c_out = (c[:, None, None, None] for c in c_skip_c_out(t, kind, sigma_data, eps))
+    return c_skip * x + c_out * x0
+
+
+class ConsistencyModel(nn.Module):
+    """A U-Net wrapped as its consistency function; it predicts x0 (``prediction="x0"``)."""
+
+    def __init__(self, unet: UNet, prediction: str, kind: str, sigma_data: float = SIGMA_DATA,
+                 eps: float = EPS):
+        super().__init__()
+        self.unet = unet
+        self.prediction, self.kind = prediction, kind
+        self.sigma_data, self.eps = float(sigma_data), float(eps)
+
+    def __call__(self, x: mx.array, t: mx.array) -> mx.array:
+        return consistency_function(self.unet, x, t, self.prediction, self.kind, self.sigma_data,
+                                    self.eps)
+
+
+def consistency_loss(model: nn.Module, target: nn.Module, teacher: nn.Module, x0: mx.array,
+                     key: mx.array, grid: tuple[mx.array, mx.array, mx.array], prediction: str,
+                     teacher_prediction: str, kind: str, sigma_data: float = SIGMA_DATA,
+                     eps: float = EPS) -> mx.array:
+    """Song et al. 2023, Alg. 2 (CD), with d = squared L2, lambda = 1 and a DDIM teacher step.
+
+    Args:
+        x0: data batch (B, H, W, C).
+        grid: ``(t, alpha, sigma)`` of the discretisation, each (N,), ascending from ``eps``.
+    """
+    gt, ga, gs = grid
+    k_n, k_z = mx.random.split(key)
+    n = mx.random.randint(0, gt.shape[0] - 1, (x0.shape[0],), key=k_n)
+    t, t_next = gt[n], gt[n + 1]
+    (a, a_next), (s, s_next) = ([g[j][:, None, None, None] for j in (n, n + 1)] for g in (ga, gs))
+    z = a_next * x0 + s_next * mx.random.normal(x0.shape, key=k_z)
+    x_hat = mx.stop_gradient(ddim_step(teacher, teacher_prediction, z, t_next, a_next, s_next,
+                                       a, s))
+    f_target = mx.stop_gradient(consistency_function(target, x_hat, t, prediction, kind,
+                                                     sigma_data, eps))
+    f_online = consistency_function(model, z, t_next, prediction, kind, sigma_data, eps)
+    return mx.mean((f_online - f_target) ** 2)
+
+
+def sample_consistency(denoise: Denoise, x: mx.array, grid: Grid, key: mx.array,
+                       eta: float = 1.0) -> mx.array:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1): denoise, re-noise afresh.
+
+    Same signature as :mod:`engine.sampling.samplers`; ``denoise`` wraps a
+    :class:`ConsistencyModel` with ``prediction="x0"``. For 1 and 2 steps from t = 1 this
+    equals ``sample_ddpm`` up to ``alpha(1)^2`` (1e-5), which is why distilled schedules
+    name ``ddpm``.
+    """
+    keys = mx.random.split(key, max(grid.steps, 2))
+    for i in range(grid.steps):
+        x0, _ = denoise(x, float(grid.t[i]))
+        if grid.sigma[i + 1] == 0.0:
+            return x0
+        x = float(grid.alpha[i + 1]) * x0 + float(grid.sigma[i + 1]) * mx.random.normal(
+            x.shape, key=keys[i])
+    return x
+
+
+# --- distillation -------------------------------------------------------------------------
+
+def discretisation(settings: ConsistencyConfig, kind: str) -> np.ndarray:
+    """The N times ``eps = t_1 < ... < t_N = 1``, Karras-spaced in ``sigma/alpha`` (EDM eq. 5)."""
+    ts = karras_times(settings.num_scales, kind, settings.rho)[::-1].copy()
+    ts[0], ts[-1] = EPS, 1.0
+    return ts
+
+
+def sampling_schedule(config: Config, settings: ConsistencyConfig) -> ScheduleConfig:
+    """How ``engine.sampling.samplers.generate`` samples a :class:`ConsistencyModel` at K steps."""
+    schedule = replace(config.schedule, prediction="x0", sampler="ddpm", eta=1.0,
+                       steps=settings.target_steps, spacing="trailing", timesteps=())
+    if settings.sample_times:
+        schedule = replace(schedule, spacing="explicit", timesteps=settings.sample_times)
+    return schedule
+
+
+def _ema_update(target: nn.Module, model: nn.Module, mu: float) -> dict:
+    target.update(tree_map(lambda e, p: mu * e + (1 - mu) * p, target.parameters(),
+                           model.parameters()))
+    return target.parameters()
+
+
+def consistency_distill(teacher: UNet, config: Config, images: np.ndarray, out: str | Path,
+                        quality: QualityFn, settings: ConsistencyConfig = ConsistencyConfig(),
+                        gate: Gate | None = None, measure_latency: bool = True,
+                        emit: Emit = print) -> DistillResult:
+    """Distil ``teacher`` into a consistency model sampled in ``settings.target_steps`` steps.
+
+    Stage 0 scores the teacher by DDIM at ``teacher_steps``; each round is gated against
+    it (or the previous round) and retried, and a failing round rolls back.
+
+    Returns:
+        The result; its ``model`` is a :class:`ConsistencyModel` (the teacher if round 1 fails).
+    """
+    out, kind, gate = Path(out), config.schedule.beta_schedule, gate or Gate()
+    score = Scorer(quality, config, measure_latency)
+    start, record0 = teacher_snapshot(teacher, config, base_schedule(config, settings.teacher_steps),
+                                      score, out, "consistency", emit)
+    prediction = student_prediction(config.schedule.prediction)
+    first = reparametrise(teacher, config, images, settings.reparam_steps, settings.learning_rate,
+                          settings.batch_size, settings.seed)
+    grid = grid_arrays(discretisation(settings, kind), kind)
+    schedule = sampling_schedule(config, settings)
+    spec = {"prediction": prediction, "sigma_data": settings.sigma_data, "eps": EPS}
+
+    def attempt(prev: Snapshot, plan: StagePlan, steps: int, lr: float) -> Trained:
+        online = copy_model(first if plan.stage == 1 else prev.state.model)
+        target = copy_model(online)
+        if plan.stage > 1:
+            target.update(prev.state.ema)
+        target.eval()
+        loss = partial(consistency_loss, online, target, teacher, grid=grid, prediction=prediction,
+                       teacher_prediction=config.schedule.prediction, kind=kind,
+                       sigma_data=settings.sigma_data)
+        run = FitPlan(steps, lr, settings.batch_size, settings.seed + plan.stage, settings.grad_clip,
+                      decay=False)
+        opt, losses = fit(online, loss, images, run, frozen=[teacher.state, target.state],
+                          after_step=lambda: _ema_update(target, online, settings.target_decay))
+        state = student_state(online, config, replace(schedule, prediction=prediction), run, opt,
+                              ema=target.parameters(), ema_decay=settings.target_decay)
+        model = ConsistencyModel(target, prediction, kind, settings.sigma_data, EPS)
+        return Trained(state, model, schedule, losses, {"consistency": spec})
+
+    plans = [StagePlan(r, settings.target_steps, settings.train_steps, settings.learning_rate)
+             for r in range(1, settings.rounds + 1)]
+    final, records = run_stages(start, plans, attempt, gate, score, out, "consistency", emit)
+    return result_of("consistency", final, [record0, *records])

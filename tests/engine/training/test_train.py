@@ -1,0 +1,95 @@
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from engine.config import Config, TrainConfig, UNetConfig
+from engine.io.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
+from engine.training.train import TrainingDiverged, init_state, train
+
+TINY = Config(unet=UNetConfig(image_size=8, base_width=8, norm_groups=4, width_mults=(1, 2),
+                              time_emb_dim=16),
+              train=TrainConfig(steps=12, batch_size=8, eval_every=4, warmup_steps=2))
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    base = np.linspace(-1, 1, 8, dtype=np.float32)[None, :, None, None]
+    return np.clip(base + 0.1 * rng.normal(size=(64, 8, 8, 1)), -1, 1).astype(np.float32)
+
+
+def test_loss_decreases_and_callback_every_k(images):
+    points = []
+    state = train(init_state(replace(TINY, train=replace(TINY.train, steps=40, eval_every=10))),
+                  images, images[:16], callback=points.append)
+    assert [p.step for p in points] == [10, 20, 30, 40]
+    assert points[-1].train_loss < points[0].train_loss
+    assert state.step == 40
+
+
+def test_every_step_runs_inside_the_guard(images):
+    import contextlib
+
+    log = []
+
+    @contextlib.contextmanager
+    def guard():
+        log.append("enter")
+        yield
+        log.append("exit")
+
+    state = train(init_state(TINY), images, images[:16], until=6, guard=guard)
+    assert state.step == 6 and log == ["enter", "exit"] * 6
+
+
+def test_callback_false_stops_training(images):
+    state = train(init_state(TINY), images, images[:16], callback=lambda p: False)
+    assert state.step == 4
+
+
+def test_resume_reproduces_uninterrupted_curve(images, tmp_path):
+    full = train(init_state(TINY), images, images[:16])
+    half = train(init_state(TINY), images, images[:16], until=6)
+    save_checkpoint(half, tmp_path / "ck")
+    resumed = train(load_checkpoint(tmp_path / "ck"), images, images[:16])
+    assert [p.train_loss for p in resumed.history] == [p.train_loss for p in full.history]
+    assert [p.val_loss for p in resumed.history] == [p.val_loss for p in full.history]
+
+
+def test_checkpoint_loads_bit_identical(images, tmp_path):
+    state = train(init_state(TINY), images, images[:16], until=3)
+    save_checkpoint(state, tmp_path / "ck")
+    _, model = load_weights(tmp_path / "ck")
+    from mlx.utils import tree_flatten
+    ours = dict(tree_flatten(state.ema))
+    for key, value in tree_flatten(model.parameters()):
+        assert np.array_equal(np.array(value), np.array(ours[key]))
+
+
+def test_nan_loss_raises_clear_error(images):
+    bad = replace(TINY, train=replace(TINY.train, learning_rate=1e6, grad_clip=0.0, warmup_steps=0,
+                                      steps=200))
+    with pytest.raises(TrainingDiverged, match="diverged at step"):
+        train(init_state(bad), images * 1e3, images[:16])
+
+
+def test_corrupt_truncated_and_mismatched_checkpoints_name_the_file(images, tmp_path):
+    state = train(init_state(TINY), images, images[:16], until=2)
+    folder = save_checkpoint(state, tmp_path / "ck")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(folder)
+    save_checkpoint(state, folder)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["config"]["unet"]["base_width"] = 16
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="model.safetensors.*shape|does not match"):
+        load_checkpoint(folder)
+    (folder / "config.json").write_text("{garbage")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_checkpoint(folder)
+    with pytest.raises(CheckpointError, match="nowhere"):
+        load_checkpoint(tmp_path / "nowhere")
