@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
+from search import record as rec
 from search import pareto, runner
 from search import study as st
 from search.coordinator import Coordinator
@@ -50,7 +51,7 @@ def install(budget_s: float) -> None:
 
 
 def device_seconds(t: FrozenTrial) -> float:
-    return float(t.user_attrs.get(st.TIMINGS, {}).get("cpu_s", 0.0))
+    return float(t.user_attrs.get(rec.TIMINGS, {}).get("cpu_s", 0.0))
 
 
 @dataclass(kw_only=True)
@@ -69,7 +70,7 @@ class BudgetRun:
         ok = t.state == TrialState.COMPLETE and st.feasible(t)
         self.spent.append((self.spent[-1] if self.spent else 0.0) + device_seconds(t))
         self.points.append(list(t.values) if ok else None)
-        self.device = t.user_attrs.get(st.DEVICE, self.device)
+        self.device = t.user_attrs.get(rec.DEVICE, self.device)
         return ok
 
 

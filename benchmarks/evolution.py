@@ -55,9 +55,8 @@ from budgeted import (
 )
 from optuna.trial import FrozenTrial
 
+from search import record as rec
 from search import pareto
-from search.adapt import ADAPTATION
-from search.evolution import INHERITANCE, PARENT
 
 LIMIT = "max_latency_ms = 12"  # about the median latency of the space's candidates
 ARMS = {"sampler": {"study": "mutation_rate = 0.0"},
@@ -132,11 +131,11 @@ class Run(BudgetRun):
 
 
 def kind_of(t: FrozenTrial) -> str:
-    if PARENT not in t.user_attrs:
+    if rec.PARENT not in t.user_attrs:
         return "sampled"
-    if ADAPTATION in t.user_attrs:
+    if rec.ADAPTATION in t.user_attrs:
         return "adapted"
-    return t.user_attrs.get(INHERITANCE, {}).get("status", "fresh")
+    return t.user_attrs.get(rec.INHERITANCE, {}).get("status", "fresh")
 
 
 def summarise(arm: str, seed: int, trials: list[FrozenTrial], wall_s: float) -> Run:

@@ -63,6 +63,7 @@ from budgeted import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
+from search import record as rec
 from search import pareto, pruning
 from search import study as st
 from search.mo_asha import MoAshaPruner
@@ -136,9 +137,9 @@ def stage_of(t: FrozenTrial) -> str:
         return "complete"
     if t.state != TrialState.PRUNED:
         return "failed"
-    if t.user_attrs.get(st.COST, {}).get("decision") == "prune" or st.COST not in t.user_attrs:
+    if t.user_attrs.get(rec.PRESCREEN, {}).get("decision") == "prune" or rec.PRESCREEN not in t.user_attrs:
         return "stage0"
-    return "rung" if t.user_attrs.get(st.RUNGS) else "stage1"
+    return "rung" if t.user_attrs.get(rec.RUNGS) else "stage1"
 
 
 def summarise(pruner: str, seed: int, trials: list[FrozenTrial], wall_s: float) -> Run:
@@ -269,12 +270,12 @@ def recorded(folders: list[Path]) -> list[dict[str, Any]]:
         for summary in optuna.get_all_study_summaries(storage):
             study = optuna.load_study(study_name=summary.study_name, storage=storage)
             for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-                rungs = {int(r["step"]): r for r in t.user_attrs.get(st.RUNGS, [])}
+                rungs = {int(r["step"]): r for r in t.user_attrs.get(rec.RUNGS, [])}
                 if sorted(rungs) != list(space.rungs.steps(90)):
                     continue
-                if t.user_attrs.get(st.COST, {}).get("params", 0) > limit:
+                if t.user_attrs.get(rec.PRESCREEN, {}).get("params", 0) > limit:
                     continue
-                m = t.user_attrs[st.MEASUREMENT]
+                m = t.user_attrs[rec.MEASURED]
                 rows.append({"study": summary.study_name, "values": list(t.values),
                              "feasible": st.feasible(t), "cpu_s": device_seconds(t),
                              "lr": t.params["train.learning_rate"],

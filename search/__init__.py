@@ -9,7 +9,8 @@ from typing import Any
 
 import workers  # noqa: F401  (sets Ray's environment defaults before ray is imported)
 from search.pareto import hypervolume, non_dominated_sort, pareto_mask
-from search.pruning import PRUNERS, Pruner, make_pruner
+from search.pruners import PRUNERS, make_pruner
+from search.pruning import Pruner
 from search.space import SearchSpace, SpaceError, load_space, parse_space, presets
 from search.study import StudyError
 

@@ -26,15 +26,16 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from engine.model import morph
 from engine.config import Config, UNetConfig
+from engine.model import morph
 from engine.model.cost import flops, param_count
 from search import evolution
-from search import study as st
+from search import record as rec
+from search.artifacts import WEIGHTS
+from search.pipeline import Context, Flight, Hook
 from search.space import AdaptSettings, SearchSpace
+from workers.records import Decision, Outcome, RungReport, TrialOutcome
 
-ADAPTATION = st.ADAPTATION  # child trial user attr: the trigger, its parent's step, its budget
-ADAPTED_INTO = "adapted_into"  # parent trial user attr: the number of the trial it became
 MIN_PEERS = 3  # trials at a step before their median validation loss is the grow target
 
 GROW, SHRINK = "grow", "shrink"
@@ -151,39 +152,92 @@ def _cost(config: Config, cost: Callable[[Config], float | None] | None) -> floa
     return float(value) if value is not None else float(flops(config.unet))
 
 
-def depth(trial: FrozenTrial | optuna.Trial) -> int:
-    """How many adaptations made this trial (0: sampled or mutated)."""
-    return int(trial.user_attrs.get(ADAPTATION, {}).get("depth", 0))
-
-
 def peers(trials: Sequence[FrozenTrial], step: int, exclude: int) -> list[float]:
     """Validation losses that other trials, trained from scratch, reached at ``step``."""
     out = []
-    for t in trials:
-        if t.number == exclude or evolution.PARENT in t.user_attrs:
-            continue
-        out += [float(r["val_loss"]) for r in t.user_attrs.get(st.RUNGS, [])
-                if int(r["step"]) == step]
+    for trial in map(rec.read, trials):
+        if trial.number != exclude and trial.lineage.parent is None:
+            out += [rung.val_loss for rung in trial.rungs if rung.step == step]
     return out
 
 
 def enqueue(study: optuna.Study, parent: int, choice: Choice, fired: Trigger, at_step: int,
             steps_left: int, lineage_depth: int) -> int:
     """Enqueue the adapted trial (the next ask runs it); returns its number."""
-    doc = {"trigger": fired.kind, "reason": fired.reason, "parent": parent,
-           "at_step": at_step, "steps": steps_left, "depth": lineage_depth + 1,
-           "predicted_latency_ms": choice.predicted_ms}
-    study.enqueue_trial(choice.params, user_attrs={
-        evolution.PARENT: parent, evolution.MUTATION: f"{fired.kind}: {choice.change}",
-        ADAPTATION: doc})
+    adaptation = rec.Adaptation(fired.kind, fired.reason, parent, at_step, steps_left,
+                                lineage_depth + 1, choice.predicted_ms)
+    study.enqueue_trial(choice.params, user_attrs=rec.attrs(rec.Lineage(
+        parent, f"{fired.kind}: {choice.change}", adaptation)))
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    return max(t.number for t in waiting if t.user_attrs.get(ADAPTATION) == doc)
+    return max(t.number for t in waiting
+               if rec.read_lineage(t.user_attrs).adaptation == adaptation)
 
 
-def steps_of(trial: optuna.Trial) -> int | None:
-    """The training steps of an adapted trial (its parent's remaining steps), else None."""
-    doc = trial.user_attrs.get(ADAPTATION)
-    return int(doc["steps"]) if doc else None
+@dataclass(frozen=True)
+class Adapting:
+    """A trial stopped at rung ``step`` to continue as ``choice``."""
+
+    trigger: Trigger
+    choice: Choice
+    step: int
+
+
+class AdaptHook(Hook):
+    """Grow or shrink a running trial at a rung into a new trial that continues from its
+    weights (``[adapt]``), when the space has such a neighbour.
+
+    Args:
+        predict: the target device's latency predictor (None: FLOPs stand in for it).
+    """
+
+    def __init__(self, space: SearchSpace,
+                 predict: Callable[[Config], float | None] | None = None) -> None:
+        self.space, self.predict = space, predict
+        self.adapting: dict[int, Adapting] = {}
+
+    def on_rung(self, ctx: Context, flight: Flight, rung: RungReport, decision: Decision
+                ) -> Decision:
+        settings = self.space.adapt
+        if not settings.enabled or flight.measurement is None:
+            return decision
+        points = {r.step: r.val_loss for r in flight.rungs if r.attempt == flight.attempt}
+        points.update(rung.val_history)  # every eval_every steps, and the rungs so far
+        points[rung.step] = rung.val_loss
+
+        def peer_losses() -> list[float]:
+            return peers(ctx.study.get_trials(deepcopy=False), rung.step, flight.number)
+
+        depth = rec.read_lineage(flight.trial.user_attrs).depth
+        fired = trigger(settings, sorted(points.items()), flight.measurement.latency_ms,
+                        peer_losses, depth)
+        if fired is None:
+            return decision
+        choice = choose(fired.kind, self.space, dict(flight.trial.params), ctx.channels,
+                        flight.measurement.latency_ms, self.predict, settings.shrink_above_ms)
+        if choice is None:
+            ctx.say(f"trial {flight.number}: {fired.reason}, but the space has no neighbour "
+                    f"to {fired.kind} into")
+            return decision
+        self.adapting[flight.number] = Adapting(fired, choice, rung.step)
+        return Decision(False, f"{fired.kind}: {fired.reason}; continues as {choice.change}",
+                        keep_weights=True)
+
+    def on_stopped(self, ctx: Context, flight: Flight, outcome: TrialOutcome) -> str:
+        """Enqueue the trial the stopped one continues as (the next ask runs it)."""
+        adapting = self.adapting.pop(flight.number, None)
+        if (adapting is None or outcome.status is not Outcome.PRUNED
+                or WEIGHTS not in outcome.artifacts):
+            return ""
+        left = max(1, flight.cost.train_steps - adapting.step)
+        depth = rec.read_lineage(flight.trial.user_attrs).depth
+        child = enqueue(ctx.study, flight.number, adapting.choice, adapting.trigger,
+                        adapting.step, left, depth)
+        rec.write(flight.trial, rec.AdaptedInto(child, adapting.trigger.kind,
+                                                **describe(adapting.choice)))
+        return f" (trial {child})"
+
+    def on_retry(self, ctx: Context, flight: Flight) -> None:
+        self.adapting.pop(flight.number, None)  # the next attempt is judged afresh
 
 
 def describe(choice: Choice) -> dict[str, Any]:

@@ -11,9 +11,11 @@ from pathlib import Path
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-from search.study import ARTIFACTS, StudyError
+from search import record as rec
+from search.study import StudyError
 
 ARTIFACT_DIR = "artifacts"
+WEIGHTS = "checkpoint/ema.safetensors"  # the EMA weights a child trial can inherit
 REGISTERED = {"samples.png": "image/png", "metrics.json": "application/json",
               "checkpoint/config.json": "application/json"}
 
@@ -71,7 +73,7 @@ def export_trial(study: optuna.Study, number: int, out: Path) -> Path:
     if number not in trials:
         raise StudyError(f"study {study.study_name!r} has no trial {number}")
     trial = trials[number]
-    paths: dict[str, str] = trial.user_attrs.get(ARTIFACTS, {})
+    paths = dict(rec.read(trial).finished.artifacts or {})
     if not paths:
         raise StudyError(f"trial {number} has no artifacts (state {trial.state.name})")
     missing = [p for p in paths.values() if not Path(p).is_file()]

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import engine  # binds an optimised BLAS before mlx loads
+from search import cli_derived, cli_study
 
 CONFIGS = Path(engine.__file__).parent / "configs"
 
@@ -40,8 +41,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from engine.experiment import sample_images
     from engine.data.images import save_grid
+    from engine.experiment import sample_images
     from engine.io.models import load_model
 
     config, model = load_model(args.checkpoint)
@@ -98,8 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffnas", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _engine_commands(sub)
-    from search import cli_derived, cli_study
-
     cli_study.register(sub)
     cli_derived.register(sub)
     return parser

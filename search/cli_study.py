@@ -9,30 +9,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import workers  # noqa: F401  (Ray's environment defaults, before ray is imported)
+from search import progress, report
 from search import study as st
-
-RESULTS = Path("results")
-
-
-def _storage_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage", help="Optuna storage URL (default: sqlite under --results)")
-    p.add_argument("--results", type=Path, default=RESULTS,
-                   help="output folder: storage and per-trial artifacts (default: results)")
-
-
-def _open(args: argparse.Namespace) -> Any:
-    url = args.storage or st.default_storage(args.results)
-    return st.load_existing(st.open_storage(url, create=False), args.study)
+from search.artifacts import export_trial
+from search.cli_common import open_study, storage_args
+from search.derive import distill_front
+from search.derived import companion, source
+from search.pool import workers_text
+from search.runner import SearchOptions, run_search
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from search import progress, report
-    from search.runner import SearchOptions, run_search
 
     options = SearchOptions(
         space=args.space or args.preset, study=args.study, storage=args.storage,
@@ -53,8 +44,6 @@ def _cmd_search(args: argparse.Namespace) -> int:
           f"dashboard: optuna-dashboard {result.storage} --artifact-dir "
           f"{result.results / 'artifacts'}")
     if args.distill_front:
-        from search.cli_derived import distill_front
-
         done = distill_front(study, args.distill_front, args.distill_method, args.distill_steps,
                              result.results)
         print(f"distilled {sum(new is not None for _, new in done)} of {len(done)} front "
@@ -63,18 +52,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from search import report
 
-    study = _open(args)
+    study = open_study(args)
     print(report.trial_text(study, args.trial) if args.trial is not None
           else report.status_text(study))
     return 0
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:
-    from search import report
 
-    study = _open(args)
+    study = open_study(args)
     front = report.front(study, st.stored_space(study), args.reference)
     print(report.pareto_text(front))
     if front.trials:
@@ -84,10 +71,8 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from search.artifacts import export_trial
-    from search.derived import companion, source
 
-    study = _open(args)
+    study = open_study(args)
     src = source(study, str(args.trial))  # a trial (3) or a derived point (d0)
     holder = companion(study) if src.label.startswith("d") else study
     out = export_trial(holder, src.trial.number, args.out)
@@ -96,7 +81,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_workers(args: argparse.Namespace) -> int:
-    from search.pool import workers_text
 
     print(workers_text(args.address))
     return 0
@@ -120,7 +104,7 @@ def register(subparsers: Any) -> None:
     which.add_argument("--space", help="a search-space TOML file (see search/presets/)")
     p.add_argument("--study", help="study name (default: the space's name); an existing "
                    "study is resumed")
-    _storage_args(p)
+    storage_args(p)
     p.add_argument("--trials", type=int, help="target count of finished trials")
     p.add_argument("--workers", type=int, help="at most this many workers (embedded Ray: "
                    "this many; default one per core, one on a Mac)")
@@ -152,7 +136,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("study")
     p.add_argument("--trial", help="explain one trial (3) or derived point (d0): rungs, "
                    "decisions, reason")
-    _storage_args(p)
+    storage_args(p)
     p.set_defaults(func=_cmd_status)
 
     p = subparsers.add_parser("pareto", help="the non-dominated trials, hypervolume, plot")
@@ -160,27 +144,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--plot", type=Path, help="PNG path (default: results/<study>/pareto.png)")
     p.add_argument("--reference", type=_reference,
                    help="hypervolume reference point fid,latency_ms,peak_mem_mb")
-    _storage_args(p)
+    storage_args(p)
     p.set_defaults(func=_cmd_pareto)
 
     p = subparsers.add_parser("export", help="copy a trial's weights, config and samples")
     p.add_argument("study")
     p.add_argument("trial", help="trial number (3), or a derived point (d0)")
     p.add_argument("--out", type=Path, required=True)
-    _storage_args(p)
+    storage_args(p)
     p.set_defaults(func=_cmd_export)
 
     p = subparsers.add_parser("workers", help="connected workers and their device profiles")
     p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
     p.set_defaults(func=_cmd_workers)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (``python -m search.cli_study VERB ...``): the whole ``diffnas`` CLI."""
-    from search.cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -37,6 +37,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search import record as rec
 from search import study as st
 from search.artifacts import write_trial
 from search.pruning import constraint_values
@@ -44,7 +45,6 @@ from search.space import SearchSpace
 from workers.records import OBJECTIVES
 
 SUFFIX = "-derived"
-DERIVED = "derived"  # user attr of a derived point: {"kind", "source", "detail"}
 KINDS = ("distill", "compress", "schedule")
 ROUNDS = 3  # side-by-side latency rounds (the best median of each model is kept)
 
@@ -105,7 +105,7 @@ def source(study: optuna.Study, label: str) -> Source:
 
 
 def _model_folder(trial: FrozenTrial, label: str) -> Path:
-    paths: dict[str, str] = trial.user_attrs.get(st.ARTIFACTS, {})
+    paths = dict(rec.read(trial).finished.artifacts or {})
     marker = next((p for rel, p in paths.items() if Path(rel).name in
                    ("config.json", "compressed.json")), None)
     if marker is None:
@@ -141,9 +141,9 @@ def measure(model: Any, config: Any, src: Source, dataset: Any, cache_dir: Path)
     """FID/KID, side-by-side latency against the source, and peak memory of ``model``."""
     from engine.device.bench import device_fingerprint, sampling_peak_mb
     from engine.experiment import sample_images
+    from engine.io.models import load_model
     from engine.quality.features import feature_network_for
     from engine.quality.metrics import evaluate_quality
-    from engine.io.models import load_model
 
     ev = src.space.evaluate
     net = feature_network_for(dataset, cache_dir)
@@ -157,9 +157,10 @@ def measure(model: Any, config: Any, src: Source, dataset: Any, cache_dir: Path)
     # side by side, is added to the source's recorded peak.
     mb_here = sampling_peak_mb(model, config, 1)
     source_mb_here = sampling_peak_mb(source_model, source_config, 1)
-    recorded = src.trial.user_attrs.get(st.MEASUREMENT, {})
-    sample_mb = max(recorded.get("sample_mb", source_mb_here) + mb_here - source_mb_here, 0.0)
-    train_mb = recorded.get("train_mb", sample_mb)
+    recorded = rec.read(src.trial).measured
+    sample_mb = max((recorded.sample_mb if recorded else source_mb_here) + mb_here
+                    - source_mb_here, 0.0)
+    train_mb = recorded.train_mb if recorded else sample_mb
     memory = {"sample": sample_mb, "train": train_mb, "max": max(sample_mb, train_mb)}[ev.memory]
     measurement = {"latency_ms": latency, "latency_here_ms": here,
                    "source_latency_here_ms": source_here, "latency_ratio": here / source_here,
@@ -203,13 +204,15 @@ def record(src: Source, kind: str, config: Any, point: Point, model_folder: Path
     files["samples.png"] = grid_png(point.grid)
     paths = write_trial(folder, files)
     cost = _cost(config)
+    finished = rec.Finished(quality=point.quality, device=point.device, artifacts=paths,
+                            worker="local")
     frozen = optuna.trial.create_trial(
         params=dict(src.trial.params), distributions=dict(src.trial.distributions),
         values=list(point.values),
-        user_attrs={st.CONFIG: config.to_dict(), st.COST: cost, st.QUALITY: point.quality,
-                    st.MEASUREMENT: point.measurement, st.DEVICE: point.device,
-                    st.ARTIFACTS: paths, st.WORKER: "local",
-                    DERIVED: {"kind": kind, "source": src.label, "detail": detail}})
+        user_attrs={**rec.attrs(config, rec.Prescreen(cost["params"], cost["flops"]),
+                                rec.Measured.from_doc(point.measurement), finished,
+                                rec.Derived(kind, src.label, detail)),
+                    **rec.flat(point.values, finished, None)})
     limits = src.space.constraints.limits()
     if limits:
         known = {"params": float(cost["params"]), "flops": float(cost["flops"]),
@@ -220,7 +223,7 @@ def record(src: Source, kind: str, config: Any, point: Point, model_folder: Path
     assert holder is not None
     holder.add_trial(frozen)
     number = max(t.number for t in holder.get_trials(deepcopy=False)
-                 if t.user_attrs.get(st.ARTIFACTS) == paths)
+                 if rec.read(t).finished.artifacts == paths)
     return f"d{number}"
 
 
@@ -232,8 +235,5 @@ def _cost(config: Any) -> dict[str, int]:
 
 def summary(trial: FrozenTrial) -> str:
     """``progressive 4 steps of 3``-style description of a derived point ('' otherwise)."""
-    d = trial.user_attrs.get(DERIVED)
-    if not d:
-        return ""
-    detail = d.get("detail", {})
-    return f"{detail.get('what', d['kind'])} of {d['source']}"
+    derived = rec.read(trial).derived
+    return derived.summary() if derived is not None else ""

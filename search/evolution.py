@@ -21,32 +21,32 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
-from engine.model import morph
 from engine.config import Config, UNetConfig
+from engine.model import morph
 from search import pareto
+from search import record as rec
 from search import study as st
+from search.artifacts import WEIGHTS
+from search.pipeline import Context, Flight, Hook
+from search.pool import Worker
+from search.pruning import Cost
 from search.space import Param, SearchSpace
-from workers.records import Parent
+from workers.records import Measurement, Parent, TrialRequest
 
-PARENT = st.PARENT
-MUTATION = st.MUTATION
-INHERITANCE = "inheritance"  # trial user attr: how its weights began (Measurement.start)
-WEIGHTS = "checkpoint/ema.safetensors"
 ATTEMPTS = 50
 
 
 def front(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """Feasible COMPLETE trials on the Pareto front that kept their weights."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.values
-            and st.feasible(t) and WEIGHTS in t.user_attrs.get(st.ARTIFACTS, {})]
+    done = [t for t in trials if _kept_weights(r := rec.read(t)) and r.complete and r.feasible]
     if not done:
         return []
     mask = pareto.pareto_mask(st.objective_values(done))
@@ -152,7 +152,7 @@ def enqueue_mutation(study: optuna.Study, space: SearchSpace, channels: int,
     if proposal is None:
         return None
     params, change = proposal
-    study.enqueue_trial(params, user_attrs={PARENT: parent.number, MUTATION: change})
+    study.enqueue_trial(params, user_attrs=rec.attrs(rec.Lineage(parent.number, change)))
     return parent.number
 
 
@@ -169,19 +169,78 @@ def _trial(study: optuna.Study, number: int) -> FrozenTrial:
 
 def reachable(study: optuna.Study, parent: int, child: Config) -> str:
     """Why the child cannot inherit from trial ``parent`` ("" when it can)."""
-    trial = _trial(study, parent)
-    if WEIGHTS not in trial.user_attrs.get(st.ARTIFACTS, {}):
+    trial = rec.read(_trial(study, parent))
+    if not _kept_weights(trial) or trial.config is None:
         return f"trial {parent} kept no weights"
-    parent_unet = Config.from_dict(trial.user_attrs[st.CONFIG]).unet
-    if not morph.reachable(parent_unet, child.unet):
+    if not morph.reachable(trial.config.unet, child.unet):
         return "not reachable from the parent's architecture by engine.model.morph"
     return ""
 
 
 def load_parent(study: optuna.Study, parent: int, rungs: tuple[int, ...]) -> Parent | None:
     """The parent's config and EMA weights, read from its artifacts (None: they are gone)."""
-    trial = _trial(study, parent)
-    path = Path(trial.user_attrs.get(st.ARTIFACTS, {}).get(WEIGHTS, ""))
-    if not path.is_file():
+    trial = rec.read(_trial(study, parent))
+    path = Path((trial.finished.artifacts or {}).get(WEIGHTS, ""))
+    if not path.is_file() or trial.config is None:
         return None
-    return Parent(parent, dict(trial.user_attrs[st.CONFIG]), path.read_bytes(), rungs)
+    return Parent(parent, trial.config.to_dict(), path.read_bytes(), rungs)
+
+
+def _kept_weights(trial: rec.TrialRecord) -> bool:
+    return WEIGHTS in (trial.finished.artifacts or {})
+
+
+class EvolutionHook(Hook):
+    """Mutation proposals of front trials, and children that start from their parent's
+    weights (mutations, and the trials :mod:`search.adapt` grows or shrinks)."""
+
+    def __init__(self, space: SearchSpace, study: optuna.Study) -> None:
+        self.space = space
+        self.seed = int(study.user_attrs.get("seed", space.study.seed))
+        self.parents: dict[int, int] = {}  # trial -> the parent whose weights it starts from
+
+    def before_ask(self, ctx: Context) -> None:
+        """With probability ``mutation_rate``, enqueue a mutation of a front trial for the
+        next ask; the draw depends on the seed and the trial count, so a resumed study draws
+        as the uninterrupted one would."""
+        rate = self.space.study.mutation_rate
+        if rate <= 0:
+            return
+        rng = np.random.default_rng([self.seed, len(ctx.study.get_trials(deepcopy=False))])
+        if rng.random() < rate:
+            enqueue_mutation(ctx.study, self.space, ctx.channels, rng)
+
+    def on_asked(self, ctx: Context, trial: optuna.Trial, config: Config, cost: Cost) -> Cost:
+        """A child that can inherit trains the shorter budget; one that cannot starts fresh,
+        with the reason recorded."""
+        lineage = rec.read_lineage(trial.user_attrs)
+        if lineage.parent is None:
+            return cost
+        why = reachable(ctx.study, lineage.parent, config)
+        if why:
+            rec.write(trial, rec.Inheritance({"status": "fresh", "parent": lineage.parent,
+                                              "reason": why}))
+            return cost
+        self.parents[trial.number] = int(lineage.parent)
+        steps = (lineage.adaptation.steps if lineage.adaptation else
+                 inherit_steps(config.train.steps, self.space.study.inherit_budget))
+        return replace(cost, train_steps=steps)
+
+    def on_dispatch(self, ctx: Context, flight: Flight, worker: Worker,
+                    request: TrialRequest) -> TrialRequest:
+        """The parent's config and weights go with the request (read from its artifacts)."""
+        parent = self.parents.get(flight.number)
+        if parent is None:
+            return request
+        loaded = load_parent(ctx.study, parent, ctx.space.rungs.steps(flight.cost.train_steps))
+        if loaded is None:
+            rec.write(flight.trial, rec.Inheritance({
+                "status": "fresh", "parent": parent,
+                "reason": f"trial {parent}'s weights are gone from its artifacts"}))
+        return replace(request, parent=loaded)
+
+    def on_measured(self, ctx: Context, flight: Flight, worker: Worker, m: Measurement
+                    ) -> Measurement:
+        if m.start.get("parent") is not None:
+            rec.write(flight.trial, rec.Inheritance(m.start))
+        return m

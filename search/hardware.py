@@ -21,16 +21,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from engine.sampling.adaptive import choose_budget, with_budget
+import optuna
+
 from engine.config import Config
 from engine.model.latency import LatencyTable, predict_latency_ms
+from engine.sampling.adaptive import choose_budget, with_budget
+from search import record as rec
+from search.pipeline import Context, Flight, Hook
+from search.pool import Worker
+from search.pruning import Cost
 from search.space import Param, SearchSpace
-from workers.records import WorkerSetup
+from workers.records import Measurement, TrialOutcome, TrialRequest, WorkerSetup
 
 TARGET_DEVICE = "target_device"  # study user attr: the class whose latency is reported
-PREDICTED_LATENCY = "predicted_latency"  # trial user attr: the stage-0 prediction
-LATENCY = "latency"  # trial user attr: where the latency was measured, and its conversion
-STEP_BUDGET = "step_budget"  # trial user attr: the schedule a latency target chose, and why
 TABLE_DIR = "latency-tables"  # under the results folder (on each worker's own disk)
 MIN_CALIBRATION = 3
 
@@ -177,3 +180,67 @@ class Hardware:
             doc["predicted_ms"] = self.predict(config, device_class)
             doc["predicted_target_ms"] = self.predict(config)
         return doc
+
+
+class HardwareHook(Hook):
+    """Latency tables in the pipeline: learn each worker's table, predict every candidate's
+    latency on the target class before dispatch, ask a worker for the latency target in its
+    own terms, and convert what it measured to the target class (the one conversion)."""
+
+    def __init__(self, space: SearchSpace, study: optuna.Study,
+                 latency_target_ms: float | None) -> None:
+        self.hardware = Hardware(space.study.target_device,
+                                 str(study.user_attrs.get(TARGET_DEVICE, "")))
+        self.latency_target_ms = latency_target_ms
+        self._learned: set[str] = set()
+
+    def ready(self, ctx: Context) -> bool:
+        """Take in every worker that came up; hold new trials until the target class's table
+        is in, so that every candidate gets a prediction."""
+        for worker in ctx.pool.workers.values():
+            if worker.name not in self._learned:
+                self._learned.add(worker.name)
+                self.hardware.learn(worker.profile)
+                if worker.profile.get("latency_error"):
+                    ctx.say(f"{worker.name}: {worker.profile['latency_error']}")
+        if self.hardware.target and TARGET_DEVICE not in ctx.study.user_attrs:
+            ctx.study.set_user_attr(TARGET_DEVICE, self.hardware.target)
+        self.hardware.check_target(ctx.pool.starting())
+        return not self.hardware.waiting()
+
+    def on_asked(self, ctx: Context, trial: optuna.Trial, config: Config, cost: Cost) -> Cost:
+        """The latency predicted on the target class (with the schedule a latency target
+        would choose there)."""
+        hw = self.hardware
+        predicted = (hw.predict(config) if self.latency_target_ms is None
+                     else hw.predict_budgeted(config, self.latency_target_ms))
+        return replace(cost, predicted_latency_ms=predicted, target_device=hw.target)
+
+    def on_dispatch(self, ctx: Context, flight: Flight, worker: Worker,
+                    request: TrialRequest) -> TrialRequest:
+        """The study's latency target in the terms of ``worker``'s device class."""
+        if self.latency_target_ms is None:
+            return request
+        ratio = self.hardware.ratio(flight.config, _device_class(worker))
+        return replace(request, latency_target_ms=self.latency_target_ms / (ratio or 1.0))
+
+    def on_measured(self, ctx: Context, flight: Flight, worker: Worker, m: Measurement
+                    ) -> Measurement:
+        """The measurement in target-class terms; both numbers are recorded."""
+        conversion = rec.Conversion.from_doc(
+            self.hardware.convert(flight.config, m.latency_ms, _device_class(worker)))
+        flight.conversion = conversion
+        rec.write(flight.trial, conversion)
+        ratio = conversion.latency_ms / m.latency_ms if m.latency_ms > 0 else 1.0
+        return replace(m, latency_ms=conversion.latency_ms,
+                       latency_samples_ms=tuple(v * ratio for v in m.latency_samples_ms))
+
+    def on_result(self, ctx: Context, flight: Flight, outcome: TrialOutcome,
+                  worker: Worker | None) -> None:
+        """A completed trial grew its worker's table."""
+        if outcome.latency_table and worker is not None:
+            self.hardware.update(_device_class(worker), outcome.latency_table)
+
+
+def _device_class(worker: Worker) -> str:
+    return str(worker.profile.get("device_class", ""))

@@ -32,13 +32,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from optuna.trial import FrozenTrial
 
 from search import pareto
-from search import study as st
+from search import record as rec
 from search.pruning import ConstraintPruner, Cost, stage1_values
 from search.space import SearchSpace
 from workers.records import Decision, Measurement, RungReport
@@ -154,11 +153,6 @@ def survivors(points: np.ndarray, eta: int, tiebreak: str = "crowding", gain: fl
 # -- the pruner --------------------------------------------------------------------------
 
 
-def _memory_of(doc: dict[str, Any], which: str) -> float:
-    sample, train = float(doc["sample_mb"]), float(doc["train_mb"])
-    return {"sample": sample, "train": train, "max": max(sample, train)}[which]
-
-
 def _names(numbers: Sequence[int], most: int = 5) -> str:
     shown = ", ".join(str(n) for n in numbers[:most])
     return shown + (f" and {len(numbers) - most} more" if len(numbers) > most else "")
@@ -212,12 +206,11 @@ class MoAshaPruner:
     def restore(self, trials: Sequence[FrozenTrial]) -> None:
         """Rebuild the rung history from every stored trial that reported to it."""
         self.proxies, self.costs = {}, {}
-        for t in trials:
-            doc = t.user_attrs.get(st.MEASUREMENT)
-            if doc:
-                self.costs[t.number] = (float(doc["latency_ms"]), _memory_of(doc, self.memory))
-            for entry in t.user_attrs.get(st.RUNGS, []):
-                self._record(t.number, int(entry["step"]), float(entry["val_loss"]))
+        for t in map(rec.read, trials):
+            if t.measured is not None:
+                self.costs[t.number] = (t.measured.latency_ms, t.measured.memory_mb(self.memory))
+            for rung in t.rungs:
+                self._record(t.number, rung.step, rung.val_loss)
 
     def _record(self, number: int, step: int, proxy: float) -> None:
         if math.isfinite(proxy):

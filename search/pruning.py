@@ -10,8 +10,8 @@ lives here. A pruner answers with a :class:`workers.Decision` at:
 
 Every decision and its reason are persisted with the trial by the coordinator, and
 :meth:`Pruner.restore` rebuilds a pruner's history from the stored trials on resume.
-Pruners are chosen by name from :data:`PRUNERS` (the CLI and the space file's
-``[study] pruner``):
+Pruners are chosen by name from :data:`search.pruners.PRUNERS` (the CLI and the space
+file's ``[study] pruner``):
 
 - ``none``: never prunes;
 - ``constraints``: stages 0 and 1 against the space's ``[constraints]`` (a violating
@@ -22,7 +22,7 @@ Pruners are chosen by name from :data:`PRUNERS` (the CLI and the space file's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -173,30 +173,3 @@ class ConstraintPruner:
     def on_rung(self, number: int, rung: RungReport, measurement: Measurement | None
                 ) -> Decision:
         return Decision()
-
-
-# -- the registry ------------------------------------------------------------------------
-
-
-def _mo_asha(space: SearchSpace) -> Pruner:
-    from search.mo_asha import MoAshaPruner
-
-    return MoAshaPruner(space)
-
-
-PRUNERS: dict[str, Callable[[SearchSpace], Pruner]] = {
-    "none": NoPruner, "constraints": ConstraintPruner, "mo-asha": _mo_asha}
-
-
-def make_pruner(name: str, space: SearchSpace) -> Pruner:
-    """The pruner registered as ``name``.
-
-    Raises:
-        ValueError: an unknown name, listing the known ones, or a space the pruner
-            cannot work with (``mo-asha`` needs ``[rungs] min_steps > 0``).
-    """
-    try:
-        factory = PRUNERS[name]
-    except KeyError:
-        raise ValueError(f"unknown pruner {name!r} (choose from {', '.join(PRUNERS)})") from None
-    return factory(space)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import pareto
+from search import record as rec
 from search import study as st
+from search.derived import companion, source
 from search.space import SearchSpace
 from workers.records import OBJECTIVES
 
@@ -42,8 +44,6 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _reason(trial: FrozenTrial) -> str:
-    return str(trial.user_attrs.get(st.REASON, ""))
 
 
 # -- status ------------------------------------------------------------------------------
@@ -63,17 +63,17 @@ def worker_stats(trials: Sequence[FrozenTrial]) -> list[WorkerStats]:
     busy: dict[str, float] = collections.defaultdict(float)
     count: collections.Counter[str] = collections.Counter()
     device: dict[str, str] = {}
-    for t in trials:
-        for a in t.user_attrs.get(st.ATTEMPTS, []):
-            busy[a["worker"]] += max(0.0, a["ended"] - a["started"])
-            count[a["worker"]] += 1
-        if t.user_attrs.get(st.WORKER) and t.user_attrs.get(st.DEVICE):
-            device[t.user_attrs[st.WORKER]] = _device(t.user_attrs[st.DEVICE])
+    for t in map(rec.read, trials):
+        for a in t.attempts:
+            busy[a.worker] += max(0.0, a.ended - a.started)
+            count[a.worker] += 1
+        if t.finished.worker and t.finished.device:
+            device[t.finished.worker] = _device(t.finished.device)
     return [WorkerStats(w, device.get(w, "?"), count[w], busy[w],
                         3600.0 * count[w] / busy[w] if busy[w] else 0.0) for w in sorted(count)]
 
 
-def _device(d: dict[str, Any]) -> str:
+def _device(d: Mapping[str, Any]) -> str:
     blas = f", {str(d.get('blas', '')).split(' ')[0]}" if d.get("backend") == "cpu" else ""
     return f"{d.get('backend')}: {d.get('chip')} ({d.get('memory_gb')} GB{blas})"
 
@@ -82,9 +82,7 @@ def eta_s(study: optuna.Study) -> float | None:
     """Remaining trials x mean trial wall time / workers now busy (None when idle or unknown)."""
     trials = study.get_trials(deepcopy=False)
     running = [t for t in trials if t.state == TrialState.RUNNING]
-    walls = [t.user_attrs.get(st.TIMINGS, {}).get("wall_s") for t in trials
-             if t.state == TrialState.COMPLETE]
-    walls = [w for w in walls if w]
+    walls = [w for t in trials if t.state == TrialState.COMPLETE and (w := _wall(t))]
     target = int(study.user_attrs.get("target", 0))
     remaining = target - sum(st.is_finished(t) for t in trials)
     if not running or not walls or remaining <= 0:
@@ -98,7 +96,8 @@ def status_text(study: optuna.Study) -> str:
     states = collections.Counter(t.state for t in trials if st.is_finished(t))
     running = sum(t.state == TrialState.RUNNING for t in trials)
     waiting = sum(t.state == TrialState.WAITING for t in trials)
-    requeued = sum(bool(t.user_attrs.get(st.REQUEUED)) for t in trials)
+    records = [rec.read(t) for t in trials]
+    requeued = sum(r.lineage.requeued for r in records)
     eta = eta_s(study)
     attrs = study.user_attrs
     head = (f"study {study.study_name}: space {attrs.get('space_name')}, sampler "
@@ -108,8 +107,6 @@ def status_text(study: optuna.Study) -> str:
               f"failed {states[TrialState.FAIL]}); running {running}, waiting {waiting}, "
               f"re-queued {requeued}" + (f"; ETA {eta / 60:.1f} min" if eta else ""))
     lines = [head, counts, ""]
-    from search.derived import companion
-
     extra = companion(study)
     if extra is not None:
         note = (f"derived points (distill, compress, schedule): {len(extra.trials)}; "
@@ -120,8 +117,8 @@ def status_text(study: optuna.Study) -> str:
         lines += [_table(["worker", "trials", "busy s", "trials/h", "device"],
                          [[w.name, w.trials, round(w.busy_s, 1), round(w.per_hour, 1), w.device]
                           for w in stats]), ""]
-    rows = [[t.number, t.state.name, *(_values(t)), t.user_attrs.get(st.WORKER, "-"),
-             _wall(t), _reason(t)] for t in trials]
+    rows = [[r.number, r.state.name, *(_values(t)), r.finished.worker or "-", _wall(t),
+             r.reason] for r, t in zip(records, trials)]
     lines.append(_table(["trial", "state", *OBJECTIVES, "worker", "wall s", "reason"], rows))
     return "\n".join(lines)
 
@@ -131,17 +128,15 @@ def _values(trial: FrozenTrial) -> list[float | None]:
 
 
 def _wall(trial: FrozenTrial) -> float | None:
-    wall = trial.user_attrs.get(st.TIMINGS, {}).get("wall_s")
+    wall = (rec.read(trial).finished.timings or {}).get("wall_s")
     return None if wall is None else round(float(wall), 1)
 
 
 def trial_text(study: optuna.Study, label: int | str) -> str:
-    """One trial in full: state and reason, params, measurement, rungs with decisions.
+    """One trial in full: state and reason, params, every stage record, rungs with decisions.
 
     ``label`` is a trial number, or ``d<n>`` for a derived point (:mod:`search.derived`).
     """
-    from search.derived import DERIVED, source
-
     label = str(label)
     if label.startswith("d"):
         t = source(study, label).trial
@@ -150,46 +145,49 @@ def trial_text(study: optuna.Study, label: int | str) -> str:
         if label not in trials:
             raise st.StudyError(f"study {study.study_name!r} has no trial {label}")
         t = trials[label]
-    a = t.user_attrs
-    lines = [f"trial {label}: {t.state.name}" + (f" -- {_reason(t)}" if _reason(t) else "")]
-    if DERIVED in a:
-        d = a[DERIVED]
-        detail = {k: v for k, v in d["detail"].items() if k not in ("stages", "rows")}
-        lines.append(f"derived ({d['kind']}) from trial {d['source']}: "
+    r = rec.read(t)
+    lines = [f"trial {label}: {r.state.name}" + (f" -- {r.reason}" if r.reason else "")]
+    if r.derived is not None:
+        detail = {k: v for k, v in r.derived.detail.items() if k not in ("stages", "rows")}
+        lines.append(f"derived ({r.derived.kind}) from trial {r.derived.source}: "
                      + json.dumps(detail, sort_keys=True, default=str))
-    if t.values:
-        lines.append("values: " + ", ".join(f"{n} {v:.4g}" for n, v in zip(OBJECTIVES, t.values)))
-    if st.REQUEUED_FROM in a:
-        lines.append(f"re-runs the params of trial {a[st.REQUEUED_FROM]}")
-    if t.constraints:
+    if r.values:
+        lines.append("values: " + ", ".join(f"{n} {v:.4g}" for n, v in zip(OBJECTIVES, r.values)))
+    if r.lineage.requeued_from is not None:
+        lines.append(f"re-runs the params of trial {r.lineage.requeued_from}")
+    if r.constraints:
         lines.append("constraints (> 0 violates): " + ", ".join(
-            f"{k} {v:+.3f}" for k, v in t.constraints.items()))
-    lines.append("params: " + json.dumps(t.params, sort_keys=True))
-    from search.adapt import ADAPTED_INTO
-    from search.evolution import INHERITANCE, MUTATION, PARENT
-    from search.hardware import LATENCY, PREDICTED_LATENCY, STEP_BUDGET
+            f"{k} {v:+.3f}" for k, v in r.constraints.items()))
+    lines.append("params: " + json.dumps(r.params, sort_keys=True))
+    return "\n".join(lines + _lineage_lines(r.lineage) + _stage_lines(t, r))
 
-    if PARENT in a:
-        lines.append(f"mutation of trial {a[PARENT]}: {a.get(MUTATION, '?')}")
-    if st.ADAPTATION in a:
-        d = a[st.ADAPTATION]
-        lines.append(f"adapted ({d['trigger']}) from trial {d['parent']} at its step "
-                     f"{d['at_step']}: {d['reason']}; trains its {d['steps']} steps left")
-    if ADAPTED_INTO in a:
-        d = a[ADAPTED_INTO]
-        lines.append(f"continued as trial {d['trial']} ({d['trigger']}: {d['change']})")
-    for key in (st.COST, PREDICTED_LATENCY, st.MEASUREMENT, STEP_BUDGET, LATENCY, INHERITANCE,
-                st.QUALITY, st.TIMINGS, st.WORKER, st.DEVICE):
-        if key in a:
-            lines.append(f"{key}: {json.dumps(a[key], sort_keys=True, default=str)}")
-    for rung in a.get(st.RUNGS, []):
-        why = f" ({rung['reason']})" if rung.get("reason") else ""
-        lines.append(f"rung step {rung['step']}: val_loss {rung['val_loss']:.4f} -> "
-                     f"{rung['decision']}{why}")
-    for attempt in a.get(st.ATTEMPTS, []):
-        lines.append(f"attempt {attempt['attempt'] + 1} on {attempt['worker']}: "
-                     f"{attempt['status']} {attempt['reason']}".rstrip())
-    return "\n".join(lines)
+
+def _lineage_lines(lineage: rec.Lineage) -> list[str]:
+    lines = []
+    if lineage.parent is not None:
+        lines.append(f"mutation of trial {lineage.parent}: {lineage.mutation or '?'}")
+    if (d := lineage.adaptation) is not None:
+        lines.append(f"adapted ({d.trigger}) from trial {d.parent} at its step {d.at_step}: "
+                     f"{d.reason}; trains its {d.steps} steps left")
+    if (into := lineage.adapted_into) is not None:
+        lines.append(f"continued as trial {into.trial} ({into.trigger}: {into.change})")
+    return lines
+
+
+def _stage_lines(t: FrozenTrial, r: rec.TrialRecord) -> list[str]:
+    """The stored stage records, in the order a trial lives, then rungs and attempts."""
+    keys = (rec.PRESCREEN, rec.PREDICTED, rec.MEASURED, rec.STEP_BUDGET, rec.CONVERSION,
+            rec.INHERITANCE, rec.QUALITY, rec.TIMINGS, rec.WORKER, rec.DEVICE)
+    lines = [f"{key}: {json.dumps(t.user_attrs[key], sort_keys=True, default=str)}"
+             for key in keys if key in t.user_attrs]
+    for rung in r.rungs:
+        why = f" ({rung.reason})" if rung.reason else ""
+        lines.append(f"rung step {rung.step}: val_loss {rung.val_loss:.4f} -> "
+                     f"{rung.decision}{why}")
+    for attempt in r.attempts:
+        lines.append(f"attempt {attempt.attempt + 1} on {attempt.worker}: "
+                     f"{attempt.status} {attempt.reason}".rstrip())
+    return lines
 
 
 # -- the Pareto front --------------------------------------------------------------------
@@ -213,8 +211,6 @@ def front(study: optuna.Study, space: SearchSpace | None = None,
     """The front among feasible COMPLETE trials and derived points (distilled, compressed,
     tuned; :mod:`search.derived`); the reference point is, in order of preference,
     ``reference``, the space's ``reference_point``, or 10% past the worst."""
-    from search.derived import companion
-
     extra = companion(study)
     pairs = [(t, str(t.number)) for t in study.get_trials(deepcopy=False)]
     pairs += [(t, f"d{t.number}") for t in (extra.get_trials(deepcopy=False) if extra else [])]
@@ -235,11 +231,10 @@ def pareto_text(result: Front) -> str:
     """The non-dominated trials (sorted by FID) with their configs, and the hypervolume."""
     rows = []
     for i in np.flatnonzero(result.on_front)[np.argsort(result.points[result.on_front, 0])]:
-        t = result.trials[i]
-        q = t.user_attrs.get(st.QUALITY, {})
-        cfg = t.user_attrs.get(st.CONFIG, {})
-        rows.append([result.labels[i], *result.points[i].tolist(), q.get("fid_floor"),
-                     t.user_attrs.get(st.COST, {}).get("params"), _summary(cfg, t)])
+        r = rec.read(result.trials[i])
+        rows.append([result.labels[i], *result.points[i].tolist(),
+                     (r.finished.quality or {}).get("fid_floor"),
+                     r.prescreen.params if r.prescreen else None, _summary(r)])
     ref = ", ".join(f"{v:.4g}" for v in result.reference)
     head = (f"{int(result.on_front.sum())} non-dominated of {len(result.trials)} complete trials "
             f"({int((~result.feasible).sum())} infeasible); hypervolume {result.hypervolume:.4g} "
@@ -250,18 +245,16 @@ def pareto_text(result: Front) -> str:
     return head + "\n" + _table(["trial", *OBJECTIVES, "fid floor", "params", "candidate"], rows)
 
 
-def _summary(cfg: dict[str, Any], trial: FrozenTrial | None = None) -> str:
-    from search.derived import summary
-
-    if not cfg:
+def _summary(r: rec.TrialRecord) -> str:
+    """``w16/32 silu attn[1] | ddim 8 steps trailing cosine eps`` (and what derived it)."""
+    if r.config is None:
         return "-"
-    u, s = cfg["unet"], cfg["schedule"]
-    widths = "/".join(str(u["base_width"] * m) for m in u["width_mults"])
-    attn = f" attn{u['attn_levels']}" if u["attn_levels"] else ""
-    text = (f"w{widths} {u['activation']}{attn} | {s['sampler']} {s['steps']} steps "
-            f"{s['spacing']} {s['beta_schedule']} {s['prediction']}")
-    derived = summary(trial) if trial is not None else ""
-    return f"{text} | {derived}" if derived else text
+    u, s = r.config.unet, r.config.schedule
+    widths = "/".join(str(u.base_width * m) for m in u.width_mults)
+    attn = f" attn{list(u.attn_levels)}" if u.attn_levels else ""
+    text = (f"w{widths} {u.activation}{attn} | {s.sampler} {s.steps} steps "
+            f"{s.spacing} {s.beta_schedule} {s.prediction}")
+    return f"{text} | {r.derived.summary()}" if r.derived is not None else text
 
 
 def plot_front(result: Front, path: Path, title: str = "") -> Path:

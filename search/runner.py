@@ -22,7 +22,8 @@ from search.coordinator import Coordinator, Tally
 from search.dataset import build_payload
 from search.hardware import worker_setup
 from search.progress import Progress, Silent
-from search.pruning import Pruner, make_pruner
+from search.pruners import make_pruner
+from search.pruning import Pruner
 from search.space import SearchSpace, load_space
 from workers.actor import RESOURCE
 from workers.records import DataPayload
@@ -90,7 +91,7 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
         payload = _checked_inputs(space, options, results)
     study, space, resumed = st.open_study(storage, name, space, options.sampler, options.seed)
     pruner = make_pruner(options.pruner or space.study.pruner, space)
-    requeued = tuple(st.recover_stale(study))
+    requeued = tuple(st.recover_stale(study, storage))
     target = options.trials or space.study.trials
     study.set_user_attr("target", target)
     study.set_user_attr("pruner", pruner.name)  # the latest run's; each decision names its own

@@ -11,7 +11,6 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import optuna
@@ -19,31 +18,11 @@ from optuna.samplers import BaseSampler, NSGAIISampler, TPESampler
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from search import record as rec
 from search.space import SearchSpace, parse_space
 from workers.records import OBJECTIVES
 
-FORMAT = 1
 STORAGE_FILE = "diffnas.db"
-
-# Trial user attributes (written only by the coordinator).
-CONFIG = "config"
-COST = "cost"  # {"params", "flops"}: the free stage-0 numbers
-REASON = "reason"  # why a trial FAILED or was PRUNED
-REQUEUED = "requeued"  # this FAIL trial's params were queued again as a new trial
-REQUEUED_FROM = "requeued_from"  # this trial re-runs the params of that trial number
-ATTEMPTS = "attempts"
-MEASUREMENT = "measurement"
-RUNGS = "rungs"
-QUALITY = "quality"
-DEVICE = "device"
-WORKER = "worker"
-NODE = "node"  # {"id", "host"} of the Ray node the completing attempt ran on
-TIMINGS = "timings"
-ARTIFACTS = "artifacts"
-FEASIBLE = "feasible"
-PARENT = "parent"  # a mutation proposal: the number of the trial it mutates
-MUTATION = "mutation"  # what the mutation changed, e.g. "unet.base_width 8 -> 16"
-ADAPTATION = "adaptation"  # a trial grown or shrunk from a running one (search.adapt)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -104,13 +83,19 @@ def load_existing(storage: BaseStorage, name: str) -> optuna.Study:
     """Open a study that must exist (for status, pareto, export).
 
     Raises:
-        StudyError: no study of that name, naming the ones that exist.
+        StudyError: no study of that name, naming the ones that exist; or a study written
+            in a newer record format than this diffnas reads.
     """
     names = study_names(storage)
     if name not in names:
         known = ", ".join(names) if names else "none"
         raise StudyError(f"unknown study {name!r} (studies here: {known})")
-    return optuna.load_study(study_name=name, storage=storage, sampler=_quiet_sampler())
+    study = optuna.load_study(study_name=name, storage=storage, sampler=_quiet_sampler())
+    written = int(study.user_attrs.get("format", rec.FORMAT))
+    if written > rec.FORMAT:
+        raise StudyError(f"study {name!r} is in record format {written}, newer than this "
+                         f"diffnas reads ({rec.FORMAT}): upgrade diffnas to open it")
+    return study
 
 
 def _quiet_sampler() -> BaseSampler:
@@ -158,7 +143,7 @@ def open_study(storage: BaseStorage, name: str, space: SearchSpace | None,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(OBJECTIVES))
-    for key, value in {"format": FORMAT, "space": space.source, "space_name": space.name,
+    for key, value in {"format": rec.FORMAT, "space": space.source, "space_name": space.name,
                        "sampler": sampler_name, "seed": seed_value,
                        "created": time.time()}.items():
         study.set_user_attr(key, value)
@@ -181,42 +166,51 @@ def is_finished(trial: FrozenTrial) -> bool:
     """Counts toward the target: COMPLETE, PRUNED, or FAIL that was not re-queued."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return trial.state == TrialState.FAIL and not trial.user_attrs.get(REQUEUED, False)
+    return trial.state == TrialState.FAIL and not trial.user_attrs.get(rec.REQUEUED, False)
 
 
 def finished_count(study: optuna.Study) -> int:
     return sum(is_finished(t) for t in study.get_trials(deepcopy=False))
 
 
-def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
+def requeue(study: optuna.Study, trial: optuna.Trial, reason: str) -> bool:
     """FAIL a RUNNING ``trial`` and queue its params as a new trial, exactly once.
 
-    The new trial is queued before the old one fails, and carries ``requeued_from``; a
-    second call for the same trial (after another crash in between) queues nothing.
+    The new trial is queued before the old one fails, and carries ``requeued_from`` and
+    the old one's lineage; a second call for the same trial (after another crash in
+    between) queues nothing.
 
     Returns:
         Whether a new trial was queued.
     """
     trials = study.get_trials(deepcopy=False)
-    already = any(t.user_attrs.get(REQUEUED_FROM) == trial.number for t in trials)
+    already = any(rec.read_lineage(t.user_attrs).requeued_from == trial.number for t in trials)
     if not already:
-        carried = {k: trial.user_attrs[k] for k in (PARENT, MUTATION, ADAPTATION)
-                   if k in trial.user_attrs}
-        study.enqueue_trial(dict(trial.params), user_attrs={REQUEUED_FROM: trial.number,
-                                                            **carried})
-    storage = study._storage
-    storage.set_trial_user_attr(trial._trial_id, REASON, reason)
-    storage.set_trial_user_attr(trial._trial_id, REQUEUED, True)
-    study.tell(trial.number, state=TrialState.FAIL)
+        lineage = rec.read_lineage(trial.user_attrs)
+        study.enqueue_trial(dict(trial.params), user_attrs={
+            rec.REQUEUED_FROM: trial.number, **lineage.carried()})
+    trial.set_user_attr(rec.REASON, reason)
+    trial.set_user_attr(rec.REQUEUED, True)
+    study.tell(trial, state=TrialState.FAIL)
     return not already
 
 
-def recover_stale(study: optuna.Study) -> list[int]:
-    """Requeue every trial left RUNNING by a coordinator that stopped; returns their numbers."""
+def recover_stale(study: optuna.Study, storage: BaseStorage) -> list[int]:
+    """Requeue every trial left RUNNING by a coordinator that stopped; returns their numbers.
+
+    ``storage`` is the study's (Optuna offers no public way to get it from the study).
+    """
     stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
     for trial in stale:
-        requeue(study, trial, "coordinator stopped mid-trial; params queued again")
+        requeue(study, running(study, storage, trial.number),
+                "coordinator stopped mid-trial; params queued again")
     return [t.number for t in stale]
+
+
+def running(study: optuna.Study, storage: BaseStorage, number: int) -> optuna.Trial:
+    """A live handle on RUNNING trial ``number`` (one a stopped coordinator left behind)."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, number))
 
 
 def objective_values(trials: Sequence[FrozenTrial]) -> np.ndarray:
@@ -228,7 +222,3 @@ def objective_values(trials: Sequence[FrozenTrial]) -> np.ndarray:
 def feasible(trial: FrozenTrial) -> bool:
     """No recorded constraint is violated (a value > 0 is a violation)."""
     return all(v <= 0.0 for v in trial.constraints.values())
-
-
-def attr(trial: FrozenTrial, key: str, default: Any = None) -> Any:
-    return trial.user_attrs.get(key, default)

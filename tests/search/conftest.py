@@ -4,6 +4,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
+from search import record as rec
 from search import study as st
 
 
@@ -21,7 +22,7 @@ def stored_trials():
             rungs = [{"step": s, "val_loss": v, "train_loss": v, "elapsed_s": 1.0, "attempt": 0,
                       "decision": "continue", "reason": ""} for s, v in proxies]
             study.add_trial(create_trial(state=TrialState.PRUNED,
-                                         user_attrs={st.MEASUREMENT: m, st.RUNGS: rungs}))
+                                         user_attrs={rec.MEASURED: m, rec.RUNGS: rungs}))
         return study.get_trials()
 
     return make

@@ -5,9 +5,8 @@ trial that starts from its weights and trains the steps it had left."""
 import pytest
 from optuna.trial import TrialState
 
-from search import study as st
-from search.adapt import ADAPTATION, ADAPTED_INTO
-from search.evolution import INHERITANCE, MUTATION, PARENT, WEIGHTS
+from search import record as rec
+from search.artifacts import WEIGHTS
 from search.report import trial_text
 
 TABLES = {"rungs": {"min_steps": "10"},
@@ -33,21 +32,21 @@ def test_a_trial_adapts_into_a_new_trial_that_starts_from_its_weights(
     assert parent.state == TrialState.PRUNED and child.state == TrialState.COMPLETE
     assert parent.params["unet.base_width"] == start
     assert child.params["unet.base_width"] == end
-    *before, rung = parent.user_attrs[st.RUNGS]  # stopped at a rung, checkpoint kept
+    *before, rung = parent.user_attrs[rec.RUNGS]  # stopped at a rung, checkpoint kept
     assert all(r["decision"] == "continue" for r in before)
     assert (rung["step"], rung["decision"]) == (at_step, "adapt") and trigger in rung["reason"]
-    assert WEIGHTS in parent.user_attrs[st.ARTIFACTS]
-    assert parent.user_attrs[ADAPTED_INTO]["trial"] == child.number
-    assert child.user_attrs[PARENT] == parent.number
-    assert child.user_attrs[MUTATION] == f"{kind}: unet.base_width {start} -> {end}"
-    doc = child.user_attrs[ADAPTATION]
+    assert WEIGHTS in parent.user_attrs[rec.ARTIFACTS]
+    assert parent.user_attrs[rec.ADAPTED_INTO]["trial"] == child.number
+    assert child.user_attrs[rec.PARENT] == parent.number
+    assert child.user_attrs[rec.MUTATION] == f"{kind}: unet.base_width {start} -> {end}"
+    doc = child.user_attrs[rec.ADAPTATION]
     left = 30 - at_step
     assert (doc["trigger"], doc["at_step"], doc["steps"], doc["depth"]) == (kind, at_step,
                                                                             left, 1)
-    assert child.user_attrs[INHERITANCE] == {"status": "inherited", "parent": parent.number,
+    assert child.user_attrs[rec.INHERITANCE] == {"status": "inherited", "parent": parent.number,
                                              "train_steps": left}
-    assert child.user_attrs[st.RUNGS][-1]["step"] == left  # trains the steps left
-    assert all(r["decision"] == "continue" for r in child.user_attrs[st.RUNGS])  # max_depth
+    assert child.user_attrs[rec.RUNGS][-1]["step"] == left  # trains the steps left
+    assert all(r["decision"] == "continue" for r in child.user_attrs[rec.RUNGS])  # max_depth
     shown = trial_text(study, str(child.number))
     assert f"adapted ({kind}) from trial {parent.number} at its step {at_step}" in shown
     assert f"continued as trial {child.number} ({kind}: " in trial_text(study, "0")

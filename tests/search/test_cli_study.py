@@ -13,7 +13,7 @@ from search.space import load_space
 
 
 def diffnas(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "search.cli_study", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "search.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=120, cwd=cwd, check=False)
 
 

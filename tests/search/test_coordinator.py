@@ -3,7 +3,8 @@
 import optuna
 
 from search import study as st
-from search.coordinator import Coordinator, Phase, TrialRun
+from search.coordinator import Coordinator
+from search.pipeline import Flight, Phase
 from search.pool import Worker
 from search.pruning import Cost, NoPruner
 from search.space import load_space
@@ -35,11 +36,12 @@ def _coordinator(tmp_path, names, target=10):
 
 
 def _retry(coordinator, avoid):
-    trial = coordinator.study.ask(fixed_distributions=coordinator._distributions)
-    run = TrialRun(trial, coordinator.space.decode(trial.params), Cost(1, 1), attempt=1,
-                   avoid=set(avoid))
-    coordinator.runs[trial.number] = run
-    coordinator.queue.append(run)
+    ctx = coordinator.ctx
+    trial = coordinator.study.ask(fixed_distributions=ctx.distributions)
+    run = Flight(trial, coordinator.space.decode(trial.params), Cost(1, 1), attempt=1,
+                 avoid=frozenset(avoid))
+    ctx.flights[trial.number] = run
+    ctx.queue.append(run)
     return run
 
 
@@ -49,7 +51,7 @@ def test_retry_skips_the_worker_it_crashed_on_and_nobody_idles(tmp_path):
     coordinator._fill()
     assert ("B", run.number, 1) in pool.sent  # the retry went to B ...
     assert [s for s in pool.sent if s[0] == "A"] != []  # ... and A got a fresh trial
-    assert run.phase is Phase.STARTING and not coordinator.queue
+    assert run.phase is Phase.STARTING and not coordinator.ctx.queue
 
 
 def test_retry_runs_anywhere_once_every_worker_has_crashed_it(tmp_path):

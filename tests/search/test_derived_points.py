@@ -9,10 +9,11 @@ from optuna.trial import TrialState
 
 from engine.io.models import load_model
 from search import derived as dv
+from search import record as rec
 from search import report
 from search import study as st
 from search.artifacts import export_trial
-from search.cli_derived import compress_trial, distill_front, distill_trial, schedule_trial
+from search.derive import compress_trial, distill_front, distill_trial, schedule_trial
 from search.progress import Silent
 from search.runner import SearchOptions, run_search
 
@@ -81,13 +82,13 @@ def test_distill_records_a_point_on_the_front(searched, tmp_path):
     assert label is not None and label.startswith("d")
     assert [r.steps for r in result.stages] == [8, 4, 2] and result.final.steps == 2
     point = dv.source(study, label).trial
-    assert point.user_attrs[dv.DERIVED]["kind"] == "distill"
-    assert point.user_attrs[dv.DERIVED]["source"] == "0"
-    assert point.user_attrs[st.CONFIG]["schedule"]["steps"] == 2
-    assert point.values[0] == pytest.approx(point.user_attrs[st.QUALITY]["fid"])
-    m = point.user_attrs[st.MEASUREMENT]
+    assert point.user_attrs[rec.DERIVED]["kind"] == "distill"
+    assert point.user_attrs[rec.DERIVED]["source"] == "0"
+    assert point.user_attrs[rec.CONFIG]["schedule"]["steps"] == 2
+    assert point.values[0] == pytest.approx(point.user_attrs[rec.QUALITY]["fid"])
+    m = point.user_attrs[rec.MEASURED]
     assert point.values[1] == pytest.approx(m["source_latency_ms"] * m["latency_ratio"])
-    source_mb = dv.source(study, "0").trial.user_attrs[st.MEASUREMENT]["sample_mb"]
+    source_mb = dv.source(study, "0").trial.user_attrs[rec.MEASURED]["sample_mb"]
     assert point.values[2] == pytest.approx(
         source_mb + m["sample_mb_here"] - m["source_sample_mb_here"])
     # the search study itself is untouched: its sampler never sees the derived point
@@ -108,8 +109,8 @@ def test_schedule_records_optimized_times(searched):
     config, _ = load_model(point.folder)
     s = config.schedule
     assert (s.spacing, s.steps, len(s.timesteps)) == ("optimized", 3, 3)
-    assert list(s.timesteps) == point.trial.user_attrs[dv.DERIVED]["detail"]["times"]
-    assert point.trial.user_attrs[st.MEASUREMENT]["latency_here_ms"] > 0
+    assert list(s.timesteps) == point.trial.user_attrs[rec.DERIVED]["detail"]["times"]
+    assert point.trial.user_attrs[rec.MEASURED]["latency_here_ms"] > 0
 
 
 def test_compress_records_a_smaller_model(searched):
@@ -117,7 +118,7 @@ def test_compress_records_a_smaller_model(searched):
     label, result = compress_trial(dv.source(_study(storage), "0"), 10.0, results, ("cast",),
                                    emit=_quiet)
     assert label is not None and result.recipe
-    detail = dv.source(_study(storage), label).trial.user_attrs[dv.DERIVED]["detail"]
+    detail = dv.source(_study(storage), label).trial.user_attrs[rec.DERIVED]["detail"]
     assert detail["size_mb"] < 0.6 * detail["baseline_size_mb"]  # float16 halves the weights
     assert detail["what"] == "compressed: cast bfloat16"  # the last kept level of the method
 
@@ -162,5 +163,5 @@ def test_distill_front_takes_the_lowest_fid_front_trials(searched):
                          emit=_quiet)
     assert [source for source, _ in done] == [min(searched_front)[1]]
     assert done[0][1] is not None
-    assert dv.source(_study(storage), done[0][1]).trial.user_attrs[dv.DERIVED]["source"] == \
+    assert dv.source(_study(storage), done[0][1]).trial.user_attrs[rec.DERIVED]["source"] == \
         done[0][0]

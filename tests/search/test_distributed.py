@@ -7,12 +7,13 @@ import pytest
 from optuna.trial import TrialState
 
 from engine.io.checkpoint import load_weights
+from search import record as rec
 from search import report
 from search import study as st
 from search.artifacts import export_trial
 from search.pool import workers_text
 from search.progress import Silent
-from search.pruning import PRUNERS
+from search.pruners import PRUNERS
 from search.runner import SearchOptions, run_search
 from workers import RESOURCE, Decision
 
@@ -49,14 +50,14 @@ def test_smoke_study_with_two_workers(ray_cluster, results, storage, tmp_path):
     study = _study(storage, "smoke")
     trials = study.get_trials()
     assert len(trials) == 4 and all(len(t.values) == 3 for t in trials)
-    assert len({t.user_attrs[st.WORKER] for t in trials}) == 2
+    assert len({t.user_attrs[rec.WORKER] for t in trials}) == 2
     assert result.front and result.hypervolume > 0
     for t in trials:
         folder = results / "smoke" / f"trial-{t.number}"
         assert (folder / "samples.png").is_file() and (folder / "metrics.json").is_file()
         assert (folder / "checkpoint" / "ema.safetensors").is_file()
-        assert len(t.user_attrs["artifact_ids"]) == 3  # registered with optuna.artifacts
-        assert [r["step"] for r in t.user_attrs[st.RUNGS]] == [10, 30]
+        assert len(t.user_attrs[rec.ARTIFACT_IDS]) == 3  # registered with optuna.artifacts
+        assert [r["step"] for r in t.user_attrs[rec.RUNGS]] == [10, 30]
     assert "smoke-w0: cpu" in listed[0] and "trial" in listed[0]  # `diffnas workers`
     out = export_trial(study, result.front[0], tmp_path / "export")
     config, _ = load_weights(out)  # what `diffnas sample` loads
@@ -75,7 +76,7 @@ def test_trials_run_on_every_node_and_a_joining_node_gets_work(ray_cluster, resu
 
     try:
         run_search(_options(results, storage, trials=9), Hook(join))
-        nodes = {t.user_attrs[st.NODE]["id"] for t in _study(storage, "smoke").trials}
+        nodes = {t.user_attrs[rec.NODE]["id"] for t in _study(storage, "smoke").trials}
         assert added and added[0].node_id in nodes  # the node that joined mid-study
         assert {n["NodeID"] for n in ray.nodes() if n["Alive"]} <= nodes  # every node
     finally:
@@ -98,9 +99,9 @@ def test_killed_trial_process_or_worker_is_retried(ray_cluster, results, storage
     result = run_search(_options(results, storage, workers=2), Hook(_kill_once(target)))
     assert (result.finished, result.complete) == (4, 4)
     study = _study(storage, "smoke")
-    retried = [t for t in study.trials if len(t.user_attrs[st.ATTEMPTS]) == 2]
+    retried = [t for t in study.trials if len(t.user_attrs[rec.ATTEMPTS]) == 2]
     assert len(retried) == 1
-    first, second = retried[0].user_attrs[st.ATTEMPTS]
+    first, second = retried[0].user_attrs[rec.ATTEMPTS]
     expected = "killed by SIGKILL" if target == "trial" else "died"
     assert expected in first["reason"] and second["status"] == "completed"
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
@@ -125,9 +126,9 @@ def test_a_node_leaving_mid_trial_sends_its_trial_elsewhere(ray_cluster, results
             ray_cluster.remove_node(leaving)
     assert removed and (result.finished, result.complete) == (6, 6)
     trial = _study(storage, "smoke").trials[removed[0]]
-    first, second = trial.user_attrs[st.ATTEMPTS]
+    first, second = trial.user_attrs[rec.ATTEMPTS]
     assert "died" in first["reason"] and second["status"] == "completed"
-    assert trial.user_attrs[st.NODE]["id"] != leaving.node_id
+    assert trial.user_attrs[rec.NODE]["id"] != leaving.node_id
 
 
 class ScriptedPruner:
@@ -157,9 +158,9 @@ def test_a_registered_pruner_decides_at_every_stage(ray_cluster, results, storag
     assert (result.complete, result.pruned) == (1, 3)
     trials = _study(storage, "smoke").trials
     assert [t.state for t in trials] == [TrialState.PRUNED] * 3 + [TrialState.COMPLETE]
-    assert "over budget" in trials[0].user_attrs[st.REASON]
-    assert trials[1].user_attrs[st.MEASUREMENT]["decision"] == "prune"
-    assert [r["decision"] for r in trials[2].user_attrs[st.RUNGS]] == ["prune"]
+    assert "over budget" in trials[0].user_attrs[rec.REASON]
+    assert trials[1].user_attrs[rec.MEASURED]["decision"] == "prune"
+    assert [r["decision"] for r in trials[2].user_attrs[rec.RUNGS]] == ["prune"]
     study = _study(storage, "smoke")
     assert "rung step 10: val_loss" in report.trial_text(study, 2)
     assert "dominated at step 10" in report.trial_text(study, 2)

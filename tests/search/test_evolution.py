@@ -10,7 +10,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from search import evolution
-from search import study as st
+from search import record as rec
 from search.space import _random_values, load_space
 
 
@@ -59,7 +59,7 @@ def test_the_front_is_feasible_complete_trials_with_weights(tmp_path):
     def add(values, state=TrialState.COMPLETE, attrs=weights, constraint=-1.0):
         study.add_trial(create_trial(
             state=state, values=values if state == TrialState.COMPLETE else None,
-            params={"x": 0}, distributions=dist, user_attrs={st.ARTIFACTS: attrs},
+            params={"x": 0}, distributions=dist, user_attrs={rec.ARTIFACTS: attrs},
             system_attrs={"constraints": [constraint]}))
 
     add([1.0, 1.0, 1.0])  # 0: front

@@ -12,9 +12,8 @@ import pytest
 from optuna.trial import TrialState
 
 from search import cli
-from search import study as st
-from search.evolution import INHERITANCE, MUTATION, PARENT
-from search.hardware import LATENCY, PREDICTED_LATENCY, TARGET_DEVICE
+from search import record as rec
+from search.hardware import TARGET_DEVICE
 from search.space import load_space
 from workers import RESOURCE
 
@@ -41,13 +40,13 @@ def test_stage0_prunes_on_the_latency_predicted_from_the_worker_table(
     tables = list((results / "latency-tables").glob("*.json"))
     assert len(tables) == 1 and json.loads(tables[0].read_text())["entries"]
     for trial in study.trials:
-        predicted = trial.user_attrs[PREDICTED_LATENCY]["ms"]
+        predicted = rec.read(trial).predicted_latency_ms
         assert predicted > 0
-        assert trial.user_attrs[st.REASON].startswith(
+        assert trial.user_attrs[rec.REASON].startswith(
             f"constraints stage 0: predicted latency {predicted:.4g} ms on cpu:")
         assert trial.constraints["latency_ms"] == pytest.approx(predicted / 0.001 - 1)
-        assert trial.user_attrs[st.COST]["predicted_latency_ms"] == predicted
-        assert st.ATTEMPTS not in trial.user_attrs  # never dispatched: no device time
+        assert trial.user_attrs[rec.PRESCREEN]["predicted_latency_ms"] == predicted
+        assert rec.ATTEMPTS not in trial.user_attrs  # never dispatched: no device time
     assert cli.main(["status", "predicted", "--trial", "0", "--storage", storage]) == 0
     assert '"predicted_latency_ms": ' in capsys.readouterr().out
 
@@ -65,11 +64,11 @@ def test_latency_measured_on_another_class_is_reported_for_the_target(
     assert len(list((results / "latency-tables").glob("*.json"))) == 2  # one per class
     converted = 0
     for trial in study.trials:
-        doc = trial.user_attrs[LATENCY]
+        doc = trial.user_attrs[rec.CONVERSION]
         assert doc["target_device"] == "fake-b"
-        assert trial.user_attrs[PREDICTED_LATENCY]["device_class"] == "fake-b"
+        assert rec.read(trial).prescreen.target_device == "fake-b"
         assert trial.values[1] == pytest.approx(doc["latency_ms"])
-        assert trial.user_attrs[st.MEASUREMENT]["latency_ms"] == pytest.approx(doc["latency_ms"])
+        assert trial.user_attrs[rec.MEASURED]["latency_ms"] == pytest.approx(doc["latency_ms"])
         if doc["device_class"] != "fake-b":
             converted += 1
             assert doc["ratio"] == pytest.approx(doc["predicted_target_ms"] / doc["predicted_ms"])
@@ -91,16 +90,16 @@ def test_mutation_children_inherit_their_parents_weights_and_complete(
                                                    "inherit_budget": "0.5"}))
     assert result.complete == 3
     first, *children = study.trials
-    assert PARENT not in first.user_attrs  # no front yet: the sampler's
-    assert [r["step"] for r in first.user_attrs[st.RUNGS]] == [10, 30]
+    assert rec.PARENT not in first.user_attrs  # no front yet: the sampler's
+    assert [r["step"] for r in first.user_attrs[rec.RUNGS]] == [10, 30]
     space = load_space(tmp_path / "evolve.toml")
     for child in children:
-        parent = study.trials[child.user_attrs[PARENT]]
+        parent = study.trials[child.user_attrs[rec.PARENT]]
         assert parent.state == TrialState.COMPLETE and parent.number < child.number
         changed = [k for k in child.params if child.params[k] != parent.params[k]]
-        assert changed and child.user_attrs[MUTATION].startswith(changed[0])
+        assert changed and child.user_attrs[rec.MUTATION].startswith(changed[0])
         space.decode(child.params)
-        assert child.user_attrs[INHERITANCE] == {"status": "inherited", "parent": parent.number,
+        assert child.user_attrs[rec.INHERITANCE] == {"status": "inherited", "parent": parent.number,
                                                  "train_steps": 15}
-        assert [r["step"] for r in child.user_attrs[st.RUNGS]] == [10, 15]  # half the budget
+        assert [r["step"] for r in child.user_attrs[rec.RUNGS]] == [10, 15]  # half the budget
         assert child.state == TrialState.COMPLETE

@@ -5,8 +5,8 @@ from dataclasses import replace
 
 import pytest
 
-from engine.model import latency
 from engine.config import Config, ScheduleConfig, UNetConfig
+from engine.model import latency
 from search.hardware import Hardware, calibration_configs
 from search.pruning import ConstraintPruner, Cost, stage0_values
 from search.space import load_space, parse_space

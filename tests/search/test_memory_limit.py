@@ -4,6 +4,7 @@ complete the next trial."""
 
 from optuna.trial import TrialState
 
+from search import record as rec
 from search import study as st
 from search.runner import SearchOptions, run_search
 from search.space import load_space
@@ -62,18 +63,18 @@ def test_over_limit_trials_are_infeasible_and_the_worker_runs_the_next(
         st.open_storage(storage, create=False), "mem").trials
 
     assert predicted.state == TrialState.PRUNED
-    reason = predicted.user_attrs[st.REASON]
+    reason = predicted.user_attrs[rec.REASON]
     assert "over the trial memory limit" in reason and "predicted" in reason
     assert "exceeds the budget of 150 MB" in reason
     assert predicted.constraints["trial_memory_mb"] > 0 and not st.feasible(predicted)
-    assert st.MEASUREMENT not in predicted.user_attrs  # ended before any measurement
+    assert rec.MEASURED not in predicted.user_attrs  # ended before any measurement
 
     assert measured.state == TrialState.PRUNED
-    reason = measured.user_attrs[st.REASON]
+    reason = measured.user_attrs[rec.REASON]
     assert "measured" in reason and "exceeds the budget of 150 MB" in reason
     assert measured.constraints["trial_memory_mb"] > 0 and not st.feasible(measured)
 
     assert fits.state == TrialState.COMPLETE and st.feasible(fits)
     assert -1 < fits.constraints["trial_memory_mb"] <= 0  # its measured peak, under the limit
-    workers = {t.user_attrs[st.WORKER] for t in (predicted, measured, fits)}
+    workers = {t.user_attrs[rec.WORKER] for t in (predicted, measured, fits)}
     assert len(workers) == 1  # the same worker survived both and ran the next trial

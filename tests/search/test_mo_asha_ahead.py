@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from search.mo_asha import MoAshaPruner, ahead, judge, rank_order, rung_gain, survivors
-from search.pruning import Cost, make_pruner
+from search.pruners import make_pruner
+from search.pruning import Cost
 from search.space import load_space, parse_space
 from workers.records import Measurement, RungReport
 

@@ -4,7 +4,8 @@ with the rung history of the first run."""
 
 from optuna.trial import TrialState
 
-from search import cli_study
+from search import cli
+from search import record as rec
 from search import study as st
 from search.runner import SearchOptions, run_search
 from search.space import load_space
@@ -57,7 +58,7 @@ DOMINATED = {**GOOD, "schedule.steps": 16, "train.batch_size": 16, "train.learni
 
 
 def _status(capsys, storage, number):
-    assert cli_study.main(["status", "mo", "--trial", str(number), "--storage", storage]) == 0
+    assert cli.main(["status", "mo", "--trial", str(number), "--storage", storage]) == 0
     return capsys.readouterr().out
 
 
@@ -75,17 +76,17 @@ def test_mo_asha_prunes_at_every_stage_and_resumes_with_its_history(
     assert (first.complete, first.pruned) == (1, 3)
     trials = st.load_existing(st.open_storage(storage, create=False), "mo").trials
     assert trials[0].state == TrialState.COMPLETE
-    assert [r["decision"] for r in trials[0].user_attrs[st.RUNGS]] == ["continue"] * 2
-    assert "over the limit 100,000" in trials[1].user_attrs[st.REASON]  # stage 0
-    assert trials[1].user_attrs[st.COST]["decision"] == "prune"
-    assert trials[1].constraints["params"] > 0 and st.ATTEMPTS not in trials[1].user_attrs
-    (rung,) = trials[2].user_attrs[st.RUNGS]  # stage 2, at the first rung
+    assert [r["decision"] for r in trials[0].user_attrs[rec.RUNGS]] == ["continue"] * 2
+    assert "over the limit 100,000" in trials[1].user_attrs[rec.REASON]  # stage 0
+    assert trials[1].user_attrs[rec.PRESCREEN]["decision"] == "prune"
+    assert trials[1].constraints["params"] > 0 and rec.ATTEMPTS not in trials[1].user_attrs
+    (rung,) = trials[2].user_attrs[rec.RUNGS]  # stage 2, at the first rung
     assert rung["step"] == 10 and rung["decision"] == "prune"
-    assert "dominated by trial 0" in trials[2].user_attrs[st.REASON]
-    assert trials[2].user_attrs[st.TIMINGS]["cpu_s"] > 0  # a pruned trial's device cost
-    assert "memory_mb" in trials[3].user_attrs[st.REASON]  # stage 1
-    assert trials[3].user_attrs[st.MEASUREMENT]["decision"] == "prune"
-    assert trials[3].constraints["memory_mb"] > 0 and st.RUNGS not in trials[3].user_attrs
+    assert "dominated by trial 0" in trials[2].user_attrs[rec.REASON]
+    assert trials[2].user_attrs[rec.TIMINGS]["cpu_s"] > 0  # a pruned trial's device cost
+    assert "memory_mb" in trials[3].user_attrs[rec.REASON]  # stage 1
+    assert trials[3].user_attrs[rec.MEASURED]["decision"] == "prune"
+    assert trials[3].constraints["memory_mb"] > 0 and rec.RUNGS not in trials[3].user_attrs
     shown = _status(capsys, storage, 2)
     assert "PRUNED -- mo-asha step 10: 2 of 2 (front 1, dominated by trial 0)" in shown
     assert "rung step 10: val_loss" in shown and "-> prune (mo-asha step 10" in shown
@@ -96,5 +97,5 @@ def test_mo_asha_prunes_at_every_stage_and_resumes_with_its_history(
     assert second.resumed and (second.complete, second.pruned) == (1, 4)
     again = st.load_existing(st.open_storage(storage, create=False), "mo").trials[4]
     assert again.state == TrialState.PRUNED
-    assert " of 3 (front " in again.user_attrs[st.REASON]  # trials 0, 2 and 4 at step 10
+    assert " of 3 (front " in again.user_attrs[rec.REASON]  # trials 0, 2 and 4 at step 10
     assert "dominated by trial 0" in _status(capsys, storage, 4)

@@ -11,7 +11,8 @@ import pytest
 
 from search.cli_study import register
 from search.mo_asha import MoAshaPruner, judge, keep_count, rank_order, survivors
-from search.pruning import PRUNERS, ConstraintPruner, Cost, constraint_values, make_pruner
+from search.pruners import PRUNERS, make_pruner
+from search.pruning import ConstraintPruner, Cost, constraint_values
 from search.space import load_space, parse_space
 from workers.records import Measurement, RungReport
 

@@ -4,6 +4,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
+from search import record as rec
 from search import report
 from search import study as st
 from search.space import load_space
@@ -20,10 +21,10 @@ def study(storage):
     params["schedule.steps"] = 2
 
     def add(values, state=TrialState.COMPLETE, reason="", infeasible=False):
-        attrs = {st.REASON: reason} if reason else {}
-        attrs[st.ATTEMPTS] = [{"attempt": 0, "worker": "w0", "status": "completed",
+        attrs = {rec.REASON: reason} if reason else {}
+        attrs[rec.ATTEMPTS] = [{"attempt": 0, "worker": "w0", "status": "completed",
                                "reason": "", "started": 0.0, "ended": 10.0}]
-        attrs[st.TIMINGS] = {"wall_s": 10.0}
+        attrs[rec.TIMINGS] = {"wall_s": 10.0}
         system = {"constraints:latency_ms": 0.5 if infeasible else -0.5}
         s.add_trial(create_trial(state=state, values=values, params=params, distributions=dist,
                                  user_attrs=attrs, system_attrs=system))

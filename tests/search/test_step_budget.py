@@ -9,9 +9,9 @@ import pytest
 from optuna.trial import TrialState
 
 from search import cli
+from search import record as rec
 from search import study as st
 from search.dataset import build_payload
-from search.hardware import STEP_BUDGET
 from search.space import load_space
 from workers.process import run_in_child
 from workers.records import Decision, Outcome, TrialRequest
@@ -36,7 +36,7 @@ def test_each_trial_samples_with_the_most_steps_that_fit_the_target(ray_cluster,
     fixed, adaptive = _search(tiny_search, "budget", TARGET_MS)
     for trial in (fixed, adaptive):
         assert trial.state == TrialState.COMPLETE
-        budget = trial.user_attrs[STEP_BUDGET]
+        budget = trial.user_attrs[rec.STEP_BUDGET]
         last = budget["rounds"][-1]
         # The chooser's arithmetic on the numbers measured on the worker's device.
         assert budget["steps"] == math.floor(
@@ -44,19 +44,19 @@ def test_each_trial_samples_with_the_most_steps_that_fit_the_target(ray_cluster,
         assert budget["predicted_ms"] <= TARGET_MS and budget["steps"] >= 1
         assert budget["target_ms"] == TARGET_MS and budget["per_eval_ms"] > 0
         # The latency objective is measured with the chosen schedule, which the trial keeps.
-        schedule = trial.user_attrs[st.CONFIG]["schedule"]
+        schedule = rec.read(trial).config.to_dict()["schedule"]
         assert (schedule["sampler"], schedule["steps"]) == (budget["sampler"], budget["steps"])
-        measurement = trial.user_attrs[st.MEASUREMENT]
+        measurement = trial.user_attrs[rec.MEASURED]
         assert measurement["latency_ms"] == budget["measured_ms"] == trial.values[1]
         assert measurement["budget"]["reason"] == budget["reason"]
         assert trial.constraints["latency_target_ms"] == pytest.approx(
             trial.values[1] / TARGET_MS - 1)
-        saved = json.loads(Path(trial.user_attrs[st.ARTIFACTS]["checkpoint/config.json"])
+        saved = json.loads(Path(trial.user_attrs[rec.ARTIFACTS]["checkpoint/config.json"])
                            .read_text())
         assert saved["config"]["schedule"] == schedule
-    assert fixed.user_attrs[st.CONFIG]["schedule"]["sampler"] in ("ddim", "dpmpp_2m")
-    kept = adaptive.user_attrs[st.CONFIG]["schedule"]
-    assert kept["sampler"] == "adaptive" and kept["tolerance"] == 0.05  # caps its evaluations
+    assert rec.read(fixed).config.schedule.sampler in ("ddim", "dpmpp_2m")
+    kept = rec.read(adaptive).config.schedule
+    assert kept.sampler == "adaptive" and kept.tolerance == 0.05  # caps its evaluations
 
 
 def test_a_candidate_that_cannot_fit_one_step_is_infeasible(ray_cluster, tiny_search):
@@ -64,9 +64,9 @@ def test_a_candidate_that_cannot_fit_one_step_is_infeasible(ray_cluster, tiny_se
     for trial in trials:
         assert trial.state == TrialState.PRUNED
         assert "latency target: max latency 0.0 ms is below one network evaluation" in (
-            trial.user_attrs[st.REASON])
+            trial.user_attrs[rec.REASON])
         assert trial.constraints["latency_target_ms"] > 0 and not st.feasible(trial)
-        assert st.RUNGS not in trial.user_attrs
+        assert rec.RUNGS not in trial.user_attrs
 
 
 def test_a_bad_latency_target_is_a_one_line_error(results, capsys):

@@ -3,6 +3,7 @@
 import pytest
 from optuna.trial import TrialState
 
+from search import record as rec
 from search import study as st
 from search.space import load_space, parse_space
 
@@ -44,28 +45,27 @@ def test_stale_running_trials_fail_and_requeue_exactly_once(storage, space):
     study.tell(done, [1.0, 2.0, 3.0])
     # A new coordinator (the old one was killed) opens the same study.
     study, _, _ = _open(storage, None)
-    assert sorted(st.recover_stale(study)) == [stale_a.number, stale_b.number]
+    assert sorted(st.recover_stale(study, st.open_storage(storage, create=False))) == [stale_a.number, stale_b.number]
     trials = study.get_trials(deepcopy=False)
     waiting = [t for t in trials if t.state == TrialState.WAITING]
-    assert sorted(t.user_attrs[st.REQUEUED_FROM] for t in waiting) == [stale_a.number,
+    assert sorted(t.user_attrs[rec.REQUEUED_FROM] for t in waiting) == [stale_a.number,
                                                                         stale_b.number]
     assert st.finished_count(study) == 1  # requeued FAILs do not count toward the target
     # The re-queued trial runs with the same params ... and the coordinator dies again.
     rerun = study.ask(fixed_distributions=space.distributions())
-    assert rerun.params == stale_a.params and rerun.user_attrs[st.REQUEUED_FROM] == stale_a.number
+    assert rerun.params == stale_a.params and rerun.user_attrs[rec.REQUEUED_FROM] == stale_a.number
     study, _, _ = _open(storage, None)
-    assert st.recover_stale(study) == [rerun.number]
-    requeued_from = [t.user_attrs.get(st.REQUEUED_FROM) for t in study.get_trials()]
+    assert st.recover_stale(study, st.open_storage(storage, create=False)) == [rerun.number]
+    requeued_from = [t.user_attrs.get(rec.REQUEUED_FROM) for t in study.get_trials()]
     assert requeued_from.count(stale_a.number) == 1 and requeued_from.count(rerun.number) == 1
-    assert st.recover_stale(study) == []
+    assert st.recover_stale(study, st.open_storage(storage, create=False)) == []
 
 
 def test_requeue_is_idempotent_for_one_trial(storage, space):
     study, _, _ = _open(storage, space)
     (trial,) = _ask_running(study, space, 1)
-    frozen = study._storage.get_trial(trial._trial_id)
-    study.enqueue_trial(dict(frozen.params), user_attrs={st.REQUEUED_FROM: trial.number})
-    assert st.requeue(study, frozen, "crash between enqueue and fail") is False
+    study.enqueue_trial(dict(trial.params), user_attrs={rec.REQUEUED_FROM: trial.number})
+    assert st.requeue(study, trial, "crash between enqueue and fail") is False
     assert len([t for t in study.trials if t.state == TrialState.WAITING]) == 1
 
 
@@ -117,11 +117,11 @@ def test_a_requeued_mutation_child_keeps_its_parent(storage, space):
     study, _, _ = _open(storage, space)
     parent = _ask_running(study, space, 1)[0]
     study.tell(parent, [1.0, 2.0, 3.0])
-    study.enqueue_trial(dict(parent.params), user_attrs={st.PARENT: parent.number,
-                                                         st.MUTATION: "unet.base_width 8 -> 16"})
+    study.enqueue_trial(dict(parent.params), user_attrs={rec.PARENT: parent.number,
+                                                         rec.MUTATION: "unet.base_width 8 -> 16"})
     child = study.ask(fixed_distributions=space.distributions())
     study, _, _ = _open(storage, None)  # the coordinator died while the child ran
-    assert st.recover_stale(study) == [child.number]
+    assert st.recover_stale(study, st.open_storage(storage, create=False)) == [child.number]
     again = next(t for t in study.get_trials() if t.state == TrialState.WAITING)
-    assert again.user_attrs[st.PARENT] == parent.number
-    assert again.user_attrs[st.MUTATION] == "unet.base_width 8 -> 16"
+    assert again.user_attrs[rec.PARENT] == parent.number
+    assert again.user_attrs[rec.MUTATION] == "unet.base_width 8 -> 16"
