@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import ActorAlreadyExistsError, RayActorError, RayError
 
 from workers.actor import RESOURCE, start_worker
 from workers.records import Decision, Event, Outcome, TrialOutcome, TrialRequest, WorkerSetup
@@ -144,9 +144,16 @@ class WorkerPool:
             self._spawn()
 
     def _spawn(self) -> None:
-        name = f"{self.label}-w{self._spawned}"
-        self._spawned += 1
-        actor = start_worker(name, NAMESPACE)
+        """Start one actor, under the next name that no live actor holds: the actors of a
+        run that just ended on this cluster release their names asynchronously."""
+        while True:
+            name = f"{self.label}-w{self._spawned}"
+            self._spawned += 1
+            try:
+                actor = start_worker(name, NAMESPACE)
+                break
+            except ActorAlreadyExistsError:
+                continue
         worker = Worker(name, actor)
         ref = actor.prepare.remote(self.setup) if self.setup else actor.profile.remote()
         self._pending[ref] = worker

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 
 import pytest
+
+from engine.config import Config
 from optuna.trial import TrialState
 
 from search import cli
@@ -44,8 +46,8 @@ def test_each_trial_samples_with_the_most_steps_that_fit_the_target(ray_cluster,
         assert budget["predicted_ms"] <= TARGET_MS and budget["steps"] >= 1
         assert budget["target_ms"] == TARGET_MS and budget["per_eval_ms"] > 0
         # The latency objective is measured with the chosen schedule, which the trial keeps.
-        schedule = rec.read(trial).config.to_dict()["schedule"]
-        assert (schedule["sampler"], schedule["steps"]) == (budget["sampler"], budget["steps"])
+        schedule = rec.read(trial).config.schedule
+        assert (schedule.sampler, schedule.steps) == (budget["sampler"], budget["steps"])
         measurement = trial.user_attrs[rec.MEASURED]
         assert measurement["latency_ms"] == budget["measured_ms"] == trial.values[1]
         assert measurement["budget"]["reason"] == budget["reason"]
@@ -53,7 +55,7 @@ def test_each_trial_samples_with_the_most_steps_that_fit_the_target(ray_cluster,
             trial.values[1] / TARGET_MS - 1)
         saved = json.loads(Path(trial.user_attrs[rec.ARTIFACTS]["checkpoint/config.json"])
                            .read_text())
-        assert saved["config"]["schedule"] == schedule
+        assert Config.from_dict(saved["config"]).schedule == schedule
     assert rec.read(fixed).config.schedule.sampler in ("ddim", "dpmpp_2m")
     kept = rec.read(adaptive).config.schedule
     assert kept.sampler == "adaptive" and kept.tolerance == 0.05  # caps its evaluations
