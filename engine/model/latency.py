@@ -42,8 +42,8 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from engine.device.bench import LatencyStat, device_fingerprint, time_call
 from engine.config import Config, UNetConfig
+from engine.device.bench import LatencyStat, device_fingerprint, time_call
 from engine.model.blocks import Block, walk
 from engine.model.cost import block_layers
 from engine.model.unet import UNet, timestep_embedding

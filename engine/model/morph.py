@@ -21,7 +21,14 @@ from mlx.utils import tree_unflatten
 from engine.config import ACTIVATIONS, Config, UNetConfig
 from engine.model.channels import items
 from engine.model.morphisms import (
-    add_attention, deepen, densify, drop_attention, narrow, shallow, to_transposed, widen,
+    add_attention,
+    deepen,
+    densify,
+    drop_attention,
+    narrow,
+    shallow,
+    to_transposed,
+    widen,
 )
 from engine.model.unet import UNet
 from engine.training.train import TrainState, init_state

@@ -29,10 +29,19 @@ from mlx.nn import Module
 from engine.config import UNetConfig
 from engine.model.blocks import Block, walk
 from engine.model.channels import (
-    Flat, dup, dup_heads, dup_sinusoid, half_sinusoid, level_spaces, remap, select, to_flat,
+    Flat,
+    dup,
+    dup_heads,
+    dup_sinusoid,
+    half_sinusoid,
+    level_spaces,
+    remap,
+    select,
+    to_flat,
     to_tree,
 )
 from engine.model.unet import Attention, ResBlock
+
 
 def widen(config: UNetConfig, params: dict, level: int | None = None, *, strict: bool = True
           ) -> tuple[UNetConfig, dict]:

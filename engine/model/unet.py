@@ -13,7 +13,7 @@ from itertools import groupby
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten
 
 from engine.config import UNetConfig
