@@ -1,10 +1,9 @@
 """Analytic cost of a U-Net, without building it: parameters, FLOPs, activation sizes.
 
-:func:`layers` walks the architecture exactly as :class:`engine.model.unet.UNet` builds it
-and yields one :class:`Layer` per weight-bearing op. The parameter total is checked
-against the built model in the tests, which keeps the two walks in step. The search
-uses these numbers for its free pre-screen, the memory model for activation sizes,
-and the latency predictor for its per-layer features.
+:func:`block_layers` prices one block of :func:`engine.model.blocks.walk` as the
+weight-bearing ops it runs, one :class:`Layer` each; :func:`layers` does so for every
+block. The search uses these numbers for its free pre-screen, the memory model for
+activation sizes, and the latency predictor for its per-block FLOPs.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.config import UNetConfig
+from engine.model.blocks import Block, walk
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,13 @@ def _norm(name: str, res: int, c: int) -> Layer:
     return Layer(name, "norm", 2 * c, 8 * res * res * c, res * res * c, res, c, c)
 
 
-def _resblock(cfg: UNetConfig, name: str, res: int, cin: int, cout: int) -> list[Layer]:
+def _time(cfg: UNetConfig, block: Block) -> list[Layer]:
+    return [_linear("time_in", 1, block.cin, cfg.time_emb_dim),
+            _linear("time_out", 1, cfg.time_emb_dim, block.cout)]
+
+
+def _resblock(cfg: UNetConfig, block: Block) -> list[Layer]:
+    name, res, cin, cout = block.name, block.res, block.cin, block.cout
     out = [_norm(f"{name}.norm1", res, cin)]
     out += _conv3(f"{name}.conv1", res, cin, cout, cfg.separable)
     out.append(_linear(f"{name}.temb", 1, cfg.time_emb_dim, cout, res))
@@ -62,55 +68,51 @@ def _resblock(cfg: UNetConfig, name: str, res: int, cin: int, cout: int) -> list
     return out
 
 
-def _attention(name: str, res: int, c: int) -> list[Layer]:
+def _attention(cfg: UNetConfig, block: Block) -> list[Layer]:
+    name, res, c = block.name, block.res, block.cout
     n = res * res
     core = Layer(f"{name}.sdpa", "attention", 0, 4 * n * n * c, n * c, res, c, c)
     return [_norm(f"{name}.norm", res, c), _linear(f"{name}.qkv", n, c, 3 * c, res), core,
             _linear(f"{name}.out", n, c, c, res)]
 
 
+def _downsample(cfg: UNetConfig, block: Block) -> list[Layer]:
+    return [_conv(block.name, block.res // 2, block.cin, block.cout, 3)]
+
+
+def _upsample(cfg: UNetConfig, block: Block) -> list[Layer]:
+    res, c = block.res, block.cout
+    if cfg.resample == "nearest":
+        return [_conv(block.name, 2 * res, c, c, 3)]
+    # A 4x4 stride-2 transposed conv scatters each input pixel into a 4x4 patch.
+    return [Layer(block.name, "convT", 16 * c * c + c, 2 * res * res * 16 * c * c,
+                  4 * res * res * c, 2 * res, c, c)]
+
+
+def _out(cfg: UNetConfig, block: Block) -> list[Layer]:
+    return [_norm("norm_out", block.res, block.cin),
+            _conv("conv_out", block.res, block.cin, block.cout, 3)]
+
+
+_PRICES = {
+    "time": _time,
+    "conv_in": lambda cfg, b: [_conv("conv_in", b.res, b.cin, b.cout, 3)],
+    "res": _resblock,
+    "attn": _attention,
+    "down": _downsample,
+    "up": _upsample,
+    "out": _out,
+}
+
+
+def block_layers(cfg: UNetConfig, block: Block) -> list[Layer]:
+    """The weight-bearing ops of one block of ``cfg``'s U-Net, in execution order, at batch 1."""
+    return _PRICES[block.kind](cfg, block)
+
+
 def layers(cfg: UNetConfig) -> list[Layer]:
     """Every weight-bearing op of the U-Net for ``cfg``, in execution order, at batch 1."""
-    out = [_linear("time_in", 1, cfg.base_width, cfg.time_emb_dim),
-           _linear("time_out", 1, cfg.time_emb_dim, cfg.time_emb_dim),
-           _conv("conv_in", cfg.image_size, cfg.channels, cfg.base_width, 3)]
-    res, cin, skips = cfg.image_size, cfg.base_width, [cfg.base_width]
-    last = len(cfg.widths) - 1
-    for level, width in enumerate(cfg.widths):
-        for b in range(cfg.num_res_blocks):
-            out += _resblock(cfg, f"down{level}.{b}", res, cin, width)
-            if level in cfg.attn_levels:
-                out += _attention(f"down{level}.{b}.attn", res, width)
-            cin = width
-            skips.append(width)
-        if level < last:
-            res //= 2
-            out.append(_conv(f"down{level}.downsample", res, width, width, 3))
-            skips.append(width)
-    out += _resblock(cfg, "mid1", res, cin, cin)
-    if last in cfg.attn_levels:
-        out += _attention("mid.attn", res, cin)
-    out += _resblock(cfg, "mid2", res, cin, cin)
-    for level in reversed(range(len(cfg.widths))):
-        width = cfg.widths[level]
-        for b in range(cfg.num_res_blocks + 1):
-            out += _resblock(cfg, f"up{level}.{b}", res, cin + skips.pop(), width)
-            if level in cfg.attn_levels:
-                out += _attention(f"up{level}.{b}.attn", res, width)
-            cin = width
-        if level > 0:
-            out.append(_upsample(cfg, f"up{level}.upsample", res, width))
-            res *= 2
-    out += [_norm("norm_out", res, cin), _conv("conv_out", res, cin, cfg.channels, 3)]
-    return out
-
-
-def _upsample(cfg: UNetConfig, name: str, res: int, c: int) -> Layer:
-    if cfg.resample == "nearest":
-        return _conv(name, 2 * res, c, c, 3)
-    # A 4x4 stride-2 transposed conv scatters each input pixel into a 4x4 patch.
-    return Layer(name, "convT", 16 * c * c + c, 2 * res * res * 16 * c * c, 4 * res * res * c,
-                 2 * res, c, c)
+    return [layer for block in walk(cfg) for layer in block_layers(cfg, block)]
 
 
 def param_count(cfg: UNetConfig) -> int:

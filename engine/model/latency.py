@@ -42,11 +42,12 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from engine.device.bench import LatencyStat, device_fingerprint, time_call
 from engine.config import Config, UNetConfig
-from engine.model.morph import Block, blocks
-from engine.sampling.samplers import generate
+from engine.device.bench import LatencyStat, device_fingerprint, time_call
+from engine.model.blocks import Block, walk
+from engine.model.cost import block_layers
 from engine.model.unet import UNet, timestep_embedding
+from engine.sampling.samplers import generate
 
 TABLE_DIR = Path("results") / "latency-tables"
 FORMAT = 1
@@ -257,14 +258,14 @@ def measure_ms(probe: Probe, clock: str = "wall", runs: int = 7) -> float:
 def block_key(cfg: UNetConfig, block: Block, batch: int) -> str:
     """Every setting that changes the cost of ``block``, as one string."""
     groups = cfg.norm_groups if cfg.norm == "group" else 1
-    act, r, out = f"act={cfg.activation}", f"r={block.res}", f"out={block.out[1]}"
-    ins = "in=" + "+".join(str(w) for _, w in block.ins)
+    act, r, out = f"act={cfg.activation}", f"r={block.res}", f"out={block.cout}"
+    ins = "in=" + "+".join(str(part.width) for part in block.ins)
     parts = {
         "time": [f"d={cfg.base_width}", f"e={cfg.time_emb_dim}", act],
         "conv_in": [r, ins, out],
         "res": [r, ins, out, act, f"g={groups}", f"sep={cfg.separable:d}",
                 f"e={cfg.time_emb_dim}", f"drop={cfg.dropout > 0:d}"],
-        "attn": [r, out, f"heads={block.out[1] // cfg.head_dim}", f"g={groups}"],
+        "attn": [r, out, f"heads={block.cout // cfg.head_dim}", f"g={groups}"],
         "down": [r, out],
         "up": [r, out, cfg.resample],
         "out": [r, ins, out, act, f"g={groups}"],
@@ -280,21 +281,12 @@ def sampler_key(config: Config, batch: int) -> str:
 
 
 def block_flops(cfg: UNetConfig, block: Block, batch: int) -> float:
-    """FLOPs of one block (a multiply-add is 2): the feature of the fallback estimate."""
-    n, cin, c = block.res ** 2, block.cin, block.out[1]
+    """FLOPs of one block (a multiply-add is 2): the feature of the fallback estimate.
 
-    def conv3(i: int, o: int) -> int:
-        return 2 * n * (9 * i + i * o if cfg.separable else 9 * i * o)
-
-    f = {
-        "time": 2 * cfg.time_emb_dim * (cfg.base_width + cfg.time_emb_dim),
-        "conv_in": 18 * n * cin * c,
-        "res": conv3(cin, c) + conv3(c, c) + 2 * n * cin * c * (cin != c) + 8 * n * (cin + c),
-        "attn": 8 * n * c * c + 4 * n * n * c + 8 * n * c,
-        "down": 18 * (n // 4) * c * c,
-        "up": 72 * n * c * c if cfg.resample == "nearest" else 32 * n * c * c,
-        "out": 18 * n * cin * c + 8 * n * cin,
-    }[block.kind]
+    A ResBlock's time projection is left out: the cached tables store this feature with
+    every entry, and the estimate fits new blocks against the stored ones.
+    """
+    f = sum(layer.flops for layer in block_layers(cfg, block) if not layer.name.endswith(".temb"))
     return float(f * batch)
 
 
@@ -393,7 +385,7 @@ def forward_needs(cfg: UNetConfig, batch: int = 1) -> list[Need]:
         return make
 
     return [Need(block_key(cfg, b, batch), block_flops(cfg, b, batch), probe_for(b))
-            for b in blocks(cfg)]
+            for b in walk(cfg)]
 
 
 def forward_latency_ms(cfg: UNetConfig, table: LatencyTable, batch: int = 1) -> float:

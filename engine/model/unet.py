@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from itertools import groupby
+from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 from mlx.utils import tree_flatten
 
 from engine.config import UNetConfig
+from engine.model.blocks import Block, walk
 
 _ACTIVATIONS = {"silu": nn.silu, "gelu": nn.gelu, "relu": nn.relu}
 
@@ -128,14 +131,16 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """The blocks of one resolution, with optional attention after each block."""
 
-    def __init__(self, cfg: UNetConfig, cins: list[int], cout: int, attention: bool):
+    def __init__(self, cfg: UNetConfig, blocks: list[Block], attns: list[Block]):
         super().__init__()
-        self.blocks = [ResBlock(cfg, cin, cout) for cin in cins]
-        self.attns = [Attention(cfg, cout) for _ in cins] if attention else []
+        self.blocks = [ResBlock(cfg, b.cin, b.cout) for b in blocks]
+        self.attns = [Attention(cfg, b.cout) for b in attns]
 
 
 class UNet(nn.Module):
     """U-Net mapping ``(x_t, t)`` to the configured prediction target.
+
+    Its modules are the blocks of :func:`engine.model.blocks.walk`, each at its ``path``.
 
     Args:
         cfg: the architecture.
@@ -147,38 +152,13 @@ class UNet(nn.Module):
         super().__init__()
         self.config = cfg
         self.act = _ACTIVATIONS[cfg.activation]
-        self.time_in = nn.Linear(cfg.base_width, cfg.time_emb_dim)
-        self.time_out = nn.Linear(cfg.time_emb_dim, cfg.time_emb_dim)
-        self.conv_in = nn.Conv2d(cfg.channels, cfg.base_width, 3, padding=1)
-        widths = cfg.widths
-        skips = [cfg.base_width]
-        self.down: list[Level] = []
-        self.downsamples: list[Downsample] = []
-        cin = cfg.base_width
-        for level, width in enumerate(widths):
-            ins = [cin] + [width] * (cfg.num_res_blocks - 1)
-            self.down.append(Level(cfg, ins, width, level in cfg.attn_levels))
-            skips += [width] * cfg.num_res_blocks
-            cin = width
-            if level < len(widths) - 1:
-                self.downsamples.append(Downsample(width))
-                skips.append(width)
-        self.mid1 = ResBlock(cfg, cin, cin)
-        self.mid_attn = [Attention(cfg, cin)] if (len(widths) - 1) in cfg.attn_levels else []
-        self.mid2 = ResBlock(cfg, cin, cin)
-        self.up: list[Level] = []
-        self.upsamples: list[Upsample] = []
-        for level in reversed(range(len(widths))):
-            width = widths[level]
-            ins = []
-            for _ in range(cfg.num_res_blocks + 1):
-                ins.append(cin + skips.pop())
-                cin = width
-            self.up.append(Level(cfg, ins, width, level in cfg.attn_levels))
-            if level > 0:
-                self.upsamples.append(Upsample(width, cfg.resample))
-        self.norm_out = _norm(cfg, cin)
-        self.conv_out = nn.Conv2d(cin, cfg.channels, 3, padding=1)
+        built = _build(cfg)
+        self.time_in, self.time_out = built["time"]
+        self.conv_in = built["conv_in"]
+        self.down, self.downsamples = built["down"], built["downsamples"]
+        self.mid1, self.mid_attn, self.mid2 = built["mid1"], built["mid_attn"], built["mid2"]
+        self.up, self.upsamples = built["up"], built["upsamples"]
+        self.norm_out, self.conv_out = built["out"]
         # Gradient checkpointing per ResBlock/Attention (set by engine.training.train, not a weight).
         self.checkpointing = False
 
@@ -207,6 +187,53 @@ class UNet(nn.Module):
 
     def num_params(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.parameters()))
+
+
+def _build(cfg: UNetConfig) -> dict[str, Any]:
+    """The modules of every block, by the first part of its path, created in walk order.
+
+    The encoder and decoder levels are :class:`Level` s, which create all their ResBlocks
+    before their attentions: the order of the random initial weights.
+    """
+    built: dict[str, Any] = {"down": [], "downsamples": [], "mid_attn": [], "up": [],
+                             "upsamples": []}
+    for key, blocks in groupby(walk(cfg), key=_level_of):
+        group = list(blocks)
+        if isinstance(key, tuple):
+            built[key[0]].append(Level(cfg, [b for b in group if b.kind == "res"],
+                                       [b for b in group if b.kind == "attn"]))
+            continue
+        head, module = key.split(".")[0], _module(cfg, group[0])
+        if isinstance(built.get(head), list):
+            built[head].append(module)
+        else:
+            built[head] = module
+    return built
+
+
+def _level_of(block: Block) -> tuple[str, int | None] | str:
+    """Blocks of one :class:`Level` share a key; every other block has its own."""
+    if block.stage in ("down", "up") and block.kind in ("res", "attn"):
+        return block.stage, block.level
+    return block.path
+
+
+def _module(cfg: UNetConfig, block: Block) -> Any:
+    """The module (or, for ``time`` and ``out``, the pair of modules) of one block."""
+    if block.kind == "time":
+        return (nn.Linear(block.cin, cfg.time_emb_dim),
+                nn.Linear(cfg.time_emb_dim, block.cout))
+    if block.kind == "conv_in":
+        return nn.Conv2d(block.cin, block.cout, 3, padding=1)
+    if block.kind == "res":
+        return ResBlock(cfg, block.cin, block.cout)
+    if block.kind == "attn":
+        return Attention(cfg, block.cout)
+    if block.kind == "down":
+        return Downsample(block.cout)
+    if block.kind == "up":
+        return Upsample(block.cout, cfg.resample)
+    return _norm(cfg, block.cin), nn.Conv2d(block.cin, block.cout, 3, padding=1)
 
 
 def _direct(module: nn.Module, *args: mx.array) -> mx.array:

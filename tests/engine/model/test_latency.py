@@ -5,8 +5,8 @@ from dataclasses import replace
 import mlx.core as mx
 import pytest
 
-from engine.model import latency
 from engine.config import Config, ScheduleConfig, UNetConfig
+from engine.model import latency
 from engine.model.unet import UNet
 
 FP_A = {"chip": "test chip A", "backend": "cpu", "memory_gb": 1.0, "mlx": "0", "blas": "x",

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
-from engine.model import morph
 from engine.config import Config, TrainConfig, UNetConfig
+from engine.model import morph
+from engine.model.unet import UNet
 from engine.sampling.diffusion import diffusion_loss
 from engine.training.train import init_state, train
-from engine.model.unet import UNet
 
 TOL = 1e-5
 
