@@ -3,8 +3,8 @@
 
   uv run python benchmarks/memory_accuracy.py [--quick] [--json results/memory_accuracy.json]
 
-For each held-out config (none is in ``engine.device.memory.CALIBRATION_CONFIGS``) it predicts,
-then measures (``mx.reset_peak_memory`` / ``mx.get_peak_memory``): the training-step peak
+For each held-out config (none is in ``engine.device.memory.fit.CALIBRATION_CONFIGS``) it
+predicts, then measures (``mx.reset_peak_memory`` / ``mx.get_peak_memory``): the training-step peak
 in the four training modes (float32 / bf16, with and without per-block checkpointing)
 at two batch sizes, and the sampling peak at batch 1 and 16. It prints one row per
 measurement with the relative error (the demo preset's U-Net is calibration config ``c16a``, so it is not here), the share within +-20%, and the device.
@@ -17,15 +17,11 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from engine.device.bench import device_fingerprint  # first: engine binds OpenBLAS before mlx loads
-from engine.config import Config, ScheduleConfig, UNetConfig
-from engine.device.memory import (
-    CALIBRATION_CONFIGS,
-    MODES,
-    measure_sampling_mb,
-    measure_train_step_mb,
-    predict,
-)
+from engine.config import Config, ScheduleConfig, UNetConfig  # engine binds OpenBLAS first
+from engine.device.bench import device_fingerprint
+from engine.device.memory.fit import CALIBRATION_CONFIGS
+from engine.device.memory.measure import measure_sampling_mb, measure_train_step_mb
+from engine.device.memory.model import MODES, predict
 
 HELD_OUT = {
     "16px-3lvl-attn": UNetConfig(base_width=32, width_mults=(1, 2, 2), attn_levels=(2,),
