@@ -51,9 +51,11 @@ def distill_trial(src: dv.Source, method: str, steps: int, results: Path,
 
     Returns:
         ``(label, result)``: the new point's label (``None`` if no stage passed) and the
-        :class:`engine.training.distill.DistillResult`.
+        :class:`engine.training.stages.DistillResult`.
     """
-    from engine.training.distill import Gate, distill, fid_quality
+    from engine.training.distill import distill
+    from engine.training.quality_gate import fid_quality
+    from engine.training.stages import Gate
     from engine.io.models import kind_of, load_model
 
     if kind_of(src.folder) != "checkpoint":
