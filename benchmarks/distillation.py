@@ -42,14 +42,10 @@ from engine.training.consistency import (
     sampling_schedule,
 )
 from engine.data.datasets import Dataset, load_dataset
-from engine.training.distill import (
-    DistillResult,
-    Gate,
-    ProgressiveConfig,
-    base_schedule,
-    load_distilled,
-    progressive_distill,
-)
+from engine.training.progressive import ProgressiveConfig, progressive_distill
+from engine.training.stages import DistillResult, Gate
+from engine.sampling.substeps import base_schedule
+from engine.io.models import load_distilled
 from engine.quality.features import feature_network_for
 from engine.io.checkpoint import load_checkpoint, save_checkpoint
 from engine.quality.metrics import evaluate_quality

@@ -30,7 +30,9 @@ from engine.io.models import kind_of, load_model
 from engine.quality.features import feature_network_for
 from engine.sampling.diffusion import denoiser
 from engine.sampling.timesteps import optimize_schedule
-from engine.training.distill import Gate, distill, fid_quality
+from engine.training.distill import distill
+from engine.training.quality_gate import fid_quality
+from engine.training.stages import Gate
 from search import derived as dv
 from search import record as rec
 from search import study as st
@@ -60,7 +62,7 @@ def distill_trial(src: dv.Source, method: str, steps: int, results: Path,
 
     Returns:
         ``(label, result)``: the new point's label (``None`` if no stage passed) and the
-        :class:`engine.training.distill.DistillResult`.
+        :class:`engine.training.stages.DistillResult`.
     """
     if kind_of(src.folder) != "checkpoint":
         raise ValueError(f"trial {src.label} is a {kind_of(src.folder)} model; distil a trained "

@@ -12,12 +12,18 @@ Three kinds of folder hold a model:
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 from mlx import nn
 
-from engine.config import Config
-from engine.io.checkpoint import CheckpointError
+from engine.compression.compress import load_compressed
+from engine.config import Config, ScheduleConfig
+from engine.io.checkpoint import CheckpointError, load_weights
+from engine.training.consistency import ConsistencyModel
+
+__all__ = ["kind_of", "load_distilled", "load_model"]
 
 
 def kind_of(folder: str | Path) -> str:
@@ -45,20 +51,39 @@ def load_model(folder: str | Path) -> tuple[Config, nn.Module]:
     """
     kind = kind_of(folder)
     if kind == "compressed":
-        from engine.compression.compress import load_compressed
-
         try:
             config, _, model = load_compressed(folder)
         except ValueError as err:
             raise CheckpointError(str(err)) from None
         return config, model
     if kind == "distilled":
-        from dataclasses import replace
-
-        from engine.training.distill import load_distilled
-
         config, model, schedule = load_distilled(folder)
         return replace(config, schedule=schedule), model
-    from engine.io.checkpoint import load_weights
-
     return load_weights(folder)
+
+
+def load_distilled(folder: str | Path) -> tuple[Config, nn.Module, ScheduleConfig]:
+    """A distillation stage checkpoint as ``(config, model that samples, sampling schedule)``.
+
+    Consistency checkpoints come back wrapped in their c_skip/c_out parametrisation; a
+    folder without ``distill.json`` comes back as its plain checkpoint.
+
+    Raises:
+        CheckpointError: a missing, corrupt or mismatched checkpoint or distillation record.
+    """
+    folder = Path(folder)
+    config, unet = load_weights(folder)
+    path = folder / "distill.json"
+    if not path.exists():
+        return config, unet, config.schedule
+    try:
+        meta = json.loads(path.read_text())
+        schedule = ScheduleConfig(**meta["schedule"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{path}: corrupt distillation record ({err})") from None
+    unet.eval()
+    if "consistency" not in meta:
+        return config, unet, schedule
+    c = meta["consistency"]
+    model = ConsistencyModel(unet, c["prediction"], schedule.beta_schedule, c["sigma_data"], c["eps"])
+    return config, model, schedule

@@ -10,13 +10,14 @@ with the EDM scalings (Karras et al. 2022) shifted so that ``c_skip(eps) = 1`` a
 variance-exploding variable ``x_t / alpha_t``, ``sigma_t / alpha_t``; ``x0_theta`` is the
 U-Net's own data prediction (so ``c_out -> 1`` at high noise, as in Luo et al. 2023).
 Training matches ``f_theta`` at ``t_{n+1}`` against an EMA target network ``f_theta-``
-at ``t_n``, one teacher DDIM step earlier on an N-point Karras discretisation.
+at ``t_n``, one teacher DDIM step earlier on an N-point Karras discretisation. The
+math is in :mod:`engine.training.losses`; this module holds the model, its sampler and
+the distillation driver.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,46 +27,41 @@ from mlx import nn
 from mlx.utils import tree_map
 
 from engine.config import Config, ScheduleConfig
-from engine.sampling.diffusion import Denoise, alpha_sigma_mx, to_x0_eps
-from engine.training.distill import (
+from engine.model.unet import UNet
+from engine.sampling.diffusion import Denoise
+from engine.sampling.schedules import Grid, karras_times
+from engine.sampling.substeps import base_schedule, grid_arrays
+from engine.training.losses import EPS, SIGMA_DATA, consistency_function, consistency_loss
+from engine.training.quality_gate import QualityFn
+from engine.training.stages import (
     DistillResult,
     Emit,
-    FitPlan,
     Gate,
-    QualityFn,
     Scorer,
     Snapshot,
     StagePlan,
     Trained,
-    base_schedule,
-    copy_model,
-    ddim_step,
-    fit,
-    grid_arrays,
-    reparametrise,
     result_of,
     run_stages,
-    student_prediction,
-    student_state,
     teacher_snapshot,
 )
-from engine.sampling.schedules import T_MIN, Grid, karras_times
-from engine.model.unet import UNet
+from engine.training.student import (
+    StudentRun,
+    copy_model,
+    reparametrise,
+    student_prediction,
+    student_state,
+    train_student,
+)
 
 __all__ = [
-    "EPS",
-    "SIGMA_DATA",
     "ConsistencyConfig",
     "ConsistencyModel",
-    "c_skip_c_out",
     "consistency_distill",
-    "consistency_function",
-    "consistency_loss",
+    "discretisation",
     "sample_consistency",
+    "sampling_schedule",
 ]
-
-SIGMA_DATA = 0.5  # Song et al. 2023 / Karras et al. 2022
-EPS = T_MIN  # the boundary time: f(x, EPS) = x
 
 
 def _check(cond: bool, name: str, value: Any, why: str) -> None:
@@ -120,37 +116,6 @@ class ConsistencyConfig:
         _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
 
 
-# --- paper math ---------------------------------------------------------------------------
-
-def _sigma_ve(t: mx.array, kind: str) -> mx.array:
-    """Noise level ``sigma_t / alpha_t`` of the variance-exploding variable ``x_t / alpha_t``."""
-    alpha, sigma = alpha_sigma_mx(t, kind)
-    return sigma / alpha
-
-
-def c_skip_c_out(t: mx.array, kind: str, sigma_data: float = SIGMA_DATA,
-                 eps: float = EPS) -> tuple[mx.array, mx.array]:
-    """Song et al. 2023, App. C: EDM's c_skip, c_out at ``s = sigma(t) - sigma(eps)``, shape (B,).
-
-    ``s`` is exactly 0 at ``t = eps`` (the same ops on the same input), so ``c_skip = 1``
-    and ``c_out = 0`` there exactly. ``c_out`` lacks EDM's ``sigma_data`` factor because it
-    scales a data-space ``x0`` rather than a unit-variance network output.
-    """
-    s = mx.maximum(_sigma_ve(t, kind) - _sigma_ve(mx.full(t.shape, eps, t.dtype), kind), 0.0)
-    c_skip = sigma_data**2 / (s**2 + sigma_data**2)
-    c_out = s / mx.sqrt(s**2 + sigma_data**2)
-    return c_skip, c_out
-
-
-def consistency_function(model: nn.Module, x: mx.array, t: mx.array, prediction: str, kind: str,
-                         sigma_data: float = SIGMA_DATA, eps: float = EPS) -> mx.array:
-    """``f(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t)`` for x (B, H, W, C), t (B,)."""
-    alpha, sigma = (a[:, None, None, None] for a in alpha_sigma_mx(t, kind))
-    x0, _ = to_x0_eps(model(x, t), x, alpha, sigma, prediction)
-    c_skip, c_out = (c[:, None, None, None] for c in c_skip_c_out(t, kind, sigma_data, eps))
-    return c_skip * x + c_out * x0
-
-
 class ConsistencyModel(nn.Module):
     """A U-Net wrapped as its consistency function; it predicts x0 (``prediction="x0"``)."""
 
@@ -164,30 +129,6 @@ class ConsistencyModel(nn.Module):
     def __call__(self, x: mx.array, t: mx.array) -> mx.array:
         return consistency_function(self.unet, x, t, self.prediction, self.kind, self.sigma_data,
                                     self.eps)
-
-
-def consistency_loss(model: nn.Module, target: nn.Module, teacher: nn.Module, x0: mx.array,
-                     key: mx.array, grid: tuple[mx.array, mx.array, mx.array], prediction: str,
-                     teacher_prediction: str, kind: str, sigma_data: float = SIGMA_DATA,
-                     eps: float = EPS) -> mx.array:
-    """Song et al. 2023, Alg. 2 (CD), with d = squared L2, lambda = 1 and a DDIM teacher step.
-
-    Args:
-        x0: data batch (B, H, W, C).
-        grid: ``(t, alpha, sigma)`` of the discretisation, each (N,), ascending from ``eps``.
-    """
-    gt, ga, gs = grid
-    k_n, k_z = mx.random.split(key)
-    n = mx.random.randint(0, gt.shape[0] - 1, (x0.shape[0],), key=k_n)
-    t, t_next = gt[n], gt[n + 1]
-    (a, a_next), (s, s_next) = ([g[j][:, None, None, None] for j in (n, n + 1)] for g in (ga, gs))
-    z = a_next * x0 + s_next * mx.random.normal(x0.shape, key=k_z)
-    x_hat = mx.stop_gradient(ddim_step(teacher, teacher_prediction, z, t_next, a_next, s_next,
-                                       a, s))
-    f_target = mx.stop_gradient(consistency_function(target, x_hat, t, prediction, kind,
-                                                     sigma_data, eps))
-    f_online = consistency_function(model, z, t_next, prediction, kind, sigma_data, eps)
-    return mx.mean((f_online - f_target) ** 2)
 
 
 def sample_consistency(denoise: Denoise, x: mx.array, grid: Grid, key: mx.array,
@@ -209,8 +150,6 @@ def sample_consistency(denoise: Denoise, x: mx.array, grid: Grid, key: mx.array,
     return x
 
 
-# --- distillation -------------------------------------------------------------------------
-
 def discretisation(settings: ConsistencyConfig, kind: str) -> np.ndarray:
     """The N times ``eps = t_1 < ... < t_N = 1``, Karras-spaced in ``sigma/alpha`` (EDM eq. 5)."""
     ts = karras_times(settings.num_scales, kind, settings.rho)[::-1].copy()
@@ -228,6 +167,7 @@ def sampling_schedule(config: Config, settings: ConsistencyConfig) -> ScheduleCo
 
 
 def _ema_update(target: nn.Module, model: nn.Module, mu: float) -> dict:
+    """Target network update ``theta- <- mu theta- + (1 - mu) theta`` (Song et al. 2023, Alg. 2)."""
     target.update(tree_map(lambda e, p: mu * e + (1 - mu) * p, target.parameters(),
                            model.parameters()))
     return target.parameters()
@@ -241,6 +181,17 @@ def consistency_distill(teacher: UNet, config: Config, images: np.ndarray, out: 
 
     Stage 0 scores the teacher by DDIM at ``teacher_steps``; each round is gated against
     it (or the previous round) and retried, and a failing round rolls back.
+
+    Args:
+        teacher: the trained U-Net (EMA weights); never modified.
+        config: its config (architecture; ``schedule`` gives prediction and beta schedule).
+        images: training images (N, H, W, C) float32 in [-1, 1].
+        out: folder for the round checkpoints.
+        quality: scores a model at a schedule, lower is better.
+        settings: the discretisation, rounds and training settings.
+        gate: the per-round quality gate (default :class:`Gate`).
+        measure_latency: also record each round's batch-1 sampling latency.
+        emit: receives one progress line per attempt.
 
     Returns:
         The result; its ``model`` is a :class:`ConsistencyModel` (the teacher if round 1 fails).
@@ -262,13 +213,16 @@ def consistency_distill(teacher: UNet, config: Config, images: np.ndarray, out: 
         if plan.stage > 1:
             target.update(prev.state.ema)
         target.eval()
-        loss = partial(consistency_loss, online, target, teacher, grid=grid, prediction=prediction,
-                       teacher_prediction=config.schedule.prediction, kind=kind,
-                       sigma_data=settings.sigma_data)
-        run = FitPlan(steps, lr, settings.batch_size, settings.seed + plan.stage, settings.grad_clip,
-                      decay=False)
-        opt, losses = fit(online, loss, images, run, frozen=[teacher.state, target.state],
-                          after_step=lambda: _ema_update(target, online, settings.target_decay))
+
+        def loss_fn(model: nn.Module, x0: mx.array, key: mx.array) -> mx.array:
+            return consistency_loss(model, target, teacher, x0, key, grid, prediction,
+                                    config.schedule.prediction, kind, settings.sigma_data)
+
+        run = StudentRun(steps, lr, settings.batch_size, settings.seed + plan.stage,
+                         settings.grad_clip, decay=False)
+        opt, losses = train_student(
+            online, loss_fn, images, run, frozen=[teacher.state, target.state],
+            after_step=lambda: _ema_update(target, online, settings.target_decay))
         state = student_state(online, config, replace(schedule, prediction=prediction), run, opt,
                               ema=target.parameters(), ema_decay=settings.target_decay)
         model = ConsistencyModel(target, prediction, kind, settings.sigma_data, EPS)

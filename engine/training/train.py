@@ -1,30 +1,37 @@
 """Training: a plain loss function plus one compiled AdamW update, with EMA weights.
 
 Every step draws its batch and noise from ``(seed, step)`` alone, so training that is
-stopped, checkpointed and resumed follows the uninterrupted loss curve exactly.
+stopped, checkpointed and resumed follows the uninterrupted loss curve exactly. The
+update (:func:`compiled_update`) takes any :data:`Loss`: the diffusion loss here, and
+the distillation losses of :mod:`engine.training.losses` with their teachers bound in.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx import nn
 from mlx.utils import tree_map
 
 from engine.config import Config, TrainConfig
-from engine.sampling.diffusion import diffusion_loss
 from engine.model.unet import UNet
+from engine.sampling.diffusion import diffusion_loss
 
 VAL_BATCH = 256
+
+Loss = Callable[[nn.Module, mx.array, mx.array], mx.array]
+"""``loss_fn(model, x0, key) -> scalar``, ``x0`` a data batch (B, H, W, C), ``key`` its noise."""
+Update = Callable[[mx.array, mx.array], mx.array]
+"""``update(x0, key) -> loss``: one optimizer step on the model, from :func:`compiled_update`."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -96,8 +103,9 @@ def _step_key(seed: int, step: int) -> mx.array:
     return mx.random.key((seed * 1_000_003 + step) % (2**63))
 
 
-def _batch(images: np.ndarray, seed: int, step: int, size: int) -> mx.array:
-    rng = np.random.default_rng([seed, step])
+def _batch(images: np.ndarray, seed: int, step: int, size: int,
+           stream: tuple[int, ...] = ()) -> mx.array:
+    rng = np.random.default_rng([seed, *stream, step])
     return mx.array(images[rng.integers(0, len(images), size)])
 
 
@@ -110,7 +118,7 @@ LOSS_SCALE = {"float32": 1.0, "bfloat16": 1.0, "float16": 1024.0}
 """Static loss scale per compute dtype: fp16 gradients of a mean loss underflow without it."""
 
 
-def _loss_and_grad(model: UNet, loss_fn: Callable, dtype: str) -> Callable:
+def _loss_and_grad(model: nn.Module, loss_fn: Loss, dtype: str) -> Callable:
     """``(x0, key) -> (loss, grads)`` w.r.t. the fp32 master weights, forward in ``dtype``.
 
     MLX has no autocast: the weights are cast inside the differentiated function, so the
@@ -136,23 +144,58 @@ def _loss_and_grad(model: UNet, loss_fn: Callable, dtype: str) -> Callable:
     return loss_and_grad
 
 
-def _compiled_step(state: TrainState) -> Callable[[mx.array, mx.array], mx.array]:
-    cfg, model, opt = state.config, state.model, state.optimizer
-    loss_fn = partial(diffusion_loss, prediction=cfg.schedule.prediction,
-                      kind=cfg.schedule.beta_schedule)
-    model.checkpointing = cfg.train.checkpointing
-    loss_and_grad = _loss_and_grad(model, loss_fn, cfg.train.dtype)
-    compiled_state = [model.state, opt.state, mx.random.state]
+def base_loss(config: Config) -> Loss:
+    """The diffusion loss of ``config.schedule`` (its prediction target and beta schedule)."""
+    return partial(diffusion_loss, prediction=config.schedule.prediction,
+                   kind=config.schedule.beta_schedule)
 
-    @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
+
+def compiled_update(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Loss,
+                    grad_clip: float, dtype: str = "float32",
+                    frozen: Sequence[Any] = ()) -> Update:
+    """The training update: gradient of ``loss_fn``, norm clip, one optimizer step, compiled.
+
+    Args:
+        model: the module trained in place; ``optimizer`` is initialised on it.
+        loss_fn: ``loss_fn(model, x0, key) -> scalar`` (see :data:`Loss`).
+        grad_clip: global gradient-norm bound; 0 turns clipping off.
+        dtype: compute dtype of the forward pass (see :func:`_loss_and_grad`).
+        frozen: state of modules that ``loss_fn`` reads but does not train (a teacher, an
+            EMA target); compiled as inputs, so that a change between steps is seen.
+
+    Returns:
+        ``update(x0, key) -> loss``.
+    """
+    loss_and_grad = _loss_and_grad(model, loss_fn, dtype)
+    compiled_state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=compiled_state + list(frozen), outputs=compiled_state)
     def step(x0: mx.array, key: mx.array) -> mx.array:
         loss, grads = loss_and_grad(x0, key)
-        if cfg.train.grad_clip > 0:
-            grads, _ = optim.clip_grad_norm(grads, cfg.train.grad_clip)
-        opt.update(model, grads)
+        if grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, grad_clip)
+        optimizer.update(model, grads)
         return loss
 
     return step
+
+
+def take_step(update: Update, images: np.ndarray, seed: int, step: int, batch_size: int,
+              stream: tuple[int, ...] = ()) -> mx.array:
+    """Run ``update`` once on the batch, noise key and dropout draws of ``(seed, step)``.
+
+    ``stream`` tags a run's batch draws apart from a plain training run with the same seed
+    (distillation uses its own, so a student never replays its teacher's batch order).
+    """
+    mx.random.seed(seed * 7919 + step)  # dropout draws from the global generator
+    return update(_batch(images, seed, step, batch_size, stream), _step_key(seed, step))
+
+
+def _compiled_step(state: TrainState) -> Update:
+    cfg = state.config
+    state.model.checkpointing = cfg.train.checkpointing
+    return compiled_update(state.model, state.optimizer, base_loss(cfg), cfg.train.grad_clip,
+                           cfg.train.dtype)
 
 
 def validation_loss(model: nn.Module, config: Config, val: np.ndarray) -> float:
@@ -204,12 +247,11 @@ def train(state: TrainState, images: np.ndarray, val: np.ndarray, until: int | N
     return state
 
 
-def _one_step(state: TrainState, step_fn: Callable[[mx.array, mx.array], mx.array],
-              images: np.ndarray, val: np.ndarray, start: float) -> EvalPoint | None:
+def _one_step(state: TrainState, step_fn: Update, images: np.ndarray, val: np.ndarray,
+              start: float) -> EvalPoint | None:
     """Step ``state`` once; returns the new :class:`EvalPoint` when validation was due."""
     tc, n, losses = state.config.train, state.step, state.pending_losses
-    mx.random.seed(tc.seed * 7919 + n)  # dropout draws from the global generator
-    loss = step_fn(_batch(images, tc.seed, n, tc.batch_size), _step_key(tc.seed, n))
+    loss = take_step(step_fn, images, tc.seed, n, tc.batch_size)
     d = _ema_decay(tc.ema_decay, n)
     state.ema = tree_map(lambda e, p: d * e + (1 - d) * p, state.ema, state.model.parameters())
     mx.eval(loss, state.ema, state.model.state, state.optimizer.state)

@@ -9,37 +9,28 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
+from engine.data.datasets import load_dataset
+from engine.io.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from engine.io.models import load_distilled
+from engine.model.unet import UNet
+from engine.sampling.diffusion import alpha_sigma_mx, denoiser, to_x0_eps
+from engine.sampling.samplers import generate, sample_ddim, sample_ddpm
+from engine.sampling.schedules import Grid, alpha_sigma, grid
+from engine.sampling.substeps import base_schedule, grid_arrays, sub_schedule
 from engine.training.consistency import (
-    EPS,
     ConsistencyConfig,
     ConsistencyModel,
-    c_skip_c_out,
     consistency_distill,
-    consistency_function,
-    consistency_loss,
     discretisation,
     sample_consistency,
 )
-from engine.data.datasets import load_dataset
-from engine.sampling.diffusion import alpha_sigma_mx, denoiser, to_x0_eps
-from engine.training.distill import (
-    Gate,
-    ProgressiveConfig,
-    base_schedule,
-    distill,
-    fid_quality,
-    grid_arrays,
-    load_distilled,
-    progressive_distill,
-    reparametrise,
-    sample_error_quality,
-    sub_schedule,
-)
-from engine.io.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from engine.sampling.samplers import generate, sample_ddim, sample_ddpm
-from engine.sampling.schedules import Grid, alpha_sigma, grid
+from engine.training.distill import distill
+from engine.training.losses import EPS, c_skip_c_out, consistency_function, consistency_loss
+from engine.training.progressive import ProgressiveConfig, progressive_distill
+from engine.training.quality_gate import fid_quality, sample_error_quality
+from engine.training.stages import Gate
+from engine.training.student import reparametrise
 from engine.training.train import init_state, train
-from engine.model.unet import UNet
 
 TINY = Config(
     unet=UNetConfig(image_size=8, base_width=8, norm_groups=4, width_mults=(1, 2),

@@ -1,12 +1,16 @@
 import json
 from dataclasses import replace
 
+import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 import pytest
+from mlx import nn
+from mlx.utils import tree_map
 
 from engine.config import Config, TrainConfig, UNetConfig
 from engine.io.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from engine.training.train import TrainingDiverged, init_state, train
+from engine.training.train import TrainingDiverged, compiled_update, init_state, train
 
 TINY = Config(unet=UNetConfig(image_size=8, base_width=8, norm_groups=4, width_mults=(1, 2),
                               time_emb_dim=16),
@@ -93,3 +97,24 @@ def test_corrupt_truncated_and_mismatched_checkpoints_name_the_file(images, tmp_
         load_checkpoint(folder)
     with pytest.raises(CheckpointError, match="nowhere"):
         load_checkpoint(tmp_path / "nowhere")
+
+
+def test_compiled_update_takes_any_loss_and_steps_like_plain_gradient_descent():
+    mx.random.seed(0)
+    model, teacher = nn.Linear(4, 4), nn.Linear(4, 4)
+    start = tree_map(lambda p: p, model.parameters())
+
+    def loss_fn(m, x0, key):  # a distillation-shaped loss: the teacher is bound in
+        return mx.mean((m(x0) - teacher(x0 + mx.random.normal(x0.shape, key=key))) ** 2)
+
+    update = compiled_update(model, optim.SGD(learning_rate=0.1), loss_fn, grad_clip=0.0,
+                             frozen=[teacher.state])
+    x, key = mx.random.normal((8, 4), key=mx.random.key(1)), mx.random.key(2)
+    reference = nn.Linear(4, 4)
+    reference.update(start)
+    loss, grads = nn.value_and_grad(reference, lambda a, k: loss_fn(reference, a, k))(x, key)
+    assert float(update(x, key)) == pytest.approx(float(loss), rel=1e-6)
+    expected = tree_map(lambda p, g: p - 0.1 * g, start, grads)
+    for got, want in zip(tree_map(np.array, model.parameters()).values(),
+                         tree_map(np.array, expected).values()):
+        assert np.allclose(got, want, atol=1e-6)
