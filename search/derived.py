@@ -37,6 +37,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from engine.model.cost import flops, param_count
 from search import study as st
 from search.artifacts import write_trial
 from search.pruning import constraint_values
@@ -149,6 +150,7 @@ def measure(model: nn.Module, config: Config, src: Source, dataset: Dataset,
 
     Quality and latency are taken by :mod:`engine.measure`, the protocol a trial follows.
     """
+    # These load mlx, which the CLI's other verbs never need.
     from engine.device.bench import device_fingerprint
     from engine.io.models import load_model
     from engine.measure import MemoryResult, evaluate, sampling_memory, side_by_side
@@ -223,8 +225,6 @@ def record(src: Source, kind: str, config: Any, point: Point, model_folder: Path
 
 
 def _cost(config: Config) -> dict[str, int]:
-    from engine.model.cost import flops, param_count
-
     return {"params": param_count(config.unet), "flops": flops(config.unet)}
 
 
