@@ -8,20 +8,19 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from engine.device.bench import device_fingerprint, sampling_latency, sampling_peak_mb, training_peak_mb
 from engine.config import Config
 from engine.data.datasets import Dataset
 from engine.data.images import save_grid
+from engine.device.bench import device_fingerprint
 from engine.io.checkpoint import save_checkpoint
-from engine.sampling.samplers import generate
-from engine.training.train import Callback, EvalPoint, init_state, train
+from engine.measure import measure, sample_images
 from engine.model.unet import UNet
+from engine.quality.features import feature_network_for
+from engine.training.train import Callback, EvalPoint, init_state, train
 
 GRID_IMAGES = 64
 
@@ -34,32 +33,20 @@ class QualityEval:
     seed: int = 0
 
 
-def sample_images(model: UNet, config: Config, n: int, seed: int, batch: int = 250) -> np.ndarray:
-    """``n`` samples as a numpy array, drawn in batches to bound memory."""
-    u = config.unet
-    chunks = [np.array(generate(model, config.schedule, min(batch, n - i), seed + i, u.image_size,
-                                u.channels)) for i in range(0, n, batch)]
-    return np.concatenate(chunks)
+def evaluation(model: UNet, config: Config, dataset: Dataset, settings: QualityEval,
+               cache_dir: Path | None = None) -> dict[str, Any]:
+    """``model`` measured by the protocol (:func:`engine.measure.measure`), as flat metrics.
 
-
-def quality(model: UNet, config: Config, dataset: Dataset, settings: QualityEval,
-            cache_dir: Path | None = None) -> dict[str, Any]:
-    """FID, KID, precision and recall of ``model``'s samples, with the real-vs-real floor."""
-    from engine.quality.features import feature_network_for
-    from engine.quality.metrics import evaluate_quality
-
+    Returns:
+        FID, KID, precision and recall with the real-vs-real floors, batch-1 sampling
+        latency and its spread, and peak memory for training and sampling.
+    """
     net = feature_network_for(dataset, cache_dir or Path("results") / "feature-nets")
-    fake = sample_images(model, config, settings.n, settings.seed)
-    record = evaluate_quality(fake, dataset.images, net, settings.n, settings.seed)
-    return asdict(record)
-
-
-def measure(model: UNet, config: Config) -> dict[str, Any]:
-    """Sampling latency at batch 1 and peak memory for training and sampling."""
-    latency = sampling_latency(model, config, batch=1)
-    return {"latency_ms": latency.median_ms, "latency_spread": latency.spread,
-            "peak_train_mb": training_peak_mb(config),
-            "peak_sample_mb": sampling_peak_mb(model, config, 1)}
+    measured = measure(model, config, dataset.images, net, settings.n, settings.seed)
+    cost = measured.cost
+    return {**measured.quality.to_dict(), "latency_ms": cost.latency.median_ms,
+            "latency_spread": cost.latency.spread, "peak_train_mb": cost.memory.train_mb,
+            "peak_sample_mb": cost.memory.sample_mb}
 
 
 def progress_printer(total: int, emit: Callable[[str], None] = print) -> Callback:
@@ -94,7 +81,7 @@ def run(config: Config, dataset: Dataset, out: Path, settings: QualityEval = Qua
     emit("evaluating: FID/KID, latency, memory")
     metrics = {"train_seconds": train_s, "steps": state.step,
                "final_val_loss": state.history[-1].val_loss if state.history else None,
-               **quality(model, config, dataset, settings), **measure(model, config),
+               **evaluation(model, config, dataset, settings),
                "device": device_fingerprint()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -29,20 +29,27 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import record as rec
+from engine.model.cost import flops, param_count
 from search import study as st
 from search.artifacts import write_trial
 from search.pruning import constraint_values
 from search.space import SearchSpace
 from workers.records import OBJECTIVES
+
+if TYPE_CHECKING:  # engine loads mlx: the CLI imports it only for a verb that needs it
+    from mlx import nn
+
+    from engine.config import Config
+    from engine.data.datasets import Dataset
 
 SUFFIX = "-derived"
 KINDS = ("distill", "compress", "schedule")
@@ -134,53 +141,46 @@ class Point:
     quality: dict[str, Any]
     measurement: dict[str, Any]
     device: dict[str, Any]
-    grid: np.ndarray  # the first samples, for samples.png
+    grid: np.ndarray  # (grid_images, H, W, C): the first samples, for samples.png
 
 
-def measure(model: Any, config: Any, src: Source, dataset: Any, cache_dir: Path) -> Point:
-    """FID/KID, side-by-side latency against the source, and peak memory of ``model``."""
-    from engine.device.bench import device_fingerprint, sampling_peak_mb
-    from engine.experiment import sample_images
+def measure(model: nn.Module, config: Config, src: Source, dataset: Dataset,
+            cache_dir: Path) -> Point:
+    """FID/KID, side-by-side latency against the source, and peak memory of ``model``.
+
+    Quality and latency are taken by :mod:`engine.measure`, the protocol a trial follows.
+    """
+    # These load mlx, which the CLI's other verbs never need.
+    from engine.device.bench import device_fingerprint
     from engine.io.models import load_model
+    from engine.measure import MemoryResult, evaluate, sampling_memory, side_by_side
     from engine.quality.features import feature_network_for
-    from engine.quality.metrics import evaluate_quality
 
     ev = src.space.evaluate
     net = feature_network_for(dataset, cache_dir)
-    fake = sample_images(model, config, ev.fid_samples, ev.seed)
-    quality = asdict(evaluate_quality(fake, dataset.images, net, ev.fid_samples, ev.seed))
+    quality = evaluate(model, config, dataset.images, net, ev.fid_samples, ev.seed,
+                       ev.grid_images)
     source_config, source_model = load_model(src.folder)
-    here, source_here = side_by_side(model, config, source_model, source_config, ev.latency_runs)
+    here, source_here = side_by_side(model, config, source_model, source_config,
+                                     ev.latency_runs, ROUNDS)
     latency = src.latency_ms * here / source_here
     # Peak memory counts every live array, and this process holds more than a trial's does
     # (both models, the feature network): the difference of the two peaks, measured here
     # side by side, is added to the source's recorded peak.
-    mb_here = sampling_peak_mb(model, config, 1)
-    source_mb_here = sampling_peak_mb(source_model, source_config, 1)
+    mb_here = sampling_memory(model, config)
+    source_mb_here = sampling_memory(source_model, source_config)
     recorded = rec.read(src.trial).measured
     sample_mb = max((recorded.sample_mb if recorded else source_mb_here) + mb_here
                     - source_mb_here, 0.0)
     train_mb = recorded.train_mb if recorded else sample_mb
-    memory = {"sample": sample_mb, "train": train_mb, "max": max(sample_mb, train_mb)}[ev.memory]
+    memory = MemoryResult(train_mb, sample_mb).objective(ev.memory)
     measurement = {"latency_ms": latency, "latency_here_ms": here,
                    "source_latency_here_ms": source_here, "latency_ratio": here / source_here,
                    "source_latency_ms": src.latency_ms, "sample_mb": sample_mb,
                    "sample_mb_here": mb_here, "source_sample_mb_here": source_mb_here,
                    "train_mb": train_mb}
-    return Point((float(quality["fid"]), float(latency), float(memory)), quality, measurement,
-                 device_fingerprint(), fake[: ev.grid_images])
-
-
-def side_by_side(model: Any, config: Any, other: Any, other_config: Any, runs: int
-                 ) -> tuple[float, float]:
-    """Batch-1 sampling latency of two models, alternated; the best median of each (ms)."""
-    from engine.device.bench import sampling_latency
-
-    best = [np.inf, np.inf]
-    for _ in range(ROUNDS):
-        for i, (m, c) in enumerate(((model, config), (other, other_config))):
-            best[i] = min(best[i], sampling_latency(m, c, batch=1, runs=runs).median_ms)
-    return float(best[0]), float(best[1])
+    return Point((float(quality.record.fid), float(latency), float(memory)), quality.to_dict(),
+                 measurement, device_fingerprint(), quality.grid)
 
 
 # -- record ------------------------------------------------------------------------------
@@ -227,9 +227,7 @@ def record(src: Source, kind: str, config: Any, point: Point, model_folder: Path
     return f"d{number}"
 
 
-def _cost(config: Any) -> dict[str, int]:
-    from engine.model.cost import flops, param_count
-
+def _cost(config: Config) -> dict[str, int]:
     return {"params": param_count(config.unet), "flops": flops(config.unet)}
 
 

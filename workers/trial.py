@@ -22,12 +22,35 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
+
+# isort: split
+import mlx.core as mx
+from mlx.utils import tree_unflatten
+
+from engine.config import Config
+from engine.data.images import grid_png
+from engine.device.bench import device_fingerprint
+from engine.device.memory import MemoryBudgetExceeded, check_peak, enforce_limit
+from engine.io.checkpoint import save_checkpoint
+from engine.measure import (
+    BudgetFit,
+    LatencyTargetInfeasible,
+    QualityResult,
+    evaluate,
+    fit_step_budget,
+    measure_cost,
+)
+from engine.model.cost import flops, param_count
+from engine.model.morph import inherit, inherited_state
+from engine.model.unet import UNet
+from engine.quality.features import FeatureNetwork
+from engine.training.train import TrainingDiverged, TrainState, init_state, train, validation_loss
 from workers.device_lock import DeviceLock
 from workers.records import (
     LATENCY_TARGET,
@@ -41,20 +64,13 @@ from workers.records import (
     TrialOutcome,
     TrialRequest,
 )
+from workers.table import observe_trial
 
 Ask = Callable[[EventKind, Any], Decision]
 """Sends a report to the coordinator and blocks for its answer."""
 
 DEVICE = DeviceLock()
 """This machine's device: shared while computing, exclusive while timing a measurement."""
-
-
-class Infeasible(Exception):
-    """The candidate cannot meet a limit the worker enforces: constraint ``name`` at ``value``."""
-
-    def __init__(self, reason: str, name: str, value: float) -> None:
-        super().__init__(reason)
-        self.name, self.value = name, value
 
 
 def run_trial(request: TrialRequest, data: DataPayload, ask: Ask) -> TrialOutcome:
@@ -64,17 +80,15 @@ def run_trial(request: TrialRequest, data: DataPayload, ask: Ask) -> TrialOutcom
     its constraint value: under a memory limit (``request.memory_limit_mb``) its predicted
     or measured peak, under a latency target one step's latency.
     """
-    from engine.device.memory import MemoryBudgetExceeded
-    from engine.training.train import TrainingDiverged
-
     done = _Progress(request)
     try:
         return _run(request, data, ask, done)
     except MemoryBudgetExceeded as err:
         return done.outcome(Outcome.PRUNED, f"over the trial memory limit: {err}",
                             constraint_values={TRIAL_MEMORY: err.needed_mb})
-    except Infeasible as err:
-        return done.outcome(Outcome.PRUNED, str(err), constraint_values={err.name: err.value})
+    except LatencyTargetInfeasible as err:
+        return done.outcome(Outcome.PRUNED, f"latency target: {err}",
+                            constraint_values={LATENCY_TARGET: err.floor_ms})
     except TrainingDiverged as err:
         return _failed(request, f"diverged: {err}")
     except Exception as err:  # noqa: BLE001 (the candidate's own error: FAILED, no retry)
@@ -104,8 +118,6 @@ class _Progress:
         """After each phase under a memory limit: raise if it went over, else keep the peak."""
         if self.limit_mb is None:
             return
-        from engine.device.memory import MemoryBudgetExceeded, check_peak
-
         if peak_mb > self.limit_mb:
             raise MemoryBudgetExceeded(what, peak_mb, self.limit_mb, "measured")
         self.peak_mb = max(self.peak_mb, peak_mb, check_peak(self.limit_mb, what))
@@ -132,31 +144,25 @@ class _Progress:
 
 
 def _run(request: TrialRequest, data: DataPayload, ask: Ask, done: _Progress) -> TrialOutcome:
-    from engine.config import Config
-    from engine.device.memory import enforce_limit
-
     config = Config.from_dict(request.config)
     limit = request.memory_limit_mb
     with enforce_limit(limit, config) if limit is not None else contextlib.nullcontext():
         return _stages(request, data, ask, config, done)
 
 
-def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Any, done: _Progress
-            ) -> TrialOutcome:
+def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Config,
+            done: _Progress) -> TrialOutcome:
     """Measure, train in rungs, evaluate: each stage reports and obeys the answer."""
-    from engine.device.bench import device_fingerprint
-    from engine.training.train import train
-
     started = time.perf_counter()
     state, rungs, start = _initial_state(config, request)
-    latency = None
+    fit = None
     with DEVICE.exclusive():
         if request.latency_target_ms is not None:
-            config, latency = _fit_latency_target(state.model, config,
-                                                  request.latency_target_ms, request.latency_runs)
-            state.config = config  # trained, evaluated and saved with the chosen schedule
-        measurement = done.measurement = replace(
-            _measure(state.model, config, request.latency_runs, latency), start=start)
+            fit = fit_step_budget(state.model, config, request.latency_target_ms,
+                                  request.latency_runs)
+            config = state.config = fit.config  # trained, evaluated and saved with it
+        measurement = done.measurement = _measure(state.model, config, request.latency_runs,
+                                                  fit, start)
     done.device = device_fingerprint()
     done.timings["measure_s"] = measurement.seconds
     done.check_memory("measurement", max(measurement.train_mb, measurement.sample_mb))
@@ -179,24 +185,23 @@ def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Any, don
     return _complete(state, config, data, request, done, started)
 
 
-def _complete(state: Any, config: Any, data: DataPayload, request: TrialRequest,
+def _complete(state: TrainState, config: Config, data: DataPayload, request: TrialRequest,
               done: _Progress, started: float) -> TrialOutcome:
     """Evaluate, package the artifacts, and add the measured latency to the worker's table."""
     assert done.measurement is not None
     measurement = done.measurement
     eval_start = time.perf_counter()
     with DEVICE.shared():
-        quality, grid = _evaluate(state, config, data, request)
+        quality = _evaluate(state, config, data, request)
     done.check_memory("evaluation")
     done.timings["eval_s"] = time.perf_counter() - eval_start
-    values = {"fid": quality["fid"], "latency_ms": measurement.latency_ms,
+    values = {"fid": quality.record.fid, "latency_ms": measurement.latency_ms,
               "peak_mem_mb": measurement.memory_mb(request.memory)}
-    metrics = _metrics(request, config, values, measurement, quality, done.rungs, done.device)
-    artifacts = {"samples.png": grid, **_checkpoint_files(state)}
+    metrics = _metrics(request, config, values, measurement, quality.to_dict(), done.rungs,
+                       done.device)
+    artifacts = {"samples.png": grid_png(quality.grid), **_checkpoint_files(state)}
     table = None
     if request.table_dir:
-        from workers.table import observe_trial
-
         with DEVICE.exclusive():
             table = observe_trial(state.model, config, request.table_dir,
                                   request.device_class, measurement.latency_ms)
@@ -208,18 +213,14 @@ def _complete(state: Any, config: Any, data: DataPayload, request: TrialRequest,
                         latency_table=table)
 
 
-def _initial_state(config: Any, request: TrialRequest
-                   ) -> tuple[Any, tuple[int, ...], dict[str, Any]]:
+def _initial_state(config: Config, request: TrialRequest
+                   ) -> tuple[TrainState, tuple[int, ...], dict[str, Any]]:
     """A fresh training state, or the parent's weights morphed to this architecture.
 
     Returns:
         The state, the rungs to train to (the parent's shorter budget when inherited) and
         how the weights began (``Measurement.start``).
     """
-    from engine.config import Config
-    from engine.model.morph import inherit, inherited_state
-    from engine.training.train import init_state
-
     parent = request.parent
     if parent is None:
         return init_state(config), request.rungs, {"status": "fresh"}
@@ -235,9 +236,6 @@ def _initial_state(config: Any, request: TrialRequest
 
 def _load_params(weights: bytes) -> dict[str, Any]:
     """A parameter tree from the bytes of a safetensors file."""
-    import mlx.core as mx
-    from mlx.utils import tree_unflatten
-
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "parent.safetensors"
         path.write_bytes(weights)
@@ -246,11 +244,9 @@ def _load_params(weights: bytes) -> dict[str, Any]:
     return dict(tree_unflatten(list(tensors.items())))
 
 
-def _rung_report(state: Any, data: DataPayload, elapsed_s: float) -> RungReport:
+def _rung_report(state: TrainState, data: DataPayload, elapsed_s: float) -> RungReport:
     """The proxy at the step just reached; a rung between two ``eval_every`` points (whose
     history holds an older point, or none) is evaluated here, on the same fixed batch."""
-    from engine.training.train import validation_loss
-
     history = tuple((p.step, p.val_loss) for p in state.history)
     point = state.history[-1] if state.history else None
     if point is not None and point.step == state.step:
@@ -262,110 +258,39 @@ def _rung_report(state: Any, data: DataPayload, elapsed_s: float) -> RungReport:
                       (*history, (state.step, val_loss)))
 
 
-def _measure(model: Any, config: Any, runs: int,
-             latency: tuple[Any, dict[str, Any]] | None = None) -> Measurement:
+def _measure(model: UNet, config: Config, runs: int, fit: BudgetFit | None,
+             start: dict[str, Any]) -> Measurement:
     """Latency of the full sampling loop at batch 1, then peak memory of sampling and training.
 
-    ``latency``: the sampling latency and step budget already measured for a latency target.
+    ``fit``: the step budget chosen for a latency target, whose latency is not measured again.
     """
-    from engine.device.bench import sampling_latency, sampling_peak_mb, training_peak_mb
-
-    start = time.perf_counter()
-    stat, budget = latency or (sampling_latency(model, config, batch=1, runs=runs), None)
-    sample_mb = sampling_peak_mb(model, config, 1)
-    train_mb = training_peak_mb(config)
-    seconds = time.perf_counter() - start + (budget["seconds"] if budget else 0.0)
-    return Measurement(stat.median_ms, stat.spread, stat.samples_ms, train_mb, sample_mb,
-                       seconds, budget)
+    cost = measure_cost(model, config, runs, fit.latency if fit is not None else None)
+    stat, memory = cost.latency, cost.memory
+    seconds = cost.seconds + (fit.seconds if fit is not None else 0.0)
+    return Measurement(stat.median_ms, stat.spread, stat.samples_ms, memory.train_mb,
+                       memory.sample_mb, seconds, fit.to_dict() if fit is not None else None,
+                       start)
 
 
-REFITS = 2  # re-choices of the step count when the chosen schedule measured over the target
+def _evaluate(state: TrainState, config: Config, data: DataPayload, request: TrialRequest
+              ) -> QualityResult:
+    """FID/KID of the EMA model on the shipped feature network, with the grid's samples."""
+    net = FeatureNetwork.from_bytes(data.feature_net)
+    return evaluate(state.ema_model(), config, data.real, net, request.fid_samples,
+                    request.eval_seed, request.grid_images)
 
 
-def _fit_latency_target(model: Any, config: Any, target_ms: float, runs: int
-                        ) -> tuple[Any, tuple[Any, dict[str, Any]]]:
-    """The config with the most sampling steps that fit ``target_ms`` on this device.
-
-    Measures one network evaluation and the sampler's overhead (a one-step call less one
-    evaluation), lets :func:`engine.sampling.adaptive.choose_budget` pick the sampler and steps, then
-    measures the chosen schedule; if that comes out over the target, the step count is
-    chosen again from the measured cost per step (at most ``REFITS`` times).
-
-    Returns:
-        The config and ``(latency stat, budget record)`` of the chosen schedule.
-
-    Raises:
-        Infeasible: not even one network evaluation fits the target here.
-    """
-    from engine.sampling.adaptive import StepBudget, choose_budget, with_budget
-    from engine.device.bench import forward_latency, sampling_latency
-
-    start = time.perf_counter()
-    per_eval = forward_latency(model, config).median_ms
-    one_step = replace(config, schedule=with_budget(config.schedule,
-                                                    StepBudget("ddim", 1, 0.0, target_ms)))
-    overhead = max(0.0, sampling_latency(model, one_step, runs=runs).median_ms - per_eval)
-    rounds: list[dict[str, Any]] = []
-    cost = per_eval
-    for _ in range(REFITS + 1):
-        try:
-            budget = choose_budget(target_ms, cost, overhead)
-        except ValueError as err:
-            raise Infeasible(f"latency target: {err}", LATENCY_TARGET,
-                             overhead + cost) from None
-        chosen = replace(config, schedule=with_budget(config.schedule, budget))
-        stat = sampling_latency(model, chosen, batch=1, runs=runs)
-        rounds.append({"sampler": chosen.schedule.sampler, "steps": budget.steps,
-                       "per_step_ms": cost, "predicted_ms": budget.predicted_ms,
-                       "measured_ms": stat.median_ms})
-        if stat.median_ms <= target_ms or budget.steps == 1:
-            break
-        cost = (stat.median_ms - overhead) / budget.steps
-    last = rounds[-1]
-    why = (f"{last['steps']} steps of {last['sampler']} fit {target_ms:g} ms: "
-           f"{overhead:.3g} ms overhead + {last['steps']} x {last['per_step_ms']:.3g} ms per "
-           f"evaluation = {last['predicted_ms']:.4g} ms predicted, {last['measured_ms']:.4g} ms "
-           f"measured")
-    record = {"target_ms": target_ms, "per_eval_ms": per_eval, "overhead_ms": overhead,
-              "sampler": last["sampler"], "steps": last["steps"],
-              "predicted_ms": last["predicted_ms"], "measured_ms": last["measured_ms"],
-              "rounds": rounds, "schedule": asdict(chosen.schedule), "reason": why,
-              "seconds": time.perf_counter() - start}
-    return chosen, (stat, record)
-
-
-def _evaluate(state: Any, config: Any, data: DataPayload, request: TrialRequest
-              ) -> tuple[dict[str, Any], bytes]:
-    from engine.experiment import sample_images
-    from engine.quality.features import FeatureNetwork
-    from engine.data.images import grid_png
-    from engine.quality.metrics import evaluate_quality
-
-    model = state.ema_model()
-    fake = sample_images(model, config, request.fid_samples, request.eval_seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "feature_net.safetensors"
-        path.write_bytes(data.feature_net)
-        net = FeatureNetwork.load(path)
-    quality = evaluate_quality(fake, data.real, net, request.fid_samples, request.eval_seed)
-    return asdict(quality), grid_png(fake[: request.grid_images])
-
-
-def _metrics(request: TrialRequest, config: Any, values: dict[str, float],
+def _metrics(request: TrialRequest, config: Config, values: dict[str, float],
              measurement: Measurement, quality: dict[str, Any], rungs: list[RungReport],
              device: dict[str, Any]) -> dict[str, Any]:
-    from engine.model.cost import flops, param_count
-
     return {"trial": request.number, "attempt": request.attempt, "values": values,
             "config": config.to_dict(), "params": param_count(config.unet),
             "flops": flops(config.unet), "measurement": asdict(measurement),
             "quality": quality, "rungs": [asdict(r) for r in rungs], "device": device}
 
 
-def _checkpoint_files(state: Any) -> dict[str, bytes]:
+def _checkpoint_files(state: TrainState) -> dict[str, bytes]:
     """The training state's checkpoint as ``checkpoint/<file>`` bytes."""
-    from engine.io.checkpoint import save_checkpoint
-
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_checkpoint(state, Path(tmp) / "checkpoint")
         return {f"checkpoint/{path.name}": path.read_bytes() for path in sorted(folder.iterdir())}

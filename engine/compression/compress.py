@@ -29,11 +29,13 @@ import numpy as np
 from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from engine.device.bench import sampling_latency, sampling_peak_mb
-from engine.config import Config
+from engine import measure as protocol
 from engine.compression.quant import quantize_model
-from engine.training.train import TrainState, make_optimizer, train
+from engine.config import Config
+from engine.device.bench import sampling_latency, sampling_peak_mb
 from engine.model.unet import Conv3x3, ResBlock, UNet
+from engine.quality.metrics import FeatureExtractor
+from engine.training.train import TrainState, make_optimizer, train
 
 __all__ = [
     "DEFAULT_LEVELS",
@@ -286,7 +288,7 @@ class CompressionResult:
                 "max_fid_increase": self.max_fid_increase}
 
 
-def fid_evaluator(config: Config, real: np.ndarray, feature_net: Any, n: int = 500,
+def fid_evaluator(config: Config, real: np.ndarray, feature_net: FeatureExtractor, n: int = 500,
                   seed: int = 0) -> Evaluate:
     """FID of ``n`` samples against ``n`` real images; fixed seeds, so levels compare paired.
 
@@ -295,14 +297,11 @@ def fid_evaluator(config: Config, real: np.ndarray, feature_net: Any, n: int = 5
         real: at least ``2 n`` real images in [-1, 1].
         feature_net: the embedding (:func:`engine.quality.features.feature_network_for`).
     """
-    from engine.experiment import sample_images
-    from engine.quality.metrics import evaluate_quality
 
-    def evaluate(model: nn.Module) -> float:
-        fake = sample_images(model, config, n, seed)
-        return evaluate_quality(fake, real, feature_net, n, seed).fid
+    def score(model: nn.Module) -> float:
+        return protocol.evaluate(model, config, real, feature_net, n, seed).record.fid
 
-    return evaluate
+    return score
 
 
 def _level_name(method: str, level: Any) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from mlx import nn
 
 from engine.device import blas as _blas
 from engine.config import Config
@@ -106,7 +107,7 @@ def time_call(fn: Callable[[], Any], runs: int = 5, warmup: int = 1, retries: in
     return best
 
 
-def sampling_latency(model: UNet, config: Config, batch: int = 1, runs: int = 5) -> LatencyStat:
+def sampling_latency(model: nn.Module, config: Config, batch: int = 1, runs: int = 5) -> LatencyStat:
     """Time to draw ``batch`` images with the configured sampler and step count."""
     u = config.unet
     return time_call(lambda: generate(model, config.schedule, batch, 0, u.image_size, u.channels),
@@ -122,7 +123,7 @@ def _peak_mb(fn: Callable[[], Any]) -> float:
     return mx.get_peak_memory() / 2**20
 
 
-def sampling_peak_mb(model: UNet, config: Config, batch: int) -> float:
+def sampling_peak_mb(model: nn.Module, config: Config, batch: int) -> float:
     """Peak memory (MB) while sampling ``batch`` images, weights included."""
     u = config.unet
     return _peak_mb(lambda: generate(model, config.schedule, batch, 0, u.image_size, u.channels))
