@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from mlx import nn
 
-from engine.config import Config
+from engine.config import Config, ScheduleConfig
 from engine.device.bench import (
     LatencyStat,
     forward_latency,
@@ -74,8 +74,14 @@ def sample_images(model: nn.Module, config: Config, n: int, seed: int,
     The batch starting at image ``i`` is drawn from seed ``seed + i``.
     """
     u = config.unet
-    chunks = [np.array(generate(model, config.schedule, min(batch, n - i), seed + i, u.image_size,
-                                u.channels)) for i in range(0, n, batch)]
+    return draw(model, config.schedule, n, seed, u.image_size, u.channels, batch)
+
+
+def draw(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, size: int,
+         channels: int, batch: int = SAMPLE_BATCH) -> np.ndarray:
+    """:func:`sample_images` for a bare schedule (a distillation gate scores students by it)."""
+    chunks = [np.array(generate(model, schedule, min(batch, n - i), seed + i, size, channels))
+              for i in range(0, n, batch)]
     return np.concatenate(chunks)
 
 

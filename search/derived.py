@@ -37,8 +37,8 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import record as rec
 from engine.model.cost import flops, param_count
+from search import record as rec
 from search import study as st
 from search.artifacts import write_trial
 from search.pruning import constraint_values

@@ -1,5 +1,8 @@
 """What a distillation gate scores: FID/KID of a model's samples, or a cheap proxy for tests.
 
+Samples are drawn as the trial protocol draws them (:func:`engine.measure.draw`), so a
+student's FID is comparable with its teacher's trial FID at the same count and seed.
+
 A quality function samples a model at a schedule and returns its FID (lower is better),
 or a mapping with ``fid`` and ``kid``; :class:`engine.training.stages.Gate` compares it
 with the baseline's.
@@ -16,21 +19,15 @@ from mlx import nn
 
 from engine.config import ScheduleConfig
 from engine.data.datasets import Dataset
+from engine.measure import draw
 from engine.quality.features import feature_network_for
 from engine.quality.metrics import evaluate_quality
-from engine.sampling.samplers import generate
 
 __all__ = ["Quality", "QualityFn", "fid_quality", "sample_error_quality"]
 
 Quality = float | Mapping[str, float]
 QualityFn = Callable[[nn.Module, ScheduleConfig], Quality]
 """``quality(model, schedule) -> fid`` (lower is better), or a mapping with ``fid`` and ``kid``."""
-
-
-def _sample(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, size: int,
-            channels: int, batch: int = 250) -> np.ndarray:
-    return np.concatenate([np.array(generate(model, schedule, min(batch, n - i), seed + i, size,
-                                             channels)) for i in range(0, n, batch)])
 
 
 def fid_quality(dataset: Dataset, n: int = 1000, seed: int = 0,
@@ -40,7 +37,7 @@ def fid_quality(dataset: Dataset, n: int = 1000, seed: int = 0,
     net = feature_network_for(dataset, cache_dir or Path("results") / "feature-nets")
 
     def quality(model: nn.Module, schedule: ScheduleConfig) -> dict[str, float]:
-        fake = _sample(model, schedule, n, seed, dataset.image_size, dataset.channels)
+        fake = draw(model, schedule, n, seed, dataset.image_size, dataset.channels)
         if not np.isfinite(fake).all():
             return {"fid": math.inf, "kid": math.inf}  # a diverged student fails its gate
         record = evaluate_quality(fake, dataset.images, net, n, seed)
@@ -58,7 +55,7 @@ def sample_error_quality(reference: np.ndarray, seed: int) -> QualityFn:
     n, size, _, channels = reference.shape
 
     def quality(model: nn.Module, schedule: ScheduleConfig) -> float:
-        fake = _sample(model, schedule, n, seed, size, channels)
+        fake = draw(model, schedule, n, seed, size, channels)
         return float(np.mean((fake - reference) ** 2))
 
     return quality
