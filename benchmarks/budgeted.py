@@ -20,10 +20,11 @@ from typing import Any, TypeVar
 import numpy as np
 from optuna.trial import FrozenTrial, TrialState
 
-from search import record as rec
-from search import pareto, runner
-from search import study as st
-from search.coordinator import Coordinator
+from search import pareto
+from search.run import runner
+from search.run.coordinator import Coordinator
+from search.storage import record as rec
+from search.storage import study as st
 
 
 class BudgetedCoordinator(Coordinator):

@@ -23,12 +23,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from engine.device.bench import device_fingerprint  # first: engine binds OpenBLAS before mlx loads
 from engine.compression.compress import compress, fid_evaluator, format_table
 from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
 from engine.data.datasets import load_dataset
-from engine.quality.features import feature_network_for
+from engine.device.bench import device_fingerprint  # first: engine binds OpenBLAS before mlx loads
 from engine.io.checkpoint import load_weights, save_checkpoint
+from engine.quality.features import feature_network_for
 from engine.quality.metrics import evaluate_quality
 from engine.training.train import init_state, train
 

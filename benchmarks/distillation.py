@@ -33,23 +33,23 @@ import engine  # noqa: F401  (binds OpenBLAS before mlx loads)
 # isort: split
 from mlx import nn
 
-from engine.device.bench import device_fingerprint, sampling_latency
 from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
+from engine.data.datasets import Dataset, load_dataset
+from engine.device.bench import device_fingerprint, sampling_latency
+from engine.io.checkpoint import load_checkpoint, save_checkpoint
+from engine.io.models import load_distilled
+from engine.quality.features import feature_network_for
+from engine.quality.metrics import evaluate_quality
+from engine.sampling.samplers import generate
+from engine.sampling.substeps import base_schedule
 from engine.training.consistency import (
     ConsistencyConfig,
     ConsistencyModel,
     consistency_distill,
     sampling_schedule,
 )
-from engine.data.datasets import Dataset, load_dataset
 from engine.training.progressive import ProgressiveConfig, progressive_distill
 from engine.training.stages import DistillResult, Gate
-from engine.sampling.substeps import base_schedule
-from engine.io.models import load_distilled
-from engine.quality.features import feature_network_for
-from engine.io.checkpoint import load_checkpoint, save_checkpoint
-from engine.quality.metrics import evaluate_quality
-from engine.sampling.samplers import generate
 from engine.training.train import init_state, train
 
 

@@ -11,12 +11,12 @@ The arms share the space :data:`SPACE` and the sampler seeds; only ``[study]``,
 
 - ``sampler``: ``mutation_rate = 0``, every candidate comes from TPE and trains from scratch;
 - ``evolution``: ``mutation_rate = 0.25``: a quarter of the candidates mutate a trial of
-  the current Pareto front (search.evolution), start from its weights morphed to the new
+  the current Pareto front (search.hooks.evolution), start from its weights morphed to the new
   architecture (engine.model.morph.inherit) and train for ``inherit_budget = 0.5`` of the steps;
 - ``budget``: ``sampler`` under a latency limit (``[constraints] max_latency_ms``) with the
   ``constraints`` pruner: a candidate measured over it stops before training;
 - ``shrink``: the same limit, but a candidate over it trains to its first rung and then
-  shrinks (``[adapt] shrink_above_ms``, search.adapt) into a new trial one morphism
+  shrinks (``[adapt] shrink_above_ms``, search.hooks.adapt) into a new trial one morphism
   smaller, which continues from its weights for the steps it had left.
 
 ``evolution`` is compared with ``sampler``, ``shrink`` with ``budget``.
@@ -55,8 +55,8 @@ from budgeted import (
 )
 from optuna.trial import FrozenTrial
 
-from search import record as rec
 from search import pareto
+from search.storage import record as rec
 
 LIMIT = "max_latency_ms = 12"  # about the median latency of the space's candidates
 ARMS = {"sampler": {"study": "mutation_rate = 0.0"},

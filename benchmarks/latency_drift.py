@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from latency_predictor import describe, random_config
 
-from engine.model import latency  # first: engine binds OpenBLAS before mlx loads
 from engine.device.bench import device_fingerprint
+from engine.model import latency  # first: engine binds OpenBLAS before mlx loads
 from engine.model.unet import UNet
 
 

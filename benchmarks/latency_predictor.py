@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.model import latency  # first: engine binds OpenBLAS before mlx loads
 from engine.config import Config, ScheduleConfig, UNetConfig
+from engine.model import latency  # first: engine binds OpenBLAS before mlx loads
 from engine.model.unet import UNet
 
 MULTS = [(1, 2), (1, 2, 2), (1, 2, 4), (2, 2), (1, 1, 2), (1,), (1, 2, 2, 2)]

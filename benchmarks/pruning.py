@@ -63,12 +63,13 @@ from budgeted import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
-from search import record as rec
-from search import pareto, pruning
-from search import study as st
-from search.mo_asha import MoAshaPruner
-from search.pruning import Cost
+from search import pareto
+from search.pruning.base import Cost
+from search.pruning import base as pruning
+from search.pruning.mo_asha import MoAshaPruner
 from search.space import parse_space
+from search.storage import record as rec
+from search.storage import study as st
 from workers.records import Measurement, RungReport
 
 PRUNERS = ("none", "constraints", "mo-asha")

@@ -22,7 +22,7 @@ import numpy as np
 
 from engine.device.bench import device_fingerprint, sampling_latency  # first: binds OpenBLAS
 from engine.io.models import load_model
-from search import study as st
+from search.storage import study as st
 
 
 def main(argv: list[str] | None = None) -> int:

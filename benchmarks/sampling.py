@@ -14,18 +14,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import engine  # noqa: F401  (binds OpenBLAS before mlx)
 import mlx.core as mx
 import numpy as np
 
-from engine.sampling.adaptive import nfe_histogram, sample_adaptive
-from engine.device.bench import device_fingerprint
+import engine  # noqa: F401  (binds OpenBLAS before mlx)
 from engine.data.datasets import load_dataset
-from engine.sampling.diffusion import denoiser
+from engine.device.bench import device_fingerprint
 from engine.experiment import sample_images
-from engine.quality.features import digits_feature_network
 from engine.io.checkpoint import load_weights
+from engine.quality.features import digits_feature_network
 from engine.quality.metrics import evaluate_quality
+from engine.sampling.adaptive import nfe_histogram, sample_adaptive
+from engine.sampling.diffusion import denoiser
 from engine.sampling.timesteps import optimize_schedule
 
 

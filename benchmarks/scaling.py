@@ -23,7 +23,7 @@ from ray.cluster_utils import Cluster
 
 import engine  # noqa: F401  (binds OpenBLAS before mlx loads)
 from engine.device.bench import device_fingerprint
-from search.runner import SearchOptions, run_search
+from search.run.runner import SearchOptions, run_search
 from workers import RESOURCE
 
 

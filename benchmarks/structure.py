@@ -66,7 +66,7 @@ def graph(root: Path) -> tuple[dict[str, set[str]], dict[str, int]]:
                 targets = _imported(node, name, known)
                 # a package's __init__ re-exporting its own modules is not a cycle
                 edges[name].update(t for t in targets if not t.startswith(name + ".")
-                                   or not known[name].name == "__init__.py")
+                                   or not path.name == "__init__.py")
     return edges, inside
 
 
@@ -141,7 +141,7 @@ def main(root: Path) -> None:
     edges, inside = graph(root)
     loops = cycles(edges)
     big = largest(root)
-    print(f"| package | largest module | largest class | imports inside functions | import cycles |")
+    print("| package | largest module | largest class | imports inside functions | import cycles |")
     print("|---|---|---|---|---|")
     for pkg in PACKAGES:
         (ml, mn), (cl, cn) = big[pkg]

@@ -223,11 +223,11 @@ def _mlx_dump(ucfg: Any, path: Path) -> int:
 def _mlx_config(args: argparse.Namespace, name: str, data: dict[str, Any]) -> dict[str, Any]:
     import mlx.core as mx
 
-    from engine.training import train as etrain
     from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
     from engine.model.cost import flops, param_count
-    from engine.sampling.samplers import generate
     from engine.model.unet import UNet
+    from engine.sampling.samplers import generate
+    from engine.training import train as etrain
 
     ucfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
     res: dict[str, Any] = {"params_cost": param_count(ucfg), "gflops_fwd_b1": flops(ucfg) / 1e9}

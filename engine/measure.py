@@ -11,7 +11,7 @@
   evaluation and of the sampler around it (:func:`fit_step_budget`).
 
 A trial (``workers/trial.py``), ``diffnas train`` (:mod:`engine.experiment`), a derived
-point (``search/derived.py``) and compression's quality gate all measure through here, so
+point (``search/derived/points.py``) and compression's quality gate all measure through here, so
 their numbers compare.
 """
 

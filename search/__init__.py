@@ -9,10 +9,10 @@ from typing import Any
 
 import workers  # noqa: F401  (sets Ray's environment defaults before ray is imported)
 from search.pareto import hypervolume, non_dominated_sort, pareto_mask
-from search.pruners import PRUNERS, make_pruner
-from search.pruning import Pruner
+from search.pruning.base import Pruner
+from search.pruning.registry import PRUNERS, make_pruner
 from search.space import SearchSpace, SpaceError, load_space, parse_space, presets
-from search.study import StudyError
+from search.storage.study import StudyError
 
 _LAZY = {"SearchOptions", "SearchResult", "run_search"}
 
@@ -37,7 +37,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from search import runner
+        from search.run import runner
 
         return getattr(runner, name)
     raise AttributeError(f"module 'search' has no attribute {name!r}")

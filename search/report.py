@@ -18,10 +18,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import pareto
-from search import record as rec
-from search import study as st
-from search.derived import companion, source
+from search.derived.points import companion, source
 from search.space import SearchSpace
+from search.storage import record as rec
+from search.storage import study as st
 from workers.records import OBJECTIVES
 
 LABELS = {"fid": "FID", "latency_ms": "latency (ms)", "peak_mem_mb": "peak memory (MB)"}
@@ -135,7 +135,7 @@ def _wall(trial: FrozenTrial) -> float | None:
 def trial_text(study: optuna.Study, label: int | str) -> str:
     """One trial in full: state and reason, params, every stage record, rungs with decisions.
 
-    ``label`` is a trial number, or ``d<n>`` for a derived point (:mod:`search.derived`).
+    ``label`` is a trial number, or ``d<n>`` for a derived point (:mod:`search.derived.points`).
     """
     label = str(label)
     if label.startswith("d"):
@@ -209,7 +209,7 @@ class Front:
 def front(study: optuna.Study, space: SearchSpace | None = None,
           reference: Sequence[float] | None = None) -> Front:
     """The front among feasible COMPLETE trials and derived points (distilled, compressed,
-    tuned; :mod:`search.derived`); the reference point is, in order of preference,
+    tuned; :mod:`search.derived.points`); the reference point is, in order of preference,
     ``reference``, the space's ``reference_point``, or 10% past the worst."""
     extra = companion(study)
     pairs = [(t, str(t.number)) for t in study.get_trials(deepcopy=False)]

@@ -48,11 +48,11 @@ class StudySettings:
     """How the study runs: target trial count, sampler, seed, pruner, hardware, evolution.
 
     ``latency_table``: every worker measures a latency table of its device class, so that
-    the coordinator predicts each candidate's latency before dispatch (search.hardware).
+    the coordinator predicts each candidate's latency before dispatch (search.hooks.hardware).
     ``target_device``: the device class whose latency the study reports (default: the
     first class seen). ``mutation_rate``: the share of trials that mutate a Pareto-front
     trial instead of asking the sampler; such a child starts from its parent's weights and
-    trains for ``inherit_budget`` of the training steps (search.evolution).
+    trains for ``inherit_budget`` of the training steps (search.hooks.evolution).
     """
 
     trials: int = 12
@@ -146,7 +146,7 @@ class Constraints:
     # The whole trial (measurement, training, validation, evaluation) on its worker:
     # predicted before anything is built, then measured at every phase (engine.device.memory).
     max_trial_memory_mb: float | None = None
-    # Stage 0 prunes on the predicted latency (search.hardware) only when it is over
+    # Stage 0 prunes on the predicted latency (search.hooks.hardware) only when it is over
     # max_latency_ms by more than this fraction: the predictor is not exact.
     latency_margin: float = 0.1
 
@@ -167,7 +167,7 @@ class Constraints:
 
 @dataclass(frozen=True)
 class AdaptSettings:
-    """Architecture adaptation during training (search.adapt), off unless switched on.
+    """Architecture adaptation during training (search.hooks.adapt), off unless switched on.
 
     At a rung before the last, a running trial is stopped and continued as a new trial
     whose architecture is one morphism away and whose weights are its own, morphed:

@@ -154,7 +154,7 @@ class Decision:
     """The coordinator's answer to a report: continue, or stop with a reason (PRUNED).
 
     ``keep_weights``: a stopped trial sends its checkpoint back with the outcome, because a
-    new trial continues from its weights (a grown or shrunk architecture, search.adapt).
+    new trial continues from its weights (a grown or shrunk architecture, search.hooks.adapt).
     """
 
     proceed: bool = True

@@ -22,12 +22,12 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from engine.device import blas as _blas
 from engine.config import Config
+from engine.device import blas as _blas
 from engine.model.cost import flops
+from engine.model.unet import UNet
 from engine.sampling.samplers import generate
 from engine.training.train import init_state, train
-from engine.model.unet import UNet
 
 MAX_SPREAD = 0.10
 

@@ -20,8 +20,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from engine.config import Config
-from engine.training.train import EvalPoint, TrainState, init_state
 from engine.model.unet import UNet
+from engine.training.train import EvalPoint, TrainState, init_state
 
 FORMAT = 1
 FILES = ("config.json", "model.safetensors", "ema.safetensors", "optimizer.safetensors")

@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass, replace
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from mlx import nn
 
 from engine.config import ScheduleConfig
 from engine.sampling.diffusion import to_x0_eps

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+from mlx import nn
 
 from engine.sampling.schedules import (
     ALPHA_BAR_MIN,

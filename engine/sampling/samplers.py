@@ -11,10 +11,10 @@ import math
 from collections.abc import Callable
 
 import mlx.core as mx
-import mlx.nn as nn
+from mlx import nn
 
-from engine.sampling.adaptive import sample_adaptive
 from engine.config import ScheduleConfig
+from engine.sampling.adaptive import sample_adaptive
 from engine.sampling.diffusion import Denoise, denoiser
 from engine.sampling.schedules import Grid, grid
 

@@ -37,7 +37,7 @@ def alpha_bar_cosine(t: np.ndarray, s: float = COSINE_S) -> np.ndarray:
 def alpha_bar_sigmoid(t: np.ndarray, start: float = SIGMOID_START, end: float = SIGMOID_END,
                       tau: float = SIGMOID_TAU) -> np.ndarray:
     """Sigmoid schedule (Jabri et al. 2022, Alg. 8)."""
-    sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+    sig = lambda z: 1.0 / (1.0 + np.exp(-z))
     v_start, v_end = sig(start / tau), sig(end / tau)
     return (v_end - sig((t * (end - start) + start) / tau)) / (v_end - v_start)
 

@@ -20,7 +20,13 @@ import numpy as np
 
 from engine.sampling.diffusion import Denoise
 from engine.sampling.samplers import get_sampler
-from engine.sampling.schedules import T_MIN, grid_from_times, log_snr, time_of_sigma_ratio, trailing_times
+from engine.sampling.schedules import (
+    T_MIN,
+    grid_from_times,
+    log_snr,
+    time_of_sigma_ratio,
+    trailing_times,
+)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from engine.config import Config, TrainConfig, UNetConfig
-from engine.model.cost import param_count
 from engine.io.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from engine.model.cost import param_count
 from engine.training.train import init_state, train
 
 BASE = {"image_size": 8, "channels": 1, "norm_groups": 8, "time_emb_dim": 32}

@@ -4,8 +4,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from search import record as rec
-from search import study as st
+from search.storage import record as rec
+from search.storage import study as st
 
 
 @pytest.fixture()
@@ -42,7 +42,7 @@ def tiny_search(tmp_path, results, storage):
     params; ``tables`` adds to it (``{"train": {"steps": "30"}}``, values as TOML text).
     Returns ``(SearchResult, study)``.
     """
-    from search.runner import SearchOptions, run_search
+    from search.run.runner import SearchOptions, run_search
     from search.space import load_space
 
     def run(name, tables, *enqueued, **options):

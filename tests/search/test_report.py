@@ -4,10 +4,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from search import record as rec
 from search import report
-from search import study as st
 from search.space import load_space
+from search.storage import record as rec
+from search.storage import study as st
 
 
 @pytest.fixture()

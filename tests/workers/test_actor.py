@@ -2,7 +2,7 @@
 
 import ray
 
-from search.dataset import build_payload
+from search.run.dataset import build_payload
 from search.space import load_space
 from workers import Decision, EventKind, Outcome, TrialRequest, start_worker
 

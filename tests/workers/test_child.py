@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine.io.checkpoint import load_weights
-from search.dataset import build_payload
+from search.run.dataset import build_payload
 from search.space import load_space
 from workers.process import run_in_child
 from workers.records import Decision, EventKind, Outcome, TrialRequest

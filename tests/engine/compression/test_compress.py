@@ -15,7 +15,6 @@ from engine.compression.compress import (
     save_compressed,
     weights_of,
 )
-from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
 from engine.compression.quant import (
     KEEP_FLOAT,
     QuantizedConv,
@@ -23,6 +22,7 @@ from engine.compression.quant import (
     quantize_model,
     quantize_per_channel,
 )
+from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
 from engine.model.unet import UNet
 
 # Stated tolerances: relative RMS error of a conv's output with quantized weights.

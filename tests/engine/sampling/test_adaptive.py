@@ -4,13 +4,18 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from engine.sampling.adaptive import choose_budget, sample_adaptive
-from engine.device.bench import forward_latency
 from engine.config import Config, ScheduleConfig, UNetConfig
+from engine.device.bench import forward_latency
+from engine.model.unet import UNet
+from engine.sampling.adaptive import choose_budget, sample_adaptive
 from engine.sampling.samplers import generate
 from engine.sampling.schedules import alpha_sigma, trailing_times, uniform_times
-from engine.sampling.timesteps import logits_from_times, optimize_times, sampling_error, times_from_logits
-from engine.model.unet import UNet
+from engine.sampling.timesteps import (
+    logits_from_times,
+    optimize_times,
+    sampling_error,
+    times_from_logits,
+)
 
 MU, STD, KIND = 0.4, 0.5, "cosine"
 
@@ -46,7 +51,7 @@ def test_logits_round_trip():
 def test_optimized_schedule_beats_uniform_against_exact_solution(sampler):
     noise = mx.random.normal((256, 2, 2, 1), key=mx.random.key(0))
     exact = mx.array(exact_solution(np.array(noise)))
-    err = lambda ts: sampling_error(gaussian_denoiser, noise, exact, ts, KIND, sampler)  # noqa: E731
+    err = lambda ts: sampling_error(gaussian_denoiser, noise, exact, ts, KIND, sampler)
     result = optimize_times(err, 4, KIND, seed=0, max_evals=150)
     assert result.error < err(uniform_times(4))
     assert result.error < result.baseline_error

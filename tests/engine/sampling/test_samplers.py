@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from engine.config import ScheduleConfig
-from engine.sampling.schedules import alpha_sigma, grid
 from engine.sampling.samplers import SAMPLERS, get_sampler
+from engine.sampling.schedules import alpha_sigma, grid
 
 MU, STD = 0.7, 0.3  # per-pixel data distribution N(MU, STD^2)
 
@@ -52,7 +52,7 @@ def test_explicit_timesteps_are_used():
 def test_stochastic_sampler_depends_on_key_only():
     cfg = ScheduleConfig(sampler="ddpm", steps=8)
     x = mx.zeros((8, 2, 2, 1))
-    run = lambda k: np.array(SAMPLERS["ddpm"](gaussian_denoiser("cosine"), x, grid(cfg), mx.random.key(k), 1.0))  # noqa: E731
+    run = lambda k: np.array(SAMPLERS["ddpm"](gaussian_denoiser("cosine"), x, grid(cfg), mx.random.key(k), 1.0))
     assert np.array_equal(run(3), run(3))
     assert not np.array_equal(run(3), run(4))
 

@@ -1,0 +1,128 @@
+"""The ``diffnas`` command: parses arguments and delegates; no logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import engine  # binds an optimised BLAS before mlx loads
+from search.cli import derived as cli_derived
+from search.cli import study as cli_study
+
+CONFIGS = Path(engine.__file__).parent / "configs"
+
+
+def _load_config(name_or_path: str) -> Any:
+    from engine.config import Config
+
+    builtin = CONFIGS / f"{name_or_path}.json"
+    return Config.load(builtin if builtin.exists() and not Path(name_or_path).exists()
+                       else name_or_path)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from engine.data.datasets import load_dataset
+    from engine.experiment import QualityEval, run
+
+    config = _load_config(args.config)
+    dataset = load_dataset(args.data, image_size=config.unet.image_size,
+                           channels=config.unet.channels)
+    out = Path(args.out) if args.out else Path("results") / "train" / Path(args.config).stem
+    metrics = run(config, dataset, out, QualityEval(n=args.eval_samples))
+    print(f"wrote {out}/checkpoint, samples.png, metrics.json, config.json")
+    print(f"FID {metrics['fid']:.2f} (real-vs-real floor {metrics['fid_floor']:.2f}), "
+          f"latency {metrics['latency_ms']:.1f} ms, peak train {metrics['peak_train_mb']:.0f} MB")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from engine.data.images import save_grid
+    from engine.experiment import sample_images
+    from engine.io.models import load_model
+
+    config, model = load_model(args.checkpoint)
+    overrides = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v}
+    if overrides:
+        config = replace(config, schedule=replace(config.schedule, **overrides))
+    images = sample_images(model, config, args.n, args.seed)
+    save_grid(images, args.out)
+    print(f"wrote {args.n} samples to {args.out}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from engine.device.bench import bench
+
+    record = bench(_load_config(args.config), batch_n=args.batch).to_dict()
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from engine.device.memory import format_report
+
+    print(format_report(_load_config(args.config), args.budget_mb))
+    return 0
+
+
+def _engine_commands(sub: Any) -> None:
+    p = sub.add_parser("train", help="train one config on the built-in digits or --data")
+    p.add_argument("--config", required=True, help="JSON config file, or a built-in: tiny, demo")
+    p.add_argument("--data", help="folder of PNG/JPEG images or an .npz file (default: digits)")
+    p.add_argument("--out", help="output folder (default: results/train/<config name>)")
+    p.add_argument("--eval-samples", type=int, default=1000, help="samples for FID/KID")
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("sample", help="draw samples from a checkpoint or exported model")
+    p.add_argument("checkpoint", help="checkpoint folder (with config.json)")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="override the number of sampling steps")
+    p.add_argument("--sampler", help="override the sampler: ddpm, ddim, dpmpp_2m, euler")
+    p.add_argument("--out", default="samples.png")
+    p.set_defaults(func=_cmd_sample)
+    p = sub.add_parser("bench", help="latency, throughput and peak memory of a config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--batch", type=int, default=16, help="the larger sampling batch N")
+    p.set_defaults(func=_cmd_bench)
+    p = sub.add_parser("memory", help="predicted peak memory against batch size")
+    p.add_argument("--config", required=True)
+    p.add_argument("--budget-mb", type=float, help="recommend settings that fit this budget")
+    p.set_defaults(func=_cmd_memory)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffnas", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _engine_commands(sub)
+    cli_study.register(sub)
+    cli_derived.register(sub)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    return (ValueError, FileNotFoundError, KeyError, PermissionError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``diffnas``; user errors print one line and exit with status 2."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except _user_errors() as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"diffnas: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffnas: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Points derived from trials (distilled, compressed, tuned) and the operations that make them."""

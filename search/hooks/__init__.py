@@ -1,0 +1,1 @@
+"""Features that plug into the trial stages: latency tables, evolution, adaptation."""

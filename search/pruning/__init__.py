@@ -1,0 +1,1 @@
+"""Pruning across objectives: the pruner protocol and constraints, MO-ASHA, the registry."""

@@ -1,0 +1,1 @@
+"""Running a search: the coordinator loop, the trial stages, the worker pool, progress."""

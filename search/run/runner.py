@@ -1,0 +1,170 @@
+"""``run_search``: open or resume a study, connect to Ray, and run the coordinator.
+
+This is what ``diffnas search`` calls; a notebook can call it too::
+
+    from search import SearchOptions
+
+    from search import run_search
+    result = run_search(SearchOptions(space="smoke"))
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import optuna
+
+from search import pareto
+from search.hooks.hardware import worker_setup
+from search.pruning.base import Pruner
+from search.pruning.registry import make_pruner
+from search.run.coordinator import Coordinator, Tally
+from search.run.dataset import build_payload
+from search.run.progress import Progress, Silent
+from search.space import SearchSpace, load_space
+from search.storage import study as st
+from workers.actor import RESOURCE
+from workers.records import DataPayload
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Everything ``diffnas search`` accepts. ``None`` means: the space's (or a default)."""
+
+    space: str | Path | None = None  # preset name or space file; None resumes the stored one
+    study: str | None = None  # default: the space's name
+    storage: str | None = None  # any Optuna storage URL; default: SQLite under results/
+    results: Path = Path("results")
+    trials: int | None = None  # target count of finished trials (counts earlier runs)
+    workers: int | None = None  # at most this many workers (embedded: this many)
+    address: str | None = None  # join this Ray cluster instead of starting one
+    sampler: str | None = None  # tpe | nsga2 (new studies only)
+    seed: int | None = None  # new studies only
+    pruner: str | None = None  # none | constraints | mo-asha (default: the space's)
+    max_retries: int = 2  # retries of a trial whose process or worker died
+    timeout_s: float | None = None  # stop asking for new trials after this long
+    max_latency_ms: float | None = None  # each trial samples with the most steps that fit
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What a search run leaves: counts for this run and the study's front afterwards."""
+
+    study: str
+    storage: str
+    results: Path
+    resumed: bool
+    requeued: tuple[int, ...]
+    finished: int
+    target: int
+    complete: int
+    pruned: int
+    failed: int
+    front: tuple[int, ...]
+    hypervolume: float
+    wall_s: float
+    overhead_s: tuple[float, ...] = field(default=())
+    durations_s: tuple[float, ...] = field(default=())
+
+
+def run_search(options: SearchOptions, progress: Progress | None = None) -> SearchResult:
+    """Create or resume a study and run trials until its target count has finished.
+
+    Raises:
+        SpaceError: the space file is invalid (nothing is written).
+        StudyError: bad storage URL, unknown study without a space, mismatched space.
+        ValueError: no device workers in the cluster, or a bad dataset.
+    """
+    start = time.time()
+    space = load_space(options.space) if options.space is not None else None
+    name = options.study or (space.name if space else None)
+    if name is None:
+        raise st.StudyError("give --study NAME to resume, or a space (--preset/--space)")
+    results = Path(options.results)
+    payload = _checked_inputs(space, options, results) if space else None
+    url = options.storage or st.default_storage(results)
+    storage = st.open_storage(url, create=space is not None)
+    if space is None:  # resuming by name: the stored space decides, checked before any write
+        space = st.stored_space(st.load_existing(storage, name))
+        payload = _checked_inputs(space, options, results)
+    study, space, resumed = st.open_study(storage, name, space, options.sampler, options.seed)
+    pruner = make_pruner(options.pruner or space.study.pruner, space)
+    requeued = tuple(st.recover_stale(study, storage))
+    target = options.trials or space.study.trials
+    study.set_user_attr("target", target)
+    study.set_user_attr("pruner", pruner.name)  # the latest run's; each decision names its own
+    tally = None
+    if st.finished_count(study) < target:
+        assert payload is not None
+        tally = _run(study, space, options, results, payload, pruner, target,
+                     progress or Silent())
+    return _result(study, space, url, results, resumed, requeued, target, tally,
+                   time.time() - start)
+
+
+def _checked_inputs(space: SearchSpace, options: SearchOptions, results: Path) -> DataPayload:
+    """Validate the options and load the dataset before the storage is touched."""
+    make_pruner(options.pruner or space.study.pruner, space)
+    if options.max_latency_ms is not None and not options.max_latency_ms > 0:
+        raise ValueError(f"--max-latency-ms: must be > 0, got {options.max_latency_ms:g}")
+    return build_payload(space.data, results / "feature-nets")
+
+
+def _run(study: optuna.Study, space: SearchSpace, options: SearchOptions, results: Path,
+         payload: DataPayload, pruner: Pruner, target: int, progress: Progress) -> Tally:
+    import ray
+
+    from search.run.pool import WorkerPool, connect
+
+    for partial in (results / study.study_name).glob("*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)  # a killed coordinator's half-written trial
+    started = connect(options.address, options.workers)
+    pool = None
+    try:
+        if not ray.cluster_resources().get(RESOURCE):
+            raise ValueError(f"the Ray cluster offers no {RESOURCE!r} resource: start each "
+                             f"node with --resources='{{\"{RESOURCE}\": 1}}'")
+        channels = int(payload.train.shape[-1])
+        pool = WorkerPool(label=study.study_name, max_workers=options.workers,
+                          setup=worker_setup(space, channels, results))
+        pool.refresh(force=True)
+        deadline = None if options.timeout_s is None else time.time() + options.timeout_s
+        coordinator = Coordinator(study, space, pool, ray.put(payload), channels, results,
+                                  pruner, target, options.max_retries, progress, deadline,
+                                  options.max_latency_ms)
+        return coordinator.run()
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.shutdown()
+        if started:
+            ray.shutdown()
+
+
+def _result(study: optuna.Study, space: SearchSpace, url: str, results: Path, resumed: bool,
+            requeued: tuple[int, ...], target: int, tally: Tally | None, wall_s: float
+            ) -> SearchResult:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and st.feasible(t)]
+    points = st.objective_values(complete)
+    mask = pareto.pareto_mask(points) if len(points) else np.zeros(0, bool)
+    ref = space.study.reference_point or (
+        tuple(pareto.default_reference(points)) if len(points) else ())
+    counts = {s: sum(1 for t in trials if t.state == s and st.is_finished(t))
+              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    return SearchResult(
+        study=study.study_name, storage=url, results=results, resumed=resumed,
+        requeued=requeued, finished=sum(counts.values()), target=target,
+        complete=counts[TrialState.COMPLETE], pruned=counts[TrialState.PRUNED],
+        failed=counts[TrialState.FAIL],
+        front=tuple(t.number for t, keep in zip(complete, mask) if keep),
+        hypervolume=float(pareto.hypervolume(points, ref)) if len(points) else 0.0,
+        wall_s=wall_s,
+        overhead_s=tuple(tally.overheads) if tally else (),
+        durations_s=tuple(tally.durations) if tally else ())

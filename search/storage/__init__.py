@@ -1,0 +1,1 @@
+"""The study's storage: opening and resuming a study, the trial record, the artifacts."""

@@ -1,0 +1,483 @@
+"""The trial record: every key the study stores for a trial, one frozen record per stage.
+
+A trial's life leaves one record per stage in its Optuna user attributes, written once by
+the coordinator and read back by the reports, the pruners, evolution, adaptation and the
+derived points through :func:`read`. Each record round-trips through JSON (``to_doc`` /
+``from_doc``) under one key; keys a record does not know are kept in ``extra`` so an older
+or richer document survives a round trip.
+
+=============  =================  ==================================================
+key            record             stage
+=============  =================  ==================================================
+config         ``Config``         asked: the decoded candidate
+cost           :class:`Prescreen`  pre-screen: parameters, FLOPs, predicted latency
+measurement    :class:`Measured`   measured: latency (target-device terms), memory
+latency        :class:`Conversion` measured: where the latency was measured, its ratio
+step_budget    ``dict``           measured: the schedule a latency target chose
+inheritance    ``dict``           measured: how the weights started (fresh, inherited)
+rungs          :class:`Rung` list  rungs: the quality proxy and the pruner's answer
+attempts       :class:`Attempt`    each attempt: worker, status, start and end
+(several)      :class:`Finished`   finish: quality, timings, artifacts, device, reason
+(several)      :class:`Lineage`    mutation, adaptation and re-queue links
+derived        :class:`Derived`    a derived point (distilled, compressed, tuned)
+=============  =================  ==================================================
+
+The headline numbers are also stored flat (:data:`FLAT`: scalars only), so that
+optuna-dashboard can sort and filter trials by them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, Self, TypeVar
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from engine.config import Config, ScheduleConfig
+from search.pruning.base import Cost
+from workers.records import OBJECTIVES, Decision, Measurement
+
+FORMAT = 2
+"""Study format: 2 adds the flat headline attributes; format 1 studies read unchanged."""
+
+CONFIG = "config"
+PRESCREEN = "cost"
+MEASURED = "measurement"
+CONVERSION = "latency"
+STEP_BUDGET = "step_budget"
+INHERITANCE = "inheritance"
+RUNGS = "rungs"
+ATTEMPTS = "attempts"
+REASON = "reason"
+FEASIBLE = "feasible"
+QUALITY, TIMINGS, ARTIFACTS, ARTIFACT_IDS = "quality", "timings", "artifacts", "artifact_ids"
+DEVICE, WORKER, NODE, DEVICE_CLASS = "device", "worker", "node", "device_class"
+PARENT, MUTATION = "parent", "mutation"
+ADAPTATION, ADAPTED_INTO = "adaptation", "adapted_into"
+REQUEUED, REQUEUED_FROM = "requeued", "requeued_from"
+DERIVED = "derived"
+PREDICTED = "predicted_latency"  # format 1 only: now part of the pre-screen record
+
+FLAT = ("fid", "latency_ms", "peak_mem_mb", "fid_floor", "device_class")
+"""Flat scalar attributes of a finished trial (``parent`` is flat already)."""
+
+D = TypeVar("D", bound="Doc")
+
+
+@dataclass(frozen=True)
+class Doc:
+    """A record stored as one JSON object; unknown keys ride along in ``extra``."""
+
+    KEY: ClassVar[str] = ""
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "extra"}
+        return {**getattr(self, "extra", {}), **doc}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> Self:
+        names = {f.name for f in fields(cls)} - {"extra"}
+        known = {k: _typed(cls, k, v) for k, v in doc.items() if k in names}
+        extra = {k: v for k, v in doc.items() if k not in names}
+        return cls(**known, **({"extra": extra} if "extra" in _field_names(cls) else {}))
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Doc):
+        return value.to_doc()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _typed(cls: type, name: str, value: Any) -> Any:
+    """Nested records come back as records and JSON lists as tuples."""
+    nested = _NESTED.get((cls.__name__, name))
+    if nested is not None and value is not None:
+        return nested.from_doc(value)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _answer(decision: Decision) -> str:
+    return "continue" if decision.proceed else "prune"
+
+
+# -- the stage records ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prescreen(Doc):
+    """Pre-screen, no device time: the analytic cost and the latency predicted on the target
+    device class, and the pruner's answer."""
+
+    KEY: ClassVar[str] = PRESCREEN
+    params: int
+    flops: int
+    train_steps: int = 0
+    predicted_latency_ms: float | None = None
+    target_device: str = ""
+    decision: str = "continue"
+    reason: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def proceed(self) -> bool:
+        return self.decision == "continue"
+
+
+@dataclass(frozen=True)
+class Conversion(Doc):
+    """A latency measured on one device class, in the study's target-class terms."""
+
+    KEY: ClassVar[str] = CONVERSION
+    device_class: str
+    target_device: str
+    measured_ms: float
+    latency_ms: float
+    ratio: float | None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Measured(Doc):
+    """Measured before training: latency in target-device terms, peak memory, the answer."""
+
+    KEY: ClassVar[str] = MEASURED
+    latency_ms: float
+    latency_spread: float = 0.0
+    samples_ms: tuple[float, ...] = ()
+    train_mb: float = 0.0
+    sample_mb: float = 0.0
+    seconds: float = 0.0
+    budget: Mapping[str, Any] | None = None
+    start: Mapping[str, Any] = field(default_factory=lambda: {"status": "fresh"})
+    measured_on: Conversion | None = None
+    decision: str = "continue"
+    reason: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def memory_mb(self, which: str) -> float:
+        """The memory objective: ``sample``, ``train`` or ``max`` of the two."""
+        return {"sample": self.sample_mb, "train": self.train_mb,
+                "max": max(self.sample_mb, self.train_mb)}[which]
+
+
+@dataclass(frozen=True)
+class Rung(Doc):
+    """One rung of one attempt: the quality proxy and the pruner's (or adaptation's) answer."""
+
+    step: int
+    val_loss: float
+    train_loss: float = float("nan")
+    elapsed_s: float = 0.0
+    attempt: int = 0
+    decision: str = "continue"  # continue | prune | adapt
+    reason: str = ""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Attempt(Doc):
+    """One attempt at a trial on one worker (retries after a crash add more)."""
+
+    attempt: int
+    worker: str
+    status: str
+    reason: str
+    started: float
+    ended: float
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rungs:
+    """Every rung so far, stored as one list."""
+
+    KEY: ClassVar[str] = RUNGS
+    items: tuple[Rung, ...]
+
+
+@dataclass(frozen=True)
+class Attempts:
+    """Every attempt so far, stored as one list."""
+
+    KEY: ClassVar[str] = ATTEMPTS
+    items: tuple[Attempt, ...]
+
+
+@dataclass(frozen=True)
+class StepBudget:
+    """The schedule a latency target chose on the worker, and why (the worker's document)."""
+
+    KEY: ClassVar[str] = STEP_BUDGET
+    doc: Mapping[str, Any]
+
+    @property
+    def schedule(self) -> ScheduleConfig:
+        return ScheduleConfig(**self.doc["schedule"])
+
+
+@dataclass(frozen=True)
+class Inheritance:
+    """How a mutation child's weights started: ``{"status": "inherited" | "fresh", ...}``."""
+
+    KEY: ClassVar[str] = INHERITANCE
+    doc: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What a finished attempt left: who ran it, on what, how long, how good, which files.
+
+    Every field is optional: a trial pruned before dispatch has only ``reason`` and
+    ``feasible``.
+    """
+
+    reason: str = ""
+    feasible: bool | None = None
+    worker: str = ""
+    node: Mapping[str, str] | None = None
+    device: Mapping[str, Any] | None = None
+    quality: Mapping[str, Any] | None = None
+    timings: Mapping[str, float] | None = None
+    artifacts: Mapping[str, str] | None = None
+    artifact_ids: Mapping[str, str] | None = None
+    device_class: str = ""  # the worker's (a flat attribute, for sorting)
+
+    KEYS: ClassVar[dict[str, str]] = {
+        "reason": REASON, "feasible": FEASIBLE, "worker": WORKER, "node": NODE,
+        "device": DEVICE, "quality": QUALITY, "timings": TIMINGS, "artifacts": ARTIFACTS,
+        "artifact_ids": ARTIFACT_IDS, "device_class": DEVICE_CLASS}
+
+
+@dataclass(frozen=True)
+class Adaptation(Doc):
+    """A child trial grown or shrunk from a running one (search.hooks.adapt)."""
+
+    KEY: ClassVar[str] = ADAPTATION
+    trigger: str
+    reason: str
+    parent: int
+    at_step: int
+    steps: int
+    depth: int = 1
+    predicted_latency_ms: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AdaptedInto(Doc):
+    """The parent's side of an adaptation: the trial it continues as, and the change."""
+
+    KEY: ClassVar[str] = ADAPTED_INTO
+    trial: int
+    trigger: str
+    change: str
+    predicted_latency_ms: float | None = None
+    unet: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Links between trials: a mutation's parent, an adaptation, a re-queue."""
+
+    parent: int | None = None
+    mutation: str = ""
+    adaptation: Adaptation | None = None
+    adapted_into: AdaptedInto | None = None
+    requeued_from: int | None = None
+    requeued: bool = False
+
+    KEYS: ClassVar[dict[str, str]] = {
+        "parent": PARENT, "mutation": MUTATION, "adaptation": ADAPTATION,
+        "adapted_into": ADAPTED_INTO, "requeued_from": REQUEUED_FROM, "requeued": REQUEUED}
+
+    def carried(self) -> dict[str, Any]:
+        """What a re-queued trial keeps of this lineage: the parent, mutation, adaptation."""
+        return _attrs(replace(self, adapted_into=None, requeued_from=None, requeued=False))
+
+    @property
+    def depth(self) -> int:
+        """How many adaptations made this trial (0: sampled or mutated)."""
+        return self.adaptation.depth if self.adaptation else 0
+
+
+@dataclass(frozen=True)
+class Derived(Doc):
+    """A derived point: what was done (``kind``) to which trial (``source``), and its detail."""
+
+    KEY: ClassVar[str] = DERIVED
+    kind: str
+    source: str
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """``progressive 4 steps of 3``-style description."""
+        return f"{self.detail.get('what', self.kind)} of {self.source}"
+
+
+_NESTED: dict[tuple[str, str], type[Doc]] = {("Measured", "measured_on"): Conversion}
+
+
+# -- the whole trial -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """Everything stored for one trial, typed; :func:`read` builds it."""
+
+    number: int
+    state: TrialState
+    values: tuple[float, ...] | None
+    params: Mapping[str, Any]
+    constraints: Mapping[str, float]
+    asked_config: Config | None = None
+    prescreen: Prescreen | None = None
+    measured: Measured | None = None
+    conversion: Conversion | None = None
+    step_budget: StepBudget | None = None
+    inheritance: Inheritance | None = None
+    rungs: tuple[Rung, ...] = ()
+    attempts: tuple[Attempt, ...] = ()
+    finished: Finished = Finished()
+    lineage: Lineage = Lineage()
+    derived: Derived | None = None
+    predicted: Mapping[str, Any] | None = None  # format 1's separate prediction
+
+    @property
+    def config(self) -> Config | None:
+        """The config the trial ran: as asked, with the schedule a latency target chose."""
+        if self.asked_config is None or self.step_budget is None:
+            return self.asked_config
+        return replace(self.asked_config, schedule=self.step_budget.schedule)
+
+    @property
+    def reason(self) -> str:
+        return self.finished.reason
+
+    @property
+    def feasible(self) -> bool:
+        """No recorded constraint is violated (a value > 0 is a violation)."""
+        return all(v <= 0.0 for v in self.constraints.values())
+
+    @property
+    def complete(self) -> bool:
+        return self.state == TrialState.COMPLETE and bool(self.values)
+
+    def value(self, name: str) -> float | None:
+        """One objective's value (``fid``, ``latency_ms``, ``peak_mem_mb``), None if unknown."""
+        return float(self.values[OBJECTIVES.index(name)]) if self.values else None
+
+    @property
+    def predicted_latency_ms(self) -> float | None:
+        if self.prescreen is not None and self.prescreen.predicted_latency_ms is not None:
+            return self.prescreen.predicted_latency_ms
+        return self.predicted.get("ms") if self.predicted else None
+
+    def validation_points(self, attempt: int | None = None) -> dict[int, float]:
+        """``{step: val_loss}`` of the rungs (of one attempt, if given)."""
+        return {r.step: r.val_loss for r in self.rungs if attempt in (None, r.attempt)}
+
+
+Record = (Prescreen | Measured | Conversion | Rungs | Attempts | StepBudget | Inheritance
+          | Finished | Lineage | AdaptedInto | Derived | Config)
+
+
+def attrs(*records: Record) -> dict[str, Any]:
+    """The user attributes that store ``records`` (for ``enqueue_trial`` and ``create_trial``)."""
+    out: dict[str, Any] = {}
+    for rec in records:
+        out.update(_attrs(rec))
+    return out
+
+
+def _attrs(rec: Record) -> dict[str, Any]:
+    if isinstance(rec, Config):
+        return {CONFIG: rec.to_dict()}
+    if isinstance(rec, (Rungs, Attempts)):
+        return {rec.KEY: [r.to_doc() for r in rec.items]}
+    if isinstance(rec, (StepBudget, Inheritance)):
+        return {rec.KEY: dict(rec.doc)}
+    if isinstance(rec, (Finished, Lineage)):
+        return {key: _plain(v) for name, key in rec.KEYS.items()
+                if not _unset(v := getattr(rec, name))}
+    return {rec.KEY: rec.to_doc()}
+
+
+def _unset(value: Any) -> bool:
+    """A field left at its empty default (None, "" or False; 0 is a value)."""
+    return value is None or value is False or (isinstance(value, str) and not value)
+
+
+def write(trial: optuna.Trial, *records: Record) -> None:
+    """Store ``records`` on a live trial (the coordinator's, before it is told)."""
+    for key, value in attrs(*records).items():
+        trial.set_user_attr(key, value)
+
+
+def flat(values: tuple[float, ...] | list[float], finished: Finished, parent: int | None
+         ) -> dict[str, Any]:
+    """The headline numbers as flat scalars, which optuna-dashboard can sort and filter."""
+    out: dict[str, Any] = dict(zip(OBJECTIVES, (float(v) for v in values)))
+    quality = finished.quality or {}
+    if quality.get("fid_floor") is not None:
+        out["fid_floor"] = float(quality["fid_floor"])
+    if parent is not None:
+        out[PARENT] = parent
+    return out
+
+
+def read(trial: FrozenTrial) -> TrialRecord:
+    """Every stored record of ``trial`` (format 1 and 2 studies alike)."""
+    a = trial.user_attrs
+    return TrialRecord(
+        number=trial.number, state=trial.state,
+        values=tuple(trial.values) if trial.values else None, params=dict(trial.params),
+        constraints=dict(trial.constraints),
+        asked_config=Config.from_dict(a[CONFIG]) if CONFIG in a else None,
+        prescreen=_maybe(Prescreen, a.get(PRESCREEN)),
+        measured=_maybe(Measured, a.get(MEASURED)),
+        conversion=_maybe(Conversion, a.get(CONVERSION)),
+        step_budget=StepBudget(a[STEP_BUDGET]) if STEP_BUDGET in a else None,
+        inheritance=Inheritance(a[INHERITANCE]) if INHERITANCE in a else None,
+        rungs=tuple(Rung.from_doc(r) for r in a.get(RUNGS, ())),
+        attempts=tuple(Attempt.from_doc(r) for r in a.get(ATTEMPTS, ())),
+        finished=Finished(**{name: a[key] for name, key in Finished.KEYS.items() if key in a}),
+        lineage=read_lineage(a), derived=_maybe(Derived, a.get(DERIVED)), predicted=a.get(PREDICTED))
+
+
+def read_lineage(a: Mapping[str, Any]) -> Lineage:
+    """The lineage in a trial's user attributes (a live trial's too, before it is told)."""
+    return Lineage(parent=a.get(PARENT), mutation=a.get(MUTATION, ""),
+                   adaptation=_maybe(Adaptation, a.get(ADAPTATION)),
+                   adapted_into=_maybe(AdaptedInto, a.get(ADAPTED_INTO)),
+                   requeued_from=a.get(REQUEUED_FROM), requeued=bool(a.get(REQUEUED)))
+
+
+def _maybe(cls: type[D], doc: Mapping[str, Any] | None) -> D | None:
+    return None if doc is None else cls.from_doc(doc)
+
+
+def read_all(trials: list[FrozenTrial]) -> list[TrialRecord]:
+    return [read(t) for t in trials]
+
+
+def prescreen(cost: Cost, decision: Decision) -> Prescreen:
+    """The pre-screen record of a :class:`search.pruning.base.Cost` and the pruner's answer."""
+    return Prescreen(cost.params, cost.flops, cost.train_steps, cost.predicted_latency_ms,
+                     cost.target_device, _answer(decision), decision.reason)
+
+
+def measured(m: Measurement, decision: Decision, conversion: Conversion | None) -> Measured:
+    """The measured record of a :class:`workers.records.Measurement` in target terms."""
+    return Measured(m.latency_ms, m.latency_spread, tuple(m.latency_samples_ms), m.train_mb,
+                    m.sample_mb, m.seconds, m.budget, m.start, conversion, _answer(decision),
+                    decision.reason)

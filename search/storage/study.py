@@ -1,0 +1,224 @@
+"""The Optuna study: storage, create-or-resume, the seeded sampler, and stale-trial recovery.
+
+Resume is the same call as a fresh start: :func:`open_study` with an existing name
+continues it. Trials a killed coordinator left RUNNING become FAIL and their parameters
+are queued again exactly once; the sampler is rebuilt from its seed and the stored trials.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import optuna
+from optuna.samplers import BaseSampler, NSGAIISampler, TPESampler
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from search.space import SearchSpace, parse_space
+from search.storage import record as rec
+from workers.records import OBJECTIVES
+
+STORAGE_FILE = "diffnas.db"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class StudyError(ValueError):
+    """A study that cannot be opened: unknown name, unreachable storage, mismatched space."""
+
+
+def default_storage(results: Path) -> str:
+    """The embedded default: one SQLite file under ``results/`` (optuna-dashboard opens it)."""
+    return f"sqlite:///{(results / STORAGE_FILE).resolve()}"
+
+
+def open_storage(url: str, create: bool) -> BaseStorage:
+    """An Optuna storage for ``url`` (any RDB URL, or ``journal:PATH`` for a journal file).
+
+    Args:
+        url: the storage URL.
+        create: whether a missing SQLite or journal file may be created.
+
+    Raises:
+        StudyError: the URL is malformed or the storage cannot be reached, in one line.
+    """
+    path = _local_file(url)
+    if path is not None and not create and not path.exists():
+        raise StudyError(f"no study storage at {path} (run `diffnas search` first, or pass "
+                         "--storage)")
+    if path is not None and create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            return JournalStorage(JournalFileBackend(str(path)))
+        return optuna.storages.RDBStorage(url)
+    except Exception as err:  # noqa: BLE001 (sqlalchemy, drivers and sockets raise many kinds)
+        raise StudyError(f"cannot open storage {url}: {_first_line(err)}") from None
+
+
+def _local_file(url: str) -> Path | None:
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:").removeprefix("//"))
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return Path(url.removeprefix("sqlite:///"))
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def study_names(storage: BaseStorage) -> list[str]:
+    return sorted(s.study_name for s in storage.get_all_studies())
+
+
+def load_existing(storage: BaseStorage, name: str) -> optuna.Study:
+    """Open a study that must exist (for status, pareto, export).
+
+    Raises:
+        StudyError: no study of that name, naming the ones that exist; or a study written
+            in a newer record format than this diffnas reads.
+    """
+    names = study_names(storage)
+    if name not in names:
+        known = ", ".join(names) if names else "none"
+        raise StudyError(f"unknown study {name!r} (studies here: {known})")
+    study = optuna.load_study(study_name=name, storage=storage, sampler=_quiet_sampler())
+    written = int(study.user_attrs.get("format", rec.FORMAT))
+    if written > rec.FORMAT:
+        raise StudyError(f"study {name!r} is in record format {written}, newer than this "
+                         f"diffnas reads ({rec.FORMAT}): upgrade diffnas to open it")
+    return study
+
+
+def _quiet_sampler() -> BaseSampler:
+    return optuna.samplers.RandomSampler(seed=0)
+
+
+def stored_space(study: optuna.Study) -> SearchSpace:
+    """The search space a study was created with."""
+    attrs = study.user_attrs
+    return parse_space(attrs["space"], name=attrs.get("space_name", study.study_name),
+                       origin=f"study {study.study_name}")
+
+
+def open_study(storage: BaseStorage, name: str, space: SearchSpace | None,
+               sampler: str | None = None, seed: int | None = None
+               ) -> tuple[optuna.Study, SearchSpace, bool]:
+    """Create study ``name`` or resume it; returns ``(study, space, resumed)``.
+
+    A resumed study keeps its stored space, sampler and seed; passing a space whose search
+    differs (anything but the trial target) is an error.
+
+    Raises:
+        StudyError: a new study without a space, or a space that does not match.
+    """
+    if name in study_names(storage):
+        study = load_existing(storage, name)
+        stored = stored_space(study)
+        if space is not None and space.fingerprint() != stored.fingerprint():
+            raise StudyError(f"study {name!r} was created with a different search space; "
+                             "pass the same space (or none) to resume, or choose a new --study")
+        sampler_name, seed_value = study.user_attrs["sampler"], study.user_attrs["seed"]
+        if (sampler not in (None, sampler_name)) or (seed not in (None, seed_value)):
+            raise StudyError(f"study {name!r} uses sampler {sampler_name} with seed "
+                             f"{seed_value}; drop --sampler/--seed to resume it")
+        study.sampler = make_sampler(stored, sampler_name, seed_value, len(study.trials))
+        return study, space or stored, True
+    if space is None:
+        raise StudyError(f"unknown study {name!r}: give a space (--preset or --space) to "
+                         "create it")
+    sampler_name = sampler or space.study.sampler
+    seed_value = space.study.seed if seed is None else seed
+    study = optuna.create_study(storage=storage, study_name=name,
+                                directions=["minimize"] * len(OBJECTIVES),
+                                sampler=make_sampler(space, sampler_name, seed_value, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(OBJECTIVES))
+    for key, value in {"format": rec.FORMAT, "space": space.source, "space_name": space.name,
+                       "sampler": sampler_name, "seed": seed_value,
+                       "created": time.time()}.items():
+        study.set_user_attr(key, value)
+    return study, space, False
+
+
+def make_sampler(space: SearchSpace, name: str, seed: int, n_existing: int) -> BaseSampler:
+    """The seeded sampler; on resume its seed also depends on how many trials exist, so a
+    restarted random start-up phase does not propose the same parameters again."""
+    derived = int(np.random.SeedSequence([seed, n_existing]).generate_state(1)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "nsga2":
+            return NSGAIISampler(population_size=space.study.population, seed=derived)
+        return TPESampler(seed=derived, n_startup_trials=space.study.startup_trials,
+                          multivariate=True, constant_liar=True)
+
+
+def is_finished(trial: FrozenTrial) -> bool:
+    """Counts toward the target: COMPLETE, PRUNED, or FAIL that was not re-queued."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and not trial.user_attrs.get(rec.REQUEUED, False)
+
+
+def finished_count(study: optuna.Study) -> int:
+    return sum(is_finished(t) for t in study.get_trials(deepcopy=False))
+
+
+def requeue(study: optuna.Study, trial: optuna.Trial, reason: str) -> bool:
+    """FAIL a RUNNING ``trial`` and queue its params as a new trial, exactly once.
+
+    The new trial is queued before the old one fails, and carries ``requeued_from`` and
+    the old one's lineage; a second call for the same trial (after another crash in
+    between) queues nothing.
+
+    Returns:
+        Whether a new trial was queued.
+    """
+    trials = study.get_trials(deepcopy=False)
+    already = any(rec.read_lineage(t.user_attrs).requeued_from == trial.number for t in trials)
+    if not already:
+        lineage = rec.read_lineage(trial.user_attrs)
+        study.enqueue_trial(dict(trial.params), user_attrs={
+            rec.REQUEUED_FROM: trial.number, **lineage.carried()})
+    trial.set_user_attr(rec.REASON, reason)
+    trial.set_user_attr(rec.REQUEUED, True)
+    study.tell(trial, state=TrialState.FAIL)
+    return not already
+
+
+def recover_stale(study: optuna.Study, storage: BaseStorage) -> list[int]:
+    """Requeue every trial left RUNNING by a coordinator that stopped; returns their numbers.
+
+    ``storage`` is the study's (Optuna offers no public way to get it from the study).
+    """
+    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    for trial in stale:
+        requeue(study, running(study, storage, trial.number),
+                "coordinator stopped mid-trial; params queued again")
+    return [t.number for t in stale]
+
+
+def running(study: optuna.Study, storage: BaseStorage, number: int) -> optuna.Trial:
+    """A live handle on RUNNING trial ``number`` (one a stopped coordinator left behind)."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, number))
+
+
+def objective_values(trials: Sequence[FrozenTrial]) -> np.ndarray:
+    """``(n, 3)`` objective values of COMPLETE trials, in :data:`OBJECTIVES` order."""
+    rows = [t.values for t in trials if t.state == TrialState.COMPLETE and t.values]
+    return np.array(rows, float).reshape(-1, len(OBJECTIVES))
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    """No recorded constraint is violated (a value > 0 is a violation)."""
+    return all(v <= 0.0 for v in trial.constraints.values())
