@@ -122,15 +122,19 @@ def largest(root: Path) -> dict[str, tuple[tuple[int, str], tuple[int, str]]]:
 
 
 def user_attr_sites(root: Path) -> tuple[dict[str, int], dict[str, int]]:
-    """Per module: calls that write a trial user attribute, and reads of ``user_attrs``."""
+    """Per module: the sites that write a trial's user attributes (``set_user_attr`` on a
+    trial, ``user_attrs=`` when enqueuing or creating one) and that read ``user_attrs`` of a
+    trial. Study-level attributes (a receiver named ``*study*``) are not counted."""
     writes: dict[str, int] = defaultdict(int)
     reads: dict[str, int] = defaultdict(int)
     for name, path in modules(root).items():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-                    and node.func.attr in ("set_user_attr", "set_trial_user_attr"):
+                    and node.func.attr in ("set_user_attr", "set_trial_user_attr") \
+                    and "study" not in ast.unparse(node.func.value):
                 writes[name] += 1
-            elif isinstance(node, ast.Attribute) and node.attr == "user_attrs":
+            elif isinstance(node, ast.Attribute) and node.attr == "user_attrs" \
+                    and "study" not in ast.unparse(node.value):
                 reads[name] += 1
             elif isinstance(node, ast.keyword) and node.arg == "user_attrs":
                 writes[name] += 1
@@ -151,9 +155,8 @@ def main(root: Path) -> None:
     for c in loops:
         print("cycle:", " <-> ".join(c))
     writes, reads = user_attr_sites(root)
-    print(f"trial/study user attributes written at {sum(writes.values())} call sites in "
-          f"{len(writes)} modules; `user_attrs` read at {sum(reads.values())} sites in "
-          f"{len(reads)} modules")
+    print(f"trial user attributes written at {sum(writes.values())} sites in {len(writes)} "
+          f"modules; read at {sum(reads.values())} sites in {len(reads)} modules")
     for name in sorted(set(writes) | set(reads)):
         print(f"  {name}: {writes.get(name, 0)} writes, {reads.get(name, 0)} reads")
 

@@ -159,7 +159,7 @@ def trial_text(study: optuna.Study, label: int | str) -> str:
         lines.append("constraints (> 0 violates): " + ", ".join(
             f"{k} {v:+.3f}" for k, v in r.constraints.items()))
     lines.append("params: " + json.dumps(r.params, sort_keys=True))
-    return "\n".join(lines + _lineage_lines(r.lineage) + _stage_lines(t, r))
+    return "\n".join(lines + _lineage_lines(r.lineage) + _stage_lines(r))
 
 
 def _lineage_lines(lineage: rec.Lineage) -> list[str]:
@@ -174,12 +174,19 @@ def _lineage_lines(lineage: rec.Lineage) -> list[str]:
     return lines
 
 
-def _stage_lines(t: FrozenTrial, r: rec.TrialRecord) -> list[str]:
-    """The stored stage records, in the order a trial lives, then rungs and attempts."""
-    keys = (rec.PRESCREEN, rec.PREDICTED, rec.MEASURED, rec.STEP_BUDGET, rec.CONVERSION,
-            rec.INHERITANCE, rec.QUALITY, rec.TIMINGS, rec.WORKER, rec.DEVICE)
-    lines = [f"{key}: {json.dumps(t.user_attrs[key], sort_keys=True, default=str)}"
-             for key in keys if key in t.user_attrs]
+def _stage_lines(r: rec.TrialRecord) -> list[str]:
+    """The stage records, in the order a trial lives, then rungs and attempts."""
+    f = r.finished
+    docs = {rec.PRESCREEN: r.prescreen.to_doc() if r.prescreen else None,
+            rec.PREDICTED: r.predicted,
+            rec.MEASURED: r.measured.to_doc() if r.measured else None,
+            rec.STEP_BUDGET: r.step_budget.doc if r.step_budget else None,
+            rec.CONVERSION: r.conversion.to_doc() if r.conversion else None,
+            rec.INHERITANCE: r.inheritance.doc if r.inheritance else None,
+            rec.QUALITY: f.quality, rec.TIMINGS: f.timings, rec.WORKER: f.worker or None,
+            rec.DEVICE: f.device}
+    lines = [f"{key}: {json.dumps(doc, sort_keys=True, default=str)}"
+             for key, doc in docs.items() if doc is not None]
     for rung in r.rungs:
         why = f" ({rung.reason})" if rung.reason else ""
         lines.append(f"rung step {rung.step}: val_loss {rung.val_loss:.4f} -> "

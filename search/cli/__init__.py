@@ -6,10 +6,19 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import engine  # binds an optimised BLAS before mlx loads
+from engine.config import Config
+from engine.data.datasets import load_dataset
+from engine.data.images import save_grid
+from engine.device.bench import bench
+from engine.device.memory import format_report
+from engine.experiment import QualityEval, run
+from engine.io.models import load_model
+from engine.measure import sample_images
 from search.cli import derived as cli_derived
 from search.cli import study as cli_study
 
@@ -17,7 +26,6 @@ CONFIGS = Path(engine.__file__).parent / "configs"
 
 
 def _load_config(name_or_path: str) -> Any:
-    from engine.config import Config
 
     builtin = CONFIGS / f"{name_or_path}.json"
     return Config.load(builtin if builtin.exists() and not Path(name_or_path).exists()
@@ -25,8 +33,6 @@ def _load_config(name_or_path: str) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from engine.data.datasets import load_dataset
-    from engine.experiment import QualityEval, run
 
     config = _load_config(args.config)
     dataset = load_dataset(args.data, image_size=config.unet.image_size,
@@ -40,11 +46,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from dataclasses import replace
 
-    from engine.data.images import save_grid
-    from engine.experiment import sample_images
-    from engine.io.models import load_model
 
     config, model = load_model(args.checkpoint)
     overrides = {k: v for k, v in (("steps", args.steps), ("sampler", args.sampler)) if v}
@@ -57,7 +59,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from engine.device.bench import bench
 
     record = bench(_load_config(args.config), batch_n=args.batch).to_dict()
     print(json.dumps(record, indent=2))
@@ -65,7 +66,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_memory(args: argparse.Namespace) -> int:
-    from engine.device.memory import format_report
 
     print(format_report(_load_config(args.config), args.budget_mb))
     return 0

@@ -12,8 +12,8 @@ import sys
 from typing import Any
 
 from search.cli.common import open_study, storage_args
-from search.derived.operations import compress_trial, distill_trial, schedule_trial
 from search.derived import points as dv
+from search.derived.operations import compress_trial, distill_trial, schedule_trial
 
 
 def _open_source(args: argparse.Namespace) -> dv.Source:

@@ -18,13 +18,12 @@ from search.cli.common import open_study, storage_args
 from search.derived.operations import distill_front
 from search.derived.points import companion, source
 from search.run import progress
-from search.run.pool import workers_text
-from search.run.runner import SearchOptions, run_search
 from search.storage import study as st
 from search.storage.artifacts import export_trial
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
+    from search.run.runner import SearchOptions, run_search  # loads Ray: the reports need not
 
     options = SearchOptions(
         space=args.space or args.preset, study=args.study, storage=args.storage,
@@ -53,7 +52,6 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-
     study = open_study(args)
     print(report.trial_text(study, args.trial) if args.trial is not None
           else report.status_text(study))
@@ -61,7 +59,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:
-
     study = open_study(args)
     front = report.front(study, st.stored_space(study), args.reference)
     print(report.pareto_text(front))
@@ -72,16 +69,17 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-
     study = open_study(args)
     src = source(study, str(args.trial))  # a trial (3) or a derived point (d0)
     holder = companion(study) if src.label.startswith("d") else study
+    assert holder is not None  # source() found the derived point in it
     out = export_trial(holder, src.trial.number, args.out)
     print(f"exported trial {args.trial} to {out} (sample with: diffnas sample {out})")
     return 0
 
 
 def _cmd_workers(args: argparse.Namespace) -> int:
+    from search.run.pool import workers_text  # loads Ray: the reports need not
 
     print(workers_text(args.address))
     return 0

@@ -31,25 +31,27 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import optuna
+from mlx import nn
 from optuna.trial import FrozenTrial, TrialState
 
+from engine.config import Config
+from engine.data.datasets import Dataset, load_dataset
+from engine.data.images import grid_png
+from engine.device.bench import device_fingerprint
+from engine.io.models import load_model
+from engine.measure import MemoryResult, evaluate, sampling_memory, side_by_side
 from engine.model.cost import flops, param_count
+from engine.quality.features import feature_network_for
 from search.pruning.base import constraint_values
 from search.space import SearchSpace
 from search.storage import record as rec
 from search.storage import study as st
 from search.storage.artifacts import write_trial
 from workers.records import OBJECTIVES
-
-if TYPE_CHECKING:  # engine loads mlx: the CLI imports it only for a verb that needs it
-    from mlx import nn
-
-    from engine.config import Config
-    from engine.data.datasets import Dataset
 
 SUFFIX = "-derived"
 KINDS = ("distill", "compress", "schedule")
@@ -124,8 +126,6 @@ def _model_folder(trial: FrozenTrial, label: str) -> Path:
 
 def dataset_of(space: SearchSpace) -> Any:
     """The study's dataset at its image size (errors name a missing or corrupt one)."""
-    import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
-    from engine.data.datasets import load_dataset
 
     return load_dataset(space.data.dataset, image_size=space.data.image_size)
 
@@ -150,11 +150,6 @@ def measure(model: nn.Module, config: Config, src: Source, dataset: Dataset,
 
     Quality and latency are taken by :mod:`engine.measure`, the protocol a trial follows.
     """
-    # These load mlx, which the CLI's other verbs never need.
-    from engine.device.bench import device_fingerprint
-    from engine.io.models import load_model
-    from engine.measure import MemoryResult, evaluate, sampling_memory, side_by_side
-    from engine.quality.features import feature_network_for
 
     ev = src.space.evaluate
     net = feature_network_for(dataset, cache_dir)
@@ -193,7 +188,6 @@ def record(src: Source, kind: str, config: Any, point: Point, model_folder: Path
     The model folder is copied under ``results/<study>/derived/`` first, so a point is
     never recorded without its files.
     """
-    from engine.data.images import grid_png
 
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: must be one of {', '.join(KINDS)}")
@@ -211,8 +205,8 @@ def record(src: Source, kind: str, config: Any, point: Point, model_folder: Path
         values=list(point.values),
         user_attrs={**rec.attrs(config, rec.Prescreen(cost["params"], cost["flops"]),
                                 rec.Measured.from_doc(point.measurement), finished,
-                                rec.Derived(kind, src.label, detail)),
-                    **rec.flat(point.values, finished, None)})
+                                rec.Derived(kind, src.label, detail),
+                                rec.headline(point.values, finished, None))})
     limits = src.space.constraints.limits()
     if limits:
         known = {"params": float(cost["params"]), "flops": float(cost["flops"]),

@@ -170,7 +170,7 @@ def enqueue(study: optuna.Study, parent: int, choice: Choice, fired: Trigger, at
         parent, f"{fired.kind}: {choice.change}", adaptation)))
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     return max(t.number for t in waiting
-               if rec.read_lineage(t.user_attrs).adaptation == adaptation)
+               if rec.lineage_of(t).adaptation == adaptation)
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ class AdaptHook(Hook):
         def peer_losses() -> list[float]:
             return peers(ctx.study.get_trials(deepcopy=False), rung.step, flight.number)
 
-        depth = rec.read_lineage(flight.trial.user_attrs).depth
+        depth = rec.lineage_of(flight.trial).depth
         fired = trigger(settings, sorted(points.items()), flight.measurement.latency_ms,
                         peer_losses, depth)
         if fired is None:
@@ -229,7 +229,7 @@ class AdaptHook(Hook):
                 or WEIGHTS not in outcome.artifacts):
             return ""
         left = max(1, flight.cost.train_steps - adapting.step)
-        depth = rec.read_lineage(flight.trial.user_attrs).depth
+        depth = rec.lineage_of(flight.trial).depth
         child = enqueue(ctx.study, flight.number, adapting.choice, adapting.trigger,
                         adapting.step, left, depth)
         rec.write(flight.trial, rec.AdaptedInto(child, adapting.trigger.kind,

@@ -213,7 +213,7 @@ class EvolutionHook(Hook):
     def on_asked(self, ctx: Context, trial: optuna.Trial, config: Config, cost: Cost) -> Cost:
         """A child that can inherit trains the shorter budget; one that cannot starts fresh,
         with the reason recorded."""
-        lineage = rec.read_lineage(trial.user_attrs)
+        lineage = rec.lineage_of(trial)
         if lineage.parent is None:
             return cost
         why = reachable(ctx.study, lineage.parent, config)

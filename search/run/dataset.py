@@ -9,6 +9,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from engine.data.datasets import load_dataset
+from engine.quality.features import feature_network_for
 from search.space import DataSettings
 from workers.records import DataPayload
 
@@ -19,9 +21,6 @@ def build_payload(settings: DataSettings, cache_dir: Path) -> DataPayload:
     Raises:
         ValueError: a missing or corrupt dataset (``engine.data.datasets.DatasetError``), with the path.
     """
-    import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
-    from engine.data.datasets import load_dataset
-    from engine.quality.features import feature_network_for
 
     dataset = load_dataset(settings.dataset, image_size=settings.image_size)
     train, val = dataset.split(settings.val_fraction, settings.split_seed)

@@ -270,9 +270,7 @@ def tell(ctx: Context, flight: Flight, state: TrialState, reason: str,
                          feasible if ctx.limits else None)
     rec.write(flight.trial, finished)
     if values is not None:
-        parent = rec.read_lineage(flight.trial.user_attrs).parent
-        for key, value in rec.flat(values, finished, parent).items():
-            flight.trial.set_user_attr(key, value)
+        rec.write(flight.trial, rec.headline(values, finished, rec.lineage_of(flight.trial).parent))
     ctx.study.tell(flight.trial, values=values, state=state)
     ctx.told += 1
     flight.overhead_s += time.perf_counter() - start

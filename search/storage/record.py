@@ -28,7 +28,8 @@ optuna-dashboard can sort and filter trials by them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -60,8 +61,8 @@ REQUEUED, REQUEUED_FROM = "requeued", "requeued_from"
 DERIVED = "derived"
 PREDICTED = "predicted_latency"  # format 1 only: now part of the pre-screen record
 
-FLAT = ("fid", "latency_ms", "peak_mem_mb", "fid_floor", "device_class")
-"""Flat scalar attributes of a finished trial (``parent`` is flat already)."""
+FLAT = ("fid", "latency_ms", "peak_mem_mb", "fid_floor", "device_class", "parent")
+"""Flat scalar attributes of a finished trial (:class:`Headline`, :class:`Finished`)."""
 
 D = TypeVar("D", bound="Doc")
 
@@ -299,9 +300,9 @@ class Lineage:
         "parent": PARENT, "mutation": MUTATION, "adaptation": ADAPTATION,
         "adapted_into": ADAPTED_INTO, "requeued_from": REQUEUED_FROM, "requeued": REQUEUED}
 
-    def carried(self) -> dict[str, Any]:
+    def carried(self) -> Lineage:
         """What a re-queued trial keeps of this lineage: the parent, mutation, adaptation."""
-        return _attrs(replace(self, adapted_into=None, requeued_from=None, requeued=False))
+        return replace(self, adapted_into=None, requeued_from=None, requeued=False)
 
     @property
     def depth(self) -> int:
@@ -387,8 +388,20 @@ class TrialRecord:
         return {r.step: r.val_loss for r in self.rungs if attempt in (None, r.attempt)}
 
 
+@dataclass(frozen=True)
+class Headline:
+    """A complete trial's headline numbers, stored as flat scalars (one attribute each), so
+    that optuna-dashboard can sort and filter trials by them."""
+
+    fid: float
+    latency_ms: float
+    peak_mem_mb: float
+    fid_floor: float | None = None
+    parent: int | None = None
+
+
 Record = (Prescreen | Measured | Conversion | Rungs | Attempts | StepBudget | Inheritance
-          | Finished | Lineage | AdaptedInto | Derived | Config)
+          | Finished | Lineage | AdaptedInto | Derived | Headline | Config)
 
 
 def attrs(*records: Record) -> dict[str, Any]:
@@ -406,6 +419,8 @@ def _attrs(rec: Record) -> dict[str, Any]:
         return {rec.KEY: [r.to_doc() for r in rec.items]}
     if isinstance(rec, (StepBudget, Inheritance)):
         return {rec.KEY: dict(rec.doc)}
+    if isinstance(rec, Headline):
+        return {k: v for k, v in dataclasses.asdict(rec).items() if v is not None}
     if isinstance(rec, (Finished, Lineage)):
         return {key: _plain(v) for name, key in rec.KEYS.items()
                 if not _unset(v := getattr(rec, name))}
@@ -423,16 +438,16 @@ def write(trial: optuna.Trial, *records: Record) -> None:
         trial.set_user_attr(key, value)
 
 
-def flat(values: tuple[float, ...] | list[float], finished: Finished, parent: int | None
-         ) -> dict[str, Any]:
-    """The headline numbers as flat scalars, which optuna-dashboard can sort and filter."""
-    out: dict[str, Any] = dict(zip(OBJECTIVES, (float(v) for v in values)))
-    quality = finished.quality or {}
-    if quality.get("fid_floor") is not None:
-        out["fid_floor"] = float(quality["fid_floor"])
-    if parent is not None:
-        out[PARENT] = parent
-    return out
+def headline(values: Sequence[float], finished: Finished, parent: int | None) -> Headline:
+    """The headline of a trial told with ``values`` (in :data:`OBJECTIVES` order)."""
+    floor = (finished.quality or {}).get("fid_floor")
+    fid, latency, memory = (float(v) for v in values)
+    return Headline(fid, latency, memory, None if floor is None else float(floor), parent)
+
+
+def lineage_of(trial: optuna.Trial | FrozenTrial) -> Lineage:
+    """The lineage of a trial, live (before it is told) or stored."""
+    return read_lineage(trial.user_attrs)
 
 
 def read(trial: FrozenTrial) -> TrialRecord:

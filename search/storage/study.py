@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +167,7 @@ def is_finished(trial: FrozenTrial) -> bool:
     """Counts toward the target: COMPLETE, PRUNED, or FAIL that was not re-queued."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return trial.state == TrialState.FAIL and not trial.user_attrs.get(rec.REQUEUED, False)
+    return trial.state == TrialState.FAIL and not rec.lineage_of(trial).requeued
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -184,13 +185,12 @@ def requeue(study: optuna.Study, trial: optuna.Trial, reason: str) -> bool:
         Whether a new trial was queued.
     """
     trials = study.get_trials(deepcopy=False)
-    already = any(rec.read_lineage(t.user_attrs).requeued_from == trial.number for t in trials)
+    already = any(rec.lineage_of(t).requeued_from == trial.number for t in trials)
     if not already:
-        lineage = rec.read_lineage(trial.user_attrs)
-        study.enqueue_trial(dict(trial.params), user_attrs={
-            rec.REQUEUED_FROM: trial.number, **lineage.carried()})
-    trial.set_user_attr(rec.REASON, reason)
-    trial.set_user_attr(rec.REQUEUED, True)
+        carried = rec.lineage_of(trial).carried()
+        study.enqueue_trial(dict(trial.params), user_attrs=rec.attrs(replace(
+            carried, requeued_from=trial.number)))
+    rec.write(trial, rec.Finished(reason=reason), rec.Lineage(requeued=True))
     study.tell(trial, state=TrialState.FAIL)
     return not already
 

@@ -9,8 +9,8 @@ from optuna.trial import TrialState
 
 from engine.io.models import load_model
 from search import report
-from search.derived.operations import compress_trial, distill_front, distill_trial, schedule_trial
 from search.derived import points as dv
+from search.derived.operations import compress_trial, distill_front, distill_trial, schedule_trial
 from search.run.progress import Silent
 from search.run.runner import SearchOptions, run_search
 from search.storage import record as rec

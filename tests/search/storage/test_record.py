@@ -112,7 +112,7 @@ def test_a_format_1_trial_reads(storage):
 
 def test_headline_numbers_are_flat_scalars():
     finished = rec.Finished(quality={"fid": 3.0, "fid_floor": 0.5}, device_class="cpu:a")
-    flat = rec.flat((3.0, 20.0, 1.5), finished, 0)
+    flat = rec.attrs(rec.headline((3.0, 20.0, 1.5), finished, 0))
     assert flat == {"fid": 3.0, "latency_ms": 20.0, "peak_mem_mb": 1.5, "fid_floor": 0.5,
                     "parent": 0}
     assert all(isinstance(v, (int, float, str)) for v in flat.values())
