@@ -151,8 +151,10 @@ def on_rung(ctx: Context, flight: Flight, rung: RungReport) -> Decision:
     if decision.proceed and not last:
         decision = ctx.hooks.on_rung(ctx, flight, rung, decision)
     answer = "continue" if decision.proceed else "adapt" if decision.keep_weights else "prune"
+    since = max((r.step for r in flight.rungs if r.attempt == flight.attempt), default=0)
+    history = tuple((s, v) for s, v in rung.val_history if since < s <= rung.step)
     flight.rungs += (rec.Rung(rung.step, rung.val_loss, rung.train_loss, rung.elapsed_s,
-                              flight.attempt, answer, decision.reason),)
+                              flight.attempt, answer, decision.reason, history),)
     rec.write(flight.trial, rec.Rungs(flight.rungs))
     flight.phase = Phase.EVALUATING if last and decision.proceed else Phase.TRAINING
     return decision

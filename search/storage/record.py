@@ -102,7 +102,11 @@ def _typed(cls: type, name: str, value: Any) -> Any:
     nested = _NESTED.get((cls.__name__, name))
     if nested is not None and value is not None:
         return nested.from_doc(value)
-    return tuple(value) if isinstance(value, list) else value
+    return _tuples(value)
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _answer(decision: Decision) -> str:
@@ -180,6 +184,9 @@ class Rung(Doc):
     attempt: int = 0
     decision: str = "continue"  # continue | prune | adapt
     reason: str = ""
+    # The validation points after the previous rung, up to this one: ``(step, val_loss)``
+    # every ``eval_every`` steps (the learning curve between rungs).
+    history: tuple[tuple[int, float], ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 

@@ -30,7 +30,7 @@ RECORDS = [
     CONVERSION,
     rec.StepBudget({"schedule": {**CONFIG.to_dict()["schedule"], "steps": 3}}),
     rec.Inheritance({"status": "inherited", "parent": 0}),
-    rec.Rungs((rec.Rung(10, 0.5, 0.6, 1.0, 0, "continue", ""),
+    rec.Rungs((rec.Rung(10, 0.5, 0.6, 1.0, 0, "continue", "", ((5, 0.7), (10, 0.5))),
                rec.Rung(30, 0.4, 0.5, 3.0, 0, "prune", "dominated"))),
     rec.Attempts((rec.Attempt(0, "w0", "crashed", "SIGKILL", 1.0, 2.0),
                   rec.Attempt(1, "w1", "completed", "", 3.0, 9.0))),
