@@ -51,7 +51,7 @@ from engine.model.morph import inherit, inherited_state
 from engine.model.unet import UNet
 from engine.quality.features import FeatureNetwork
 from engine.training.train import TrainingDiverged, TrainState, init_state, train, validation_loss
-from workers.device_lock import DeviceLock
+from workers.device_lock import DeviceLock, DeviceLockTimeout
 from workers.records import (
     LATENCY_TARGET,
     TRIAL_MEMORY,
@@ -91,6 +91,8 @@ def run_trial(request: TrialRequest, data: DataPayload, ask: Ask) -> TrialOutcom
                             constraint_values={LATENCY_TARGET: err.floor_ms})
     except TrainingDiverged as err:
         return _failed(request, f"diverged: {err}")
+    except DeviceLockTimeout as err:  # the machine's fault, not the candidate's: retried
+        return TrialOutcome(request.number, request.attempt, Outcome.CRASHED, reason=str(err))
     except Exception as err:  # noqa: BLE001 (the candidate's own error: FAILED, no retry)
         tail = traceback.format_exc(limit=-3)
         return _failed(request, f"{type(err).__name__}: {err}", {"traceback": tail})
