@@ -1,12 +1,13 @@
 """Live progress of a search: done, running, queued, pruned and failed trials, the front's
 size, hypervolume and ETA. A terminal gets a redrawn block; anything else gets plain log
-lines. Before the first trial, each setup step that may take seconds (loading the data,
-training a feature network, starting Ray) gets a line as it starts and one when it ends.
+lines. Before the first trial, each setup step that takes more than 2 s (loading the
+data, training a feature network, starting Ray) gets a line then and one when it ends.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -89,6 +90,7 @@ class LogLines:
             print(summary_line(snapshot), file=self.stream, flush=True)
 
     def step(self, what: str, lazy: bool = False) -> Step:
+        """A setup step shown as plain lines (:class:`Step`)."""
         return Step(self.stream, what, lazy, live=False)
 
     def close(self) -> None:
@@ -120,6 +122,7 @@ class LiveDisplay:
         self._lines = len(block)
 
     def step(self, what: str, lazy: bool = False) -> Step:
+        """A setup step with its counter redrawn in place (:class:`Step`)."""
         return Step(self.stream, what, lazy, live=True)
 
     def _clear(self) -> None:
@@ -142,24 +145,31 @@ CLEAR_LINE = "\r\x1b[K"  # back to the line's start, erase it (a terminal's step
 
 
 class Step:
-    """One setup step on ``stream``: a line as it starts, its progress, a line as it ends.
+    """One setup step on ``stream``: a line once it has taken ``after_s`` seconds, its
+    progress, and a line as it ends (only if it said anything: a quick step, or one that
+    fails at once with a one-line error, stays silent).
 
-    ``lazy``: stay silent unless :meth:`advance` is called (a step that may turn out to be
-    a cache hit, such as the feature network). Off a terminal, progress is a line every
+    ``lazy``: say nothing until :meth:`advance` is called (a step that may turn out to be a
+    cache hit, such as the feature network). Off a terminal, progress is a line every
     quarter of the way; on one, a line redrawn in place.
     """
 
     def __init__(self, stream: TextIO | None, what: str, lazy: bool = False,
-                 live: bool = False) -> None:
+                 live: bool = False, after_s: float = 2.0) -> None:
         self.stream, self.what, self.lazy, self.live = stream, what, lazy, live
+        self.after_s = after_s
         self._shown = False
         self._quarter = -1
         self._started = time.monotonic()
+        self._lock = threading.Lock()  # the timer thread and the step's own thread print
+        self._timer: threading.Timer | None = None
 
     def __enter__(self) -> Self:
         self._started = time.monotonic()
-        if not self.lazy:
-            self._show(f"{self.what} ...")
+        if not self.lazy and self.stream is not None:
+            self._timer = threading.Timer(self.after_s, self._show, (f"{self.what} ...",))
+            self._timer.daemon = True
+            self._timer.start()
         return self
 
     def advance(self, done: int, total: int) -> None:
@@ -173,12 +183,16 @@ class Step:
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         if self._shown and kind is None:
             self._show(f"{CLEAR_LINE if self.live else ''}{self.what}: done in "
                        f"{time.monotonic() - self._started:.1f} s")
 
     def _show(self, text: str, end: str = "\n") -> None:
-        if self.stream is not None:
+        if self.stream is None:
+            return
+        with self._lock:
             self._shown = True
             print(text, file=self.stream, end=end, flush=True)
 

@@ -1,6 +1,7 @@
 """Progress output: plain lines off a terminal, a redrawn block on one."""
 
 import io
+import time
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from search.run.progress import (
     RunningTrial,
     Silent,
     Snapshot,
+    Step,
     for_stream,
     setup_step,
     summary_line,
@@ -98,8 +100,10 @@ def test_a_queued_retry_is_not_counted_as_running(tmp_path):
 def test_setup_steps_show_start_progress_and_end_off_a_terminal():
     out = io.StringIO()
     progress = LogLines(out)
-    with setup_step(progress, "starting Ray"):
-        pass
+    with setup_step(progress, "quick"):
+        pass  # under 2 s: nothing to say
+    with Step(out, "starting Ray", after_s=0.01):
+        time.sleep(0.2)
     with setup_step(progress, "cached network", lazy=True):
         pass  # a cache hit: nothing to say
     with setup_step(progress, "training", lazy=True) as step:
@@ -107,7 +111,7 @@ def test_setup_steps_show_start_progress_and_end_off_a_terminal():
             step.advance(done, 8)
     lines = out.getvalue().splitlines()
     assert lines[:2] == ["starting Ray ...", lines[1]] and lines[1].startswith("starting Ray: done")
-    assert [x for x in lines if "cached" in x] == []
+    assert [x for x in lines if "cached" in x or "quick" in x] == []
     assert lines[2:-1] == ["training: 1/8", "training: 2/8", "training: 4/8", "training: 6/8",
                            "training: 8/8"]
     assert lines[-1].startswith("training: done in ")
