@@ -1,17 +1,21 @@
-"""Reports on a study: status per trial and per worker, the Pareto table, and its plot.
+"""Reports on a study: status per trial and per worker, one trial in sections, the Pareto
+table, and the command that opens the study in optuna-dashboard.
 
-Everything here reads the storage and renders text or a PNG; the Pareto arithmetic
-itself is :mod:`search.pareto`.
+Everything here reads the storage and renders text; the Pareto arithmetic itself is
+:mod:`search.pareto`, the plot :mod:`search.plot`, the machine-readable rows
+:mod:`search.rows`.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import optuna
@@ -23,8 +27,6 @@ from search.space import SearchSpace
 from search.storage import record as rec
 from search.storage import study as st
 from workers.records import OBJECTIVES
-
-LABELS = {"fid": "FID", "latency_ms": "latency (ms)", "peak_mem_mb": "peak memory (MB)"}
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -133,37 +135,172 @@ def _wall(trial: FrozenTrial) -> float | None:
 
 
 def trial_text(study: optuna.Study, label: int | str) -> str:
-    """One trial in full: state and reason, params, every stage record, rungs with decisions.
+    """One trial in sections: head, decisions, rungs, attempts, result and timings, lineage.
 
     ``label`` is a trial number, or ``d<n>`` for a derived point (:mod:`search.derived.points`).
+
+    Raises:
+        StudyError: no such trial or derived point.
+    """
+    r = rec.read(find_trial(study, label))
+    sections = {"": _head_lines(str(label), r), "decisions": _decision_lines(r),
+                "rungs": _rung_lines(r), "attempts": _attempt_lines(r),
+                "result": _result_lines(r), "timings": _timing_lines(r),
+                "lineage": _lineage_lines(r.lineage)}
+    out = []
+    for title, lines in sections.items():
+        if lines:
+            out += ([f"\n{title}"] if title else []) + (
+                [f"  {line}" for line in lines] if title else lines)
+    return "\n".join(out)
+
+
+def trial_json(study: optuna.Study, label: int | str) -> str:
+    """The raw record of one trial (``diffnas status --trial N --json``): :func:`record_doc`.
+
+    Raises:
+        StudyError: no such trial or derived point.
+    """
+    doc = record_doc(rec.read(find_trial(study, label)))
+    return json.dumps({"id": str(label), **doc}, indent=2, sort_keys=True, default=str)
+
+
+def find_trial(study: optuna.Study, label: int | str) -> FrozenTrial:
+    """The trial ``label`` (``3``) of ``study``, or its derived point ``d0``.
+
+    Raises:
+        StudyError: no such trial or derived point.
     """
     label = str(label)
     if label.startswith("d"):
-        t = source(study, label).trial
-    else:
-        trials = {str(t.number): t for t in study.get_trials(deepcopy=False)}
-        if label not in trials:
-            raise st.StudyError(f"study {study.study_name!r} has no trial {label}")
-        t = trials[label]
-    r = rec.read(t)
+        return source(study, label).trial
+    trials = {str(t.number): t for t in study.get_trials(deepcopy=False)}
+    if label not in trials:
+        raise st.StudyError(f"study {study.study_name!r} has no trial {label}")
+    return trials[label]
+
+
+def record_doc(r: rec.TrialRecord) -> dict[str, Any]:
+    """The typed record as one JSON-ready object: each stage record's document under its
+    field name (``prescreen``, ``measured``, ... ``finished``, ``lineage``)."""
+    docs = {"prescreen": r.prescreen, "measured": r.measured, "conversion": r.conversion,
+            "derived": r.derived}
+    return {"number": r.number, "state": r.state.name,
+            "values": list(r.values) if r.values else None, "params": dict(r.params),
+            "constraints": dict(r.constraints),
+            "config": r.asked_config.to_dict() if r.asked_config else None,
+            **{k: v.to_doc() if v is not None else None for k, v in docs.items()},
+            "predicted": r.predicted,
+            "step_budget": dict(r.step_budget.doc) if r.step_budget else None,
+            "inheritance": dict(r.inheritance.doc) if r.inheritance else None,
+            "rungs": [x.to_doc() for x in r.rungs], "attempts": [x.to_doc() for x in r.attempts],
+            "finished": rec.attrs(r.finished), "lineage": rec.attrs(r.lineage)}
+
+
+def _head_lines(label: str, r: rec.TrialRecord) -> list[str]:
     lines = [f"trial {label}: {r.state.name}" + (f" -- {r.reason}" if r.reason else "")]
     if r.derived is not None:
-        detail = {k: v for k, v in r.derived.detail.items() if k not in ("stages", "rows")}
+        detail = {k: v for k, v in r.derived.detail.items()  # scalars: the tables stay in --json
+                  if k != "what" and not isinstance(v, (Mapping, list, tuple))}
         lines.append(f"derived ({r.derived.kind}) from trial {r.derived.source}: "
-                     + json.dumps(detail, sort_keys=True, default=str))
+                     f"{r.derived.detail.get('what', r.derived.kind)} {_inline(detail)}")
     if r.values:
         lines.append("values: " + ", ".join(f"{n} {v:.4g}" for n, v in zip(OBJECTIVES, r.values)))
-    if r.lineage.requeued_from is not None:
-        lines.append(f"re-runs the params of trial {r.lineage.requeued_from}")
     if r.constraints:
         lines.append("constraints (> 0 violates): " + ", ".join(
             f"{k} {v:+.3f}" for k, v in r.constraints.items()))
-    lines.append("params: " + json.dumps(r.params, sort_keys=True))
-    return "\n".join(lines + _lineage_lines(r.lineage) + _stage_lines(r))
+    lines.append("params: " + ", ".join(f"{k}={_cell(v)}" for k, v in sorted(r.params.items())))
+    return lines
+
+
+def _decision_lines(r: rec.TrialRecord) -> list[str]:
+    """One line per stage before training: its answer, why, and the evidence."""
+    lines = []
+    if (p := r.prescreen) is not None:  # fields by their stored names: what users grep for
+        evidence = {k: v for k, v in p.to_doc().items() if k not in ("decision", "reason")}
+        lines.append(_decision("pre-screen", p.decision, p.reason, _inline(evidence)))
+    if r.predicted is not None:
+        lines.append(_decision("predicted", "", "", _inline(r.predicted)))
+    if (m := r.measured) is not None:
+        runs = f" over {len(m.samples_ms)} runs" if m.samples_ms else ""
+        lines.append(_decision("measured", m.decision, m.reason,
+                               f"latency {m.latency_ms:.4g} ms (spread {m.latency_spread:.1%}"
+                               f"{runs}), memory train {m.train_mb:.4g} MB, sample "
+                               f"{m.sample_mb:.4g} MB, {m.seconds:.1f} s"))
+    if (c := r.conversion) is not None:
+        ratio = f" (x{c.ratio:.3g})" if c.ratio is not None else ""
+        lines.append(_decision("conversion", "", "", f"{c.measured_ms:.4g} ms on "
+                               f"{c.device_class} = {c.latency_ms:.4g} ms on {c.target_device}"
+                               + ratio))
+    for name, held in (("step budget", r.step_budget), ("inheritance", r.inheritance)):
+        if held is not None:
+            lines.append(_decision(name, "", "", _inline(held.doc)))
+    return lines
+
+
+def _decision(stage: str, answer: str, reason: str, evidence: str) -> str:
+    said = f"-> {answer}" + (f" ({reason})" if reason else "") + ": " if answer else ""
+    return f"{stage:<12} {said}{evidence}"
+
+
+def _rung_lines(r: rec.TrialRecord) -> list[str]:
+    """Each rung with the attempt (and worker) it belongs to, and its answer."""
+    workers = {a.attempt: a.worker for a in r.attempts}
+    lines = []
+    for rung in r.rungs:
+        why = f" ({rung.reason})" if rung.reason else ""
+        on = f" on {workers[rung.attempt]}" if rung.attempt in workers else ""
+        lines.append(f"attempt {rung.attempt + 1}{on}, rung step {rung.step}: val_loss "
+                     f"{rung.val_loss:.4f} (train {rung.train_loss:.4f}, "
+                     f"{rung.elapsed_s:.1f} s, curve of {len(rung.history)}) -> "
+                     f"{rung.decision}{why}")
+    return lines
+
+
+def _attempt_lines(r: rec.TrialRecord) -> list[str]:
+    return [f"attempt {a.attempt + 1} on {a.worker}: {a.status}, "
+            f"{max(0.0, a.ended - a.started):.1f} s" + (f" -- {a.reason}" if a.reason else "")
+            for a in r.attempts]
+
+
+def _result_lines(r: rec.TrialRecord) -> list[str]:
+    f = r.finished
+    lines = [f"quality: {_inline(f.quality)}"] if f.quality else []
+    if f.device:
+        lines.append(f"device: {_device(f.device)}"
+                     + (f", class {f.device_class}" if f.device_class else "")
+                     + (f", worker {f.worker}" if f.worker else ""))
+    if f.artifacts:
+        lines += [f"artifact: {name} {path}" for name, path in sorted(f.artifacts.items())]
+    return lines
+
+
+def _timing_lines(r: rec.TrialRecord) -> list[str]:
+    timings = r.finished.timings or {}
+    return [" ".join(f"{k} {_cell(round(float(v), 2))}" for k, v in timings.items())] \
+        if timings else []
+
+
+def _inline(doc: Mapping[str, Any]) -> str:
+    """A record's fields on one line, numbers to 4 significant digits (JSON, so a field can
+    be searched for by its stored name)."""
+    return json.dumps(_rounded(doc), sort_keys=True, default=str)
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, Mapping):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def _lineage_lines(lineage: rec.Lineage) -> list[str]:
     lines = []
+    if lineage.requeued_from is not None:
+        lines.append(f"re-runs the params of trial {lineage.requeued_from}")
     if lineage.parent is not None:
         lines.append(f"mutation of trial {lineage.parent}: {lineage.mutation or '?'}")
     if (d := lineage.adaptation) is not None:
@@ -171,29 +308,6 @@ def _lineage_lines(lineage: rec.Lineage) -> list[str]:
                      f"{d.reason}; trains its {d.steps} steps left")
     if (into := lineage.adapted_into) is not None:
         lines.append(f"continued as trial {into.trial} ({into.trigger}: {into.change})")
-    return lines
-
-
-def _stage_lines(r: rec.TrialRecord) -> list[str]:
-    """The stage records, in the order a trial lives, then rungs and attempts."""
-    f = r.finished
-    docs = {rec.PRESCREEN: r.prescreen.to_doc() if r.prescreen else None,
-            rec.PREDICTED: r.predicted,
-            rec.MEASURED: r.measured.to_doc() if r.measured else None,
-            rec.STEP_BUDGET: r.step_budget.doc if r.step_budget else None,
-            rec.CONVERSION: r.conversion.to_doc() if r.conversion else None,
-            rec.INHERITANCE: r.inheritance.doc if r.inheritance else None,
-            rec.QUALITY: f.quality, rec.TIMINGS: f.timings, rec.WORKER: f.worker or None,
-            rec.DEVICE: f.device}
-    lines = [f"{key}: {json.dumps(doc, sort_keys=True, default=str)}"
-             for key, doc in docs.items() if doc is not None]
-    for rung in r.rungs:
-        why = f" ({rung.reason})" if rung.reason else ""
-        lines.append(f"rung step {rung.step}: val_loss {rung.val_loss:.4f} -> "
-                     f"{rung.decision}{why}")
-    for attempt in r.attempts:
-        lines.append(f"attempt {attempt.attempt + 1} on {attempt.worker}: "
-                     f"{attempt.status} {attempt.reason}".rstrip())
     return lines
 
 
@@ -235,13 +349,20 @@ def front(study: optuna.Study, space: SearchSpace | None = None,
 
 
 def pareto_text(result: Front) -> str:
-    """The non-dominated trials (sorted by FID) with their configs, and the hypervolume."""
-    rows = []
-    for i in np.flatnonzero(result.on_front)[np.argsort(result.points[result.on_front, 0])]:
-        r = rec.read(result.trials[i])
-        rows.append([result.labels[i], *result.points[i].tolist(),
-                     (r.finished.quality or {}).get("fid_floor"),
-                     r.prescreen.params if r.prescreen else None, _summary(r)])
+    """The non-dominated trials (sorted by FID) with their configs, and the hypervolume.
+
+    The ``differs`` column names every parameter whose value is not the same on all front
+    rows, so that rows whose summaries read alike are told apart.
+    """
+    order = np.flatnonzero(result.on_front)[np.argsort(result.points[result.on_front, 0])]
+    records = [rec.read(result.trials[i]) for i in order]
+    keys = differing([r.params for r in records])
+    names = short_names(keys)
+    rows = [[result.labels[i], *result.points[i].tolist(),
+             (r.finished.quality or {}).get("fid_floor"),
+             r.prescreen.params if r.prescreen else None,
+             " ".join(f"{names[k]}={_cell(r.params.get(k))}" for k in keys) or "-",
+             _summary(r)] for i, r in zip(order, records)]
     ref = ", ".join(f"{v:.4g}" for v in result.reference)
     head = (f"{int(result.on_front.sum())} non-dominated of {len(result.trials)} complete trials "
             f"({int((~result.feasible).sum())} infeasible); hypervolume {result.hypervolume:.4g} "
@@ -249,7 +370,24 @@ def pareto_text(result: Front) -> str:
     derived = sum(label.startswith("d") for label in result.labels)
     if derived:
         head += f"; {derived} of them derived (d<n>: distilled, compressed or tuned)"
-    return head + "\n" + _table(["trial", *OBJECTIVES, "fid floor", "params", "candidate"], rows)
+    return head + "\n" + _table(["trial", *OBJECTIVES, "fid floor", "weights", "differs",
+                                 "candidate"], rows)
+
+
+def differing(params: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The parameter names whose values are not all equal across ``params`` (a name some
+    rows lack counts as differing), in sorted order; none for fewer than two rows."""
+    if len(params) < 2:
+        return []
+    names = sorted({k for p in params for k in p})
+    missing = object()
+    return [k for k in names if len({repr(p.get(k, missing)) for p in params}) > 1]
+
+
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """``train.learning_rate`` -> ``learning_rate`` where that last part is unambiguous."""
+    last = collections.Counter(k.rsplit(".", 1)[-1] for k in keys)
+    return {k: k.rsplit(".", 1)[-1] if last[k.rsplit(".", 1)[-1]] == 1 else k for k in keys}
 
 
 def _summary(r: rec.TrialRecord) -> str:
@@ -264,35 +402,25 @@ def _summary(r: rec.TrialRecord) -> str:
     return f"{text} | {r.derived.summary()}" if r.derived is not None else text
 
 
-def plot_front(result: Front, path: Path, title: str = "") -> Path:
-    """One panel per pair of objectives: front, dominated and infeasible drawn distinctly."""
-    import matplotlib
+# -- optuna-dashboard --------------------------------------------------------------------
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    pairs = [(0, 1), (0, 2), (1, 2)]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(15, 4.6))
-    dominated = result.feasible & ~result.on_front
-    for ax, (i, j) in zip(axes, pairs):
-        p = result.points
-        ax.scatter(p[dominated, i], p[dominated, j], c="0.6", s=22, label="dominated")
-        ax.scatter(p[~result.feasible, i], p[~result.feasible, j], c="tab:red", marker="x",
-                   s=36, label="infeasible")
-        ax.scatter(p[result.on_front, i], p[result.on_front, j], c="tab:blue", marker="*",
-                   s=110, edgecolors="k", linewidths=0.5, label="non-dominated")
-        for k in np.flatnonzero(result.on_front):
-            ax.annotate(result.labels[k], (p[k, i], p[k, j]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel(LABELS[OBJECTIVES[i]])
-        ax.set_ylabel(LABELS[OBJECTIVES[j]])
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{title + ': ' if title else ''}Pareto front of {len(result.trials)} trials, "
-                 f"hypervolume {result.hypervolume:.4g}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (``postgresql://user:***@host/db``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
+
+def dashboard_command(storage: str, artifacts: Path) -> str:
+    """A ``uvx optuna-dashboard`` command that works pasted from any folder: local files as
+    absolute paths, each argument shell-quoted, any password in the URL redacted."""
+    if storage.startswith("sqlite:///") and storage != "sqlite:///:memory:":
+        storage = f"sqlite:///{Path(storage.removeprefix('sqlite:///')).resolve()}"
+    elif storage.startswith("journal:"):  # the dashboard takes a journal file by its path
+        storage = str(Path(storage.removeprefix("journal:").removeprefix("//")).resolve())
+    return shlex.join(["uvx", "optuna-dashboard", redact(storage), "--artifact-dir",
+                       str(Path(artifacts).resolve())])

@@ -197,7 +197,11 @@ def digits_feature_network() -> FeatureNetwork:
 
 
 def feature_network_for(
-    dataset: Dataset, cache_dir: str | Path, steps: int = 600, seed: int = 0
+    dataset: Dataset,
+    cache_dir: str | Path,
+    steps: int = 600,
+    seed: int = 0,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> FeatureNetwork:
     """Return the feature network for ``dataset``, training and caching it on first use.
 
@@ -206,6 +210,8 @@ def feature_network_for(
         cache_dir: Folder holding ``feature_net_<fingerprint>.safetensors`` files.
         steps: Training steps when no cached network exists.
         seed: Training seed when no cached network exists.
+        on_step: Called as ``on_step(done, steps)`` while training (never on a cache hit),
+            so a caller can show progress: training takes tens of seconds on a CPU.
 
     Returns:
         The feature network; a classifier if the dataset has labels, else a rotation net.
@@ -221,13 +227,18 @@ def feature_network_for(
                 return net
         except ValueError:
             pass  # A corrupt or foreign cache entry is rebuilt below.
-    net = train_feature_network(dataset, steps=steps, seed=seed)
+    net = train_feature_network(dataset, steps=steps, seed=seed, on_step=on_step)
     net.save(path)
     return net
 
 
 def train_feature_network(
-    dataset: Dataset, steps: int = 600, seed: int = 0, batch_size: int = 128, lr: float = 2e-3
+    dataset: Dataset,
+    steps: int = 600,
+    seed: int = 0,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> FeatureNetwork:
     """Train a feature network on ``dataset`` (classifier with labels, else rotations).
 
@@ -238,6 +249,7 @@ def train_feature_network(
         seed: Seeds initialisation, batches and augmentation.
         batch_size: Images per step.
         lr: Peak learning rate.
+        on_step: Called as ``on_step(done, steps)`` after every step (progress display).
 
     Returns:
         The trained network; ``info`` records the task, dataset fingerprint and steps.
@@ -260,9 +272,11 @@ def train_feature_network(
     optimizer = optim.Adam(learning_rate=optim.cosine_decay(lr, steps))
     step = _compiled_step(model, optimizer)
     rng = np.random.default_rng(seed)
-    for _ in range(steps):
+    for done in range(1, steps + 1):
         x, y = _training_batch(dataset, config, rng, batch_size)
         mx.eval(step(mx.array(x), mx.array(y)), model.state, optimizer.state)
+        if on_step is not None:
+            on_step(done, steps)
     _standardise_features(model, dataset, config)
     info = {"task": config.task, "fingerprint": fingerprint, "steps": str(steps)}
     return FeatureNetwork(model, config, info)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import workers  # noqa: F401  (Ray's environment defaults, before ray is imported)
-from search import report
+from search import plot, report, rows
 from search.cli.common import open_study, storage_args
 from search.derived.operations import distill_front
 from search.derived.points import companion, source
@@ -35,14 +35,14 @@ def _cmd_search(args: argparse.Namespace) -> int:
     result = run_search(options, progress.for_stream(sys.stderr))
     study = st.load_existing(st.open_storage(result.storage, create=False), result.study)
     front = report.front(study, st.stored_space(study))
-    plot = report.plot_front(front, result.results / result.study / "pareto.png", result.study)
+    png = plot.plot_front(front, result.results / result.study / "pareto.png", result.study)
     print(f"study {result.study}: {result.finished}/{result.target} finished (complete "
           f"{result.complete}, pruned {result.pruned}, failed {result.failed}) in "
           f"{result.wall_s:.0f} s" + (" (resumed)" if result.resumed else ""))
     print(report.pareto_text(front))
-    print(f"plot: {plot}\nartifacts: {result.results / result.study}/trial-<n>/\n"
-          f"dashboard: optuna-dashboard {result.storage} --artifact-dir "
-          f"{result.results / 'artifacts'}")
+    print(f"plot: {png.resolve()}\nartifacts: {(result.results / result.study).resolve()}/"
+          f"trial-<n>/\ndashboard: "
+          f"{report.dashboard_command(result.storage, result.results / 'artifacts')}")
     if args.distill_front:
         done = distill_front(study, args.distill_front, args.distill_method, args.distill_steps,
                              result.results)
@@ -53,18 +53,28 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     study = open_study(args)
-    print(report.trial_text(study, args.trial) if args.trial is not None
-          else report.status_text(study))
+    if args.json and args.trial is None:
+        raise ValueError("--json: give --trial N (the raw record of one trial)")
+    if args.trial is None:
+        print(report.status_text(study))
+    else:
+        print((report.trial_json if args.json else report.trial_text)(study, args.trial))
     return 0
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:
     study = open_study(args)
     front = report.front(study, st.stored_space(study), args.reference)
+    if args.json or args.csv:  # machine-readable: nothing else on stdout
+        doc = rows.document(study, front, args.all)
+        sys.stdout.write(rows.to_json(doc) + "\n" if args.json else rows.to_csv(doc["rows"]))
+        return 0
+    if args.all:
+        raise ValueError("--all: give --json or --csv (the table shows the front)")
     print(report.pareto_text(front))
     if front.trials:
-        plot = args.plot or args.results / args.study / "pareto.png"
-        print(f"plot: {report.plot_front(front, Path(plot), args.study)}")
+        png = args.plot or args.results / args.study / "pareto.png"
+        print(f"plot: {plot.plot_front(front, Path(png), args.study)}")
     return 0
 
 
@@ -133,8 +143,10 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("status", help="trials by state, workers, ETA, reasons")
     p.add_argument("study")
-    p.add_argument("--trial", help="explain one trial (3) or derived point (d0): rungs, "
-                   "decisions, reason")
+    p.add_argument("--trial", help="explain one trial (3) or derived point (d0): decisions, "
+                   "rungs, attempts, timings, lineage")
+    p.add_argument("--json", action="store_true",
+                   help="with --trial: the raw record as one JSON object")
     storage_args(p)
     p.set_defaults(func=_cmd_status)
 
@@ -143,6 +155,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--plot", type=Path, help="PNG path (default: results/<study>/pareto.png)")
     p.add_argument("--reference", type=_reference,
                    help="hypervolume reference point fid,latency_ms,peak_mem_mb")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the rows as JSON (schema: "
+                     "README, 'Machine-readable output')")
+    fmt.add_argument("--csv", action="store_true", help="print the rows as CSV")
+    p.add_argument("--all", action="store_true", help="with --json/--csv: every trial and "
+                   "derived point, not only the front")
     storage_args(p)
     p.set_defaults(func=_cmd_pareto)
 

@@ -176,17 +176,22 @@ class Coordinator:
         self._messages = []
 
     def snapshot(self) -> Snapshot:
-        """Counts, running trials, front size, hypervolume and ETA right now."""
+        """Counts, running and queued trials, front size, hypervolume and ETA right now.
+
+        A trial in flight runs while an attempt of it is on a worker; one waiting in the
+        retry queue (its worker died) is queued, not running.
+        """
         if self._summary is None or self._summary[0] != self.ctx.told:
             self._summary = (self.ctx.told, self._stored_summary())  # re-read after a tell
         counts, front, hv = self._summary[1]
         now = time.time()
-        running = tuple(self._running(f, now) for f in sorted(self.ctx.flights.values(),
-                                                              key=lambda f: f.number))
+        on_workers = [f for f in self.ctx.flights.values() if f.current is not None]
+        running = tuple(self._running(f, now) for f in sorted(on_workers, key=lambda f: f.number))
         return Snapshot(self.study.study_name, self.target, counts[TrialState.COMPLETE],
                         counts[TrialState.PRUNED], counts[TrialState.FAIL], running,
                         len(self.ctx.queue), len(self.pool.workers), front, hv,
-                        now - self.started, self._eta(), tuple(self._messages))
+                        now - self.started, self._eta(), tuple(self._messages),
+                        self.pool.starting())
 
     def _stored_summary(self) -> tuple[collections.Counter[TrialState], int, float]:
         trials = self.study.get_trials(deepcopy=False)
@@ -199,11 +204,12 @@ class Coordinator:
 
     def _running(self, flight: Flight, now: float) -> RunningTrial:
         current = flight.current
-        worker = self.pool.find(current.worker) if current else None
+        assert current is not None, f"trial {flight.number} is queued, not running"
+        worker = self.pool.find(current.worker)
         profile = worker.profile if worker else {}
-        return RunningTrial(flight.number, flight.attempt, current.worker if current else "-",
-                            flight.phase.value, current.pid if current else None,
-                            profile.get("pid"), profile.get("node_id", ""), now - flight.asked_at)
+        return RunningTrial(flight.number, flight.attempt, current.worker, flight.phase.value,
+                            current.pid, profile.get("pid"), profile.get("node_id", ""),
+                            now - flight.asked_at)
 
     def _eta(self) -> float | None:
         durations = self.tally.durations

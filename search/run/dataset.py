@@ -11,20 +11,31 @@ from pathlib import Path
 
 from engine.data.datasets import load_dataset
 from engine.quality.features import feature_network_for
+from search.run.progress import setup_step
 from search.space import DataSettings
 from workers.records import DataPayload
 
 
-def build_payload(settings: DataSettings, cache_dir: Path) -> DataPayload:
+def build_payload(settings: DataSettings, cache_dir: Path,
+                  progress: object = None) -> DataPayload:
     """Load the dataset, split train/val, and pack the feature network for FID/KID.
+
+    Args:
+        settings: the space's ``[data]`` table.
+        cache_dir: where trained feature networks are cached.
+        progress: shows each step as it runs (:func:`search.run.progress.setup_step`):
+            loading the data, and training a feature network when none is cached.
 
     Raises:
         ValueError: a missing or corrupt dataset (``engine.data.datasets.DatasetError``), with the path.
     """
-
-    dataset = load_dataset(settings.dataset, image_size=settings.image_size)
+    with setup_step(progress, f"loading dataset {settings.dataset} at {settings.image_size} px"):
+        dataset = load_dataset(settings.dataset, image_size=settings.image_size)
     train, val = dataset.split(settings.val_fraction, settings.split_seed)
-    net = feature_network_for(dataset, cache_dir)
+    what = (f"training the FID feature network for {dataset.name} at {dataset.image_size} px "
+            f"(once; cached in {cache_dir})")
+    with setup_step(progress, what, lazy=True) as step:  # silent when cached or built in
+        net = feature_network_for(dataset, cache_dir, on_step=step.advance)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "feature_net.safetensors"
         net.save(path)

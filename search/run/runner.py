@@ -24,7 +24,7 @@ from search.pruning.base import Pruner
 from search.pruning.registry import make_pruner
 from search.run.coordinator import Coordinator, Tally
 from search.run.dataset import build_payload
-from search.run.progress import Progress, Silent
+from search.run.progress import Progress, Silent, setup_step
 from search.space import SearchSpace, load_space
 from search.storage import study as st
 from workers.actor import RESOURCE
@@ -85,12 +85,12 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
     if name is None:
         raise st.StudyError("give --study NAME to resume, or a space (--preset/--space)")
     results = Path(options.results)
-    payload = _checked_inputs(space, options, results) if space else None
+    payload = _checked_inputs(space, options, results, progress) if space else None
     url = options.storage or st.default_storage(results)
     storage = st.open_storage(url, create=space is not None)
     if space is None:  # resuming by name: the stored space decides, checked before any write
         space = st.stored_space(st.load_existing(storage, name))
-        payload = _checked_inputs(space, options, results)
+        payload = _checked_inputs(space, options, results, progress)
     study, space, resumed = st.open_study(storage, name, space, options.sampler, options.seed)
     pruner = make_pruner(options.pruner or space.study.pruner, space)
     requeued = tuple(st.recover_stale(study, storage))
@@ -106,12 +106,13 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
                    time.time() - start)
 
 
-def _checked_inputs(space: SearchSpace, options: SearchOptions, results: Path) -> DataPayload:
+def _checked_inputs(space: SearchSpace, options: SearchOptions, results: Path,
+                    progress: Progress | None) -> DataPayload:
     """Validate the options and load the dataset before the storage is touched."""
     make_pruner(options.pruner or space.study.pruner, space)
     if options.max_latency_ms is not None and not options.max_latency_ms > 0:
         raise ValueError(f"--max-latency-ms: must be > 0, got {options.max_latency_ms:g}")
-    return build_payload(space.data, results / "feature-nets")
+    return build_payload(space.data, results / "feature-nets", progress)
 
 
 def _run(study: optuna.Study, space: SearchSpace, options: SearchOptions, results: Path,
@@ -122,7 +123,10 @@ def _run(study: optuna.Study, space: SearchSpace, options: SearchOptions, result
 
     for partial in (results / study.study_name).glob("*.partial"):
         shutil.rmtree(partial, ignore_errors=True)  # a killed coordinator's half-written trial
-    started = connect(options.address, options.workers)
+    joining = f"joining the Ray cluster at {options.address}" if options.address else (
+        "starting Ray (embedded)")
+    with setup_step(progress, joining):
+        started = connect(options.address, options.workers)
     pool = None
     try:
         if not ray.cluster_resources().get(RESOURCE):

@@ -1,10 +1,12 @@
 """Reports on a synthetic study: status reasons, the Pareto table and the plot."""
 
+from pathlib import Path
+
 import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from search import report
+from search import plot, report
 from search.space import load_space
 from search.storage import record as rec
 from search.storage import study as st
@@ -54,7 +56,7 @@ def test_front_excludes_dominated_and_infeasible(study, tmp_path):
     assert front.hypervolume == pytest.approx(90 * 95 * 9 + 80 * 98 * 9 - 80 * 95 * 9)
     text = report.pareto_text(front)
     assert "2 non-dominated of 4 complete trials (1 infeasible)" in text
-    png = report.plot_front(front, tmp_path / "front.png", "r")
+    png = plot.plot_front(front, tmp_path / "front.png", "r")
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
@@ -67,3 +69,64 @@ def test_trial_text_explains_a_prune(study):
 def test_eta_needs_running_trials(study):
     assert report.eta_s(study) is None
     assert isinstance(study, optuna.Study)
+
+
+def test_differing_names_every_parameter_not_equal_on_all_rows():
+    rows = [{"unet.base_width": 16, "train.learning_rate": 1e-3, "schedule.steps": 2},
+            {"unet.base_width": 16, "train.learning_rate": 2e-3, "schedule.steps": 2},
+            {"unet.base_width": 16, "train.learning_rate": 1e-3}]
+    assert report.differing(rows) == ["schedule.steps", "train.learning_rate"]
+    assert report.differing(rows[:1]) == [] and report.differing([rows[0], rows[0]]) == []
+    assert report.short_names(["unet.steps", "schedule.steps", "train.learning_rate"]) == {
+        "unet.steps": "unet.steps", "schedule.steps": "schedule.steps",
+        "train.learning_rate": "learning_rate"}
+
+
+def test_front_rows_that_read_alike_show_the_parameter_that_differs(study):
+    front = report.front(study, reference=(100.0, 100.0, 10.0))
+    text = report.pareto_text(front)
+    # trials 0 and 1 share every parameter: nothing tells them apart but their values
+    assert "differs" in text.splitlines()[1]
+    study.add_trial(create_trial(
+        state=TrialState.COMPLETE, values=[1.0, 90.0, 9.5],
+        params={**study.trials[0].params, "train.learning_rate": 0.00234},
+        distributions=study.trials[0].distributions))
+    text = report.pareto_text(report.front(study, reference=(100.0, 100.0, 10.0)))
+    row = next(line for line in text.splitlines() if line.startswith("6 "))
+    assert "learning_rate=0.00234" in row and "learning_rate=0.001 " in text
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://ann:s3cr3t@db.example:5432/studies",
+     "postgresql://ann:***@db.example:5432/studies"),
+    ("mysql+pymysql://root:p%40ss@localhost/optuna", "mysql+pymysql://root:***@localhost/optuna"),
+    ("postgresql://ann@db/studies", "postgresql://ann@db/studies"),
+    ("sqlite:////abs/x.db", "sqlite:////abs/x.db"),
+])
+def test_redact_hides_only_the_password(url, shown):
+    assert report.redact(url) == shown
+
+
+def test_dashboard_command_pastes_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    command = report.dashboard_command("sqlite:///results/diffnas.db", Path("results/artifacts"))
+    assert command == (f"uvx optuna-dashboard sqlite:///{tmp_path}/results/diffnas.db "
+                       f"--artifact-dir {tmp_path}/results/artifacts")
+    command = report.dashboard_command("postgresql://u:pw@h/db", Path("/a b/artifacts"))
+    assert command == "uvx optuna-dashboard 'postgresql://u:***@h/db' --artifact-dir '/a b/artifacts'"
+    assert "pw" not in command
+
+
+def test_labels_of_coincident_points_do_not_overlap(study):
+    for fid in (10.0, 10.001, 10.002, 9.999):  # "6", "7", ... on top of trial 0's point
+        study.add_trial(create_trial(state=TrialState.COMPLETE, values=[fid, 5.0 - fid / 1e3, 1.0],
+                                     params=study.trials[0].params,
+                                     distributions=study.trials[0].distributions))
+    front = report.front(study, reference=(100.0, 100.0, 10.0))
+    assert front.on_front.sum() >= 4
+    fig = plot.draw_front(front, "r")
+    for boxes in plot.label_boxes(fig):
+        assert len(boxes) == int(front.on_front.sum())
+        assert not [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+    front_lines = [line for ax in fig.axes for line in ax.get_lines()]
+    assert len(front_lines) == 3  # one front (staircase) per panel

@@ -1,0 +1,116 @@
+"""Machine-readable and sectioned output of a real smoke study, through the real CLI.
+
+One module-scoped study (``diffnas search --preset smoke``, then one derived point from
+``diffnas compress``) serves every test here.
+"""
+
+import csv
+import io
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from search import rows
+
+README = rows.__file__.rsplit("/search/", 1)[0] + "/README.md"
+
+
+def diffnas(*args):
+    return subprocess.run([sys.executable, "-m", "search.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """``(results folder, stdout of the search)`` of a finished smoke study with a d0."""
+    results = tmp_path_factory.mktemp("out") / "results"
+    search = diffnas("search", "--preset", "smoke", "--results", results)
+    assert search.returncode == 0, search.stderr
+    derived = diffnas("compress", "smoke", "0", "--max-fid-increase", "1000%",
+                      "--results", results)
+    assert derived.returncode == 0, derived.stderr
+    return results, search
+
+
+def _json(results, *extra):
+    proc = diffnas("pareto", "smoke", "--json", "--results", results, *extra)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("scope", [(), ("--all",)])
+def test_pareto_json_validates_against_the_schema(smoke, scope):
+    doc = _json(smoke[0], *scope)
+    jsonschema.validate(doc, rows.SCHEMA)
+    assert doc["schema_version"] == rows.SCHEMA_VERSION
+    ids = [r["id"] for r in doc["rows"]]
+    if scope:
+        assert ids == ["0", "1", "2", "3", "d0"] and doc["scope"] == "all"
+    else:
+        assert all(r["on_front"] for r in doc["rows"]) and doc["rows"]
+        assert [r["fid"] for r in doc["rows"]] == sorted(r["fid"] for r in doc["rows"])
+    for r in doc["rows"]:
+        assert r["device_class"].startswith("cpu:") and r["fid_floor"] > 0
+        assert set(r["params"]) == {"unet.base_width", "unet.activation", "schedule.sampler",
+                                    "schedule.steps", "train.learning_rate"}
+        assert any(path.endswith("samples.png") for path in r["artifacts"].values())
+
+
+def test_the_schema_rejects_a_row_without_its_objectives(smoke):
+    doc = _json(smoke[0], "--all")
+    del doc["rows"][0]["fid"]
+    with pytest.raises(jsonschema.ValidationError, match="'fid' is a required property"):
+        jsonschema.validate(doc, rows.SCHEMA)
+
+
+def test_pareto_csv_has_one_column_per_parameter_and_artifact(smoke):
+    proc = diffnas("pareto", "smoke", "--csv", "--all", "--results", smoke[0])
+    table = list(csv.DictReader(io.StringIO(proc.stdout)))
+    doc = _json(smoke[0], "--all")
+    assert [r["id"] for r in table] == [r["id"] for r in doc["rows"]]
+    assert table[-1]["derived_from"] == "0" and table[0]["derived_from"] == ""
+    for line, row in zip(table, doc["rows"]):
+        assert float(line["fid"]) == pytest.approx(row["fid"])
+        assert line["params.train.learning_rate"] == str(row["params"]["train.learning_rate"])
+        assert line["artifacts.samples.png"] == row["artifacts"]["samples.png"]
+
+
+def test_readme_documents_every_field_of_the_schema():
+    text = Path(README).read_text()
+    assert f"`schema_version` | `{rows.SCHEMA_VERSION}`" in text
+    for name in rows.ROW_FIELDS:
+        assert f"| `rows[].{name}` |" in text, name
+
+
+def test_status_trial_in_sections_and_raw_json(smoke):
+    results = smoke[0]
+    text = diffnas("status", "smoke", "--trial", "0", "--results", results).stdout
+    heads = [line for line in text.splitlines() if re.fullmatch(r"[a-z]+", line)]
+    assert heads == ["decisions", "rungs", "attempts", "result", "timings"]
+    assert re.search(r"attempt 1 on smoke-w\d, rung step 10: val_loss", text)
+    assert not re.search(r"^\w+: \{", text, re.MULTILINE)  # no stage dumped as a JSON document
+    raw = json.loads(diffnas("status", "smoke", "--trial", "0", "--json",
+                             "--results", results).stdout)
+    assert raw["id"] == "0" and raw["state"] == "COMPLETE"
+    assert raw["rungs"][0]["step"] == 10 and raw["attempts"][0]["status"] == "completed"
+    assert raw["finished"]["quality"]["fid_floor"] > 0 and raw["prescreen"]["params"] > 0
+    derived = diffnas("status", "smoke", "--trial", "d0", "--results", results).stdout
+    assert derived.startswith("trial d0: COMPLETE\nderived (compress) from trial 0")
+
+
+def test_search_prints_a_dashboard_command_with_absolute_paths(smoke):
+    results, search = smoke
+    (line,) = [x for x in search.stdout.splitlines() if x.startswith("dashboard: ")]
+    assert line == (f"dashboard: uvx optuna-dashboard sqlite:///{results.resolve()}/diffnas.db "
+                    f"--artifact-dir {results.resolve()}/artifacts")
+
+
+def test_all_without_a_format_is_one_line_error(smoke):
+    proc = diffnas("pareto", "smoke", "--all", "--results", smoke[0])
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "diffnas: error: --all: give --json or --csv (the table shows the front)")
