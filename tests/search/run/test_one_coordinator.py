@@ -58,7 +58,7 @@ def test_a_second_coordinator_is_refused_and_the_first_finishes(ray_cluster, res
         time.sleep(0.3)
     late = _start(ray_cluster, results, storage)  # started while the first one runs
     assert f"pid {winner.pid} " in _refused(late)
-    out, err = winner.communicate(timeout=300)
+    _, err = winner.communicate(timeout=300)
     assert winner.returncode == 0, err
     trials = _trials(storage)
     assert sum(st.is_finished(t) for t in trials) == TRIALS
