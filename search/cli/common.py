@@ -20,6 +20,12 @@ def storage_args(p: argparse.ArgumentParser) -> None:
 
 
 def open_study(args: argparse.Namespace) -> optuna.Study:
-    """The existing study ``args.study`` in ``args.storage`` (default: under ``--results``)."""
+    """The existing study ``args.study`` in ``args.storage`` (default: under ``--results``).
+
+    Raises:
+        StudyError: a study name that could leave ``--results``, a missing or damaged
+            storage, or no such study.
+    """
+    st.check_name(args.study)
     url = args.storage or st.default_storage(args.results)
     return st.load_existing(st.open_storage(url, create=False), args.study)

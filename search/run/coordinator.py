@@ -31,6 +31,7 @@ from search.run.progress import Progress, RunningTrial, Silent, Snapshot
 from search.run.stages import InvalidSpaceError
 from search.space import SearchSpace
 from search.storage import study as st
+from search.storage.lease import Lease
 from workers.records import LATENCY_TARGET, Decision, Event, EventKind
 
 __all__ = ["Coordinator", "InvalidSpaceError", "Tally"]
@@ -53,8 +54,8 @@ class Coordinator:
     def __init__(self, study: optuna.Study, space: SearchSpace, pool: WorkerPool,
                  data_ref: Any, channels: int, results: Path, pruner: Pruner, target: int,
                  max_retries: int = 2, progress: Progress | None = None,
-                 deadline: float | None = None, latency_target_ms: float | None = None
-                 ) -> None:
+                 deadline: float | None = None, latency_target_ms: float | None = None,
+                 lease: Lease | None = None) -> None:
         limits = space.constraints.limits()
         if latency_target_ms is not None:
             limits[LATENCY_TARGET] = latency_target_ms
@@ -63,6 +64,7 @@ class Coordinator:
                            limits, max_retries, latency_target_ms, say=self._say)
         self.study, self.space, self.pool = study, space, pool
         self.target, self.deadline = target, deadline
+        self.lease = lease  # renewed every turn; a lost lease stops the loop
         self.progress = progress or Silent()
         self.finished_before = st.finished_count(study)
         self.started = time.time()
@@ -81,10 +83,16 @@ class Coordinator:
 
         On ``KeyboardInterrupt`` the in-flight trials are failed and their params queued
         again (as a killed coordinator's would be on resume), then the interrupt propagates.
+
+        Raises:
+            LeaseLostError: another coordinator took the study over; the loop stops
+                without touching its trials again.
         """
         self.ctx.pruner.restore(self.study.get_trials(deepcopy=False))
         try:
             while self.ctx.flights or self._may_ask():
+                if self.lease is not None:
+                    self.lease.renew()
                 self.pool.refresh()
                 if self.ctx.hooks.ready(self.ctx):
                     self._fill()

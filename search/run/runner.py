@@ -10,13 +10,17 @@ This is what ``diffnas search`` calls; a notebook can call it too::
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import optuna
+from optuna.storages import BaseStorage
+from sqlalchemy.exc import SQLAlchemyError
 
 from search import pareto
 from search.hooks.hardware import worker_setup
@@ -26,6 +30,7 @@ from search.run.coordinator import Coordinator, Tally
 from search.run.dataset import build_payload
 from search.run.progress import Progress, Silent, setup_step
 from search.space import SearchSpace, load_space
+from search.storage import artifacts, lease
 from search.storage import study as st
 from workers.actor import RESOURCE
 from workers.records import DataPayload
@@ -76,7 +81,9 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
 
     Raises:
         SpaceError: the space file is invalid (nothing is written).
-        StudyError: bad storage URL, unknown study without a space, mismatched space.
+        StudyError: bad storage URL or study name, unknown study without a space,
+            mismatched space, a damaged storage, another coordinator holding the study, or
+            a results folder that belongs to another study.
         ValueError: no device workers in the cluster, or a bad dataset.
     """
     start = time.time()
@@ -84,26 +91,62 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
     name = options.study or (space.name if space else None)
     if name is None:
         raise st.StudyError("give --study NAME to resume, or a space (--preset/--space)")
+    st.check_name(name)
     results = Path(options.results)
     payload = _checked_inputs(space, options, results, progress) if space else None
     url = options.storage or st.default_storage(results)
-    storage = st.open_storage(url, create=space is not None)
-    if space is None:  # resuming by name: the stored space decides, checked before any write
-        space = st.stored_space(st.load_existing(storage, name))
-        payload = _checked_inputs(space, options, results, progress)
-    study, space, resumed = st.open_study(storage, name, space, options.sampler, options.seed)
+    with _storage_errors(url):
+        storage = st.open_storage(url, create=space is not None)
+        if space is None:  # resuming by name: the stored space decides, before any write
+            space = st.stored_space(st.load_existing(storage, name))
+            payload = _checked_inputs(space, options, results, progress)
+        study, space, resumed = st.open_study(storage, name, space, options.sampler,
+                                              options.seed)
+        held = lease.acquire(study)  # before anything else writes: one coordinator a study
+        try:
+            run = Run(storage, results, artifacts.claim(results, study), held)
+            requeued, target, tally = _search(study, space, options, run, payload,
+                                              progress or Silent())
+        finally:
+            held.release()
+        return _result(study, space, url, results, resumed, requeued, target, tally,
+                       time.time() - start)
+
+
+@dataclass(frozen=True)
+class Run:
+    """Where this run writes, and the lease it holds while it does."""
+
+    storage: BaseStorage
+    results: Path
+    folder: Path  # results/<study>/, claimed by the study
+    held: lease.Lease
+
+
+@contextlib.contextmanager
+def _storage_errors(url: str) -> Iterator[None]:
+    """A storage that fails mid-run (a lost server, a full disk) is one line, not a trace."""
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as err:
+        raise st.StudyError(f"storage {url} failed: {str(err).splitlines()[0]}") from None
+
+
+def _search(study: optuna.Study, space: SearchSpace, options: SearchOptions, run: Run,
+            payload: DataPayload | None, progress: Progress
+            ) -> tuple[tuple[int, ...], int, Tally | None]:
+    """Recover the stale trials, then run until the target; returns (requeued, target,
+    tally)."""
     pruner = make_pruner(options.pruner or space.study.pruner, space)
-    requeued = tuple(st.recover_stale(study, storage))
+    requeued = tuple(st.recover_stale(study, run.storage))
     target = options.trials or space.study.trials
     study.set_user_attr("target", target)
     study.set_user_attr("pruner", pruner.name)  # the latest run's; each decision names its own
-    tally = None
-    if st.finished_count(study) < target:
-        assert payload is not None
-        tally = _run(study, space, options, results, payload, pruner, target,
-                     progress or Silent())
-    return _result(study, space, url, results, resumed, requeued, target, tally,
-                   time.time() - start)
+    if st.finished_count(study) >= target:
+        return requeued, target, None
+    assert payload is not None
+    return requeued, target, _run(study, space, options, run, payload, pruner, target,
+                                  progress)
 
 
 def _checked_inputs(space: SearchSpace, options: SearchOptions, results: Path,
@@ -115,18 +158,20 @@ def _checked_inputs(space: SearchSpace, options: SearchOptions, results: Path,
     return build_payload(space.data, results / "feature-nets", progress)
 
 
-def _run(study: optuna.Study, space: SearchSpace, options: SearchOptions, results: Path,
+def _run(study: optuna.Study, space: SearchSpace, options: SearchOptions, run: Run,
          payload: DataPayload, pruner: Pruner, target: int, progress: Progress) -> Tally:
     import ray
 
     from search.run.pool import WorkerPool, connect
 
-    for partial in (results / study.study_name).glob("*.partial"):
+    results = run.results
+    for partial in run.folder.glob("*.partial"):
         shutil.rmtree(partial, ignore_errors=True)  # a killed coordinator's half-written trial
     joining = f"joining the Ray cluster at {options.address}" if options.address else (
         "starting Ray (embedded)")
     with setup_step(progress, joining):
         started = connect(options.address, options.workers)
+    run.held.renew(force=True)  # starting Ray can take a while
     pool = None
     try:
         if not ray.cluster_resources().get(RESOURCE):
@@ -139,7 +184,7 @@ def _run(study: optuna.Study, space: SearchSpace, options: SearchOptions, result
         deadline = None if options.timeout_s is None else time.time() + options.timeout_s
         coordinator = Coordinator(study, space, pool, ray.put(payload), channels, results,
                                   pruner, target, options.max_retries, progress, deadline,
-                                  options.max_latency_ms)
+                                  options.max_latency_ms, run.held)
         return coordinator.run()
     finally:
         progress.close()

@@ -7,29 +7,52 @@ are queued again exactly once; the sampler is rebuilt from its seed and the stor
 
 from __future__ import annotations
 
+import contextlib
+import re
+import sqlite3
 import time
+import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
 from optuna.samplers import BaseSampler, NSGAIISampler, TPESampler
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import event
+from sqlalchemy.engine import ExceptionContext
 
 from search.space import SearchSpace, parse_space
 from search.storage import record as rec
 from workers.records import OBJECTIVES
 
 STORAGE_FILE = "diffnas.db"
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+MAX_DEATHS = 2  # coordinator deaths on one parameter set before it fails for good
+STALE = "coordinator stopped mid-trial; params queued again"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 class StudyError(ValueError):
     """A study that cannot be opened: unknown name, unreachable storage, mismatched space."""
+
+
+def check_name(name: str) -> str:
+    """``name`` if it may name a study (it becomes a folder under ``results/``).
+
+    Raises:
+        StudyError: anything but letters, digits, ``-``, ``_``, ``.`` (no separators, not
+            ``..``), or longer than 100 characters.
+    """
+    if not NAME.fullmatch(name) or set(name) == {"."}:
+        raise StudyError(f"study name {name!r}: use 1-100 letters, digits, '-', '_' or '.' "
+                         "(it names a folder under results/)")
+    return name
 
 
 def default_storage(results: Path) -> str:
@@ -53,14 +76,50 @@ def open_storage(url: str, create: bool) -> BaseStorage:
                          "--storage)")
     if path is not None and create:
         path.parent.mkdir(parents=True, exist_ok=True)
+    if path is not None and url.startswith("sqlite:") and path.is_file():
+        check_sqlite(path)
     try:
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
             return JournalStorage(JournalFileBackend(str(path)))
-        return optuna.storages.RDBStorage(url)
+        storage = optuna.storages.RDBStorage(url)
     except Exception as err:  # noqa: BLE001 (sqlalchemy, drivers and sockets raise many kinds)
         raise StudyError(f"cannot open storage {url}: {_first_line(err)}") from None
+    event.listen(storage.engine, "handle_error", _one_line(url))
+    return storage
+
+
+def check_sqlite(path: Path) -> None:
+    """Refuse a damaged SQLite file before Optuna (or anything) writes to it.
+
+    Raises:
+        StudyError: ``PRAGMA quick_check`` does not answer ``ok``, or the file is not a
+            database at all.
+    """
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+        answer = "; ".join(str(r[0]) for r in rows[:1]) if rows else "ok"
+    except sqlite3.Error as err:
+        answer = str(err)
+    if answer != "ok":
+        raise StudyError(f"storage {path} is damaged (sqlite quick_check: {answer}); nothing "
+                         "was written: restore it from a backup, or pass another --storage")
+
+
+def _one_line(url: str) -> Any:
+    """A ``handle_error`` hook: a damaged or failing database mid-run becomes a StudyError.
+
+    Integrity and operational errors (a lock, a deadlock) pass through untouched: Optuna
+    retries or handles those itself.
+    """
+    def hook(ctx: ExceptionContext) -> None:
+        orig = ctx.original_exception
+        if isinstance(orig, sqlite3.DatabaseError) and not isinstance(
+                orig, (sqlite3.IntegrityError, sqlite3.OperationalError)):
+            raise StudyError(f"storage {url} failed: {_first_line(orig)}") from None
+    return hook
 
 
 def _local_file(url: str) -> Path | None:
@@ -138,17 +197,42 @@ def open_study(storage: BaseStorage, name: str, space: SearchSpace | None,
                          "create it")
     sampler_name = sampler or space.study.sampler
     seed_value = space.study.seed if seed is None else seed
-    study = optuna.create_study(storage=storage, study_name=name,
-                                directions=["minimize"] * len(OBJECTIVES),
-                                sampler=make_sampler(space, sampler_name, seed_value, 0))
+    try:
+        study = optuna.create_study(storage=storage, study_name=name,
+                                    directions=["minimize"] * len(OBJECTIVES),
+                                    sampler=make_sampler(space, sampler_name, seed_value, 0))
+    except optuna.exceptions.DuplicatedStudyError:  # another process created it just now
+        _wait_created(storage, name)
+        return open_study(storage, name, space, sampler, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(OBJECTIVES))
     for key, value in {"format": rec.FORMAT, "space": space.source, "space_name": space.name,
-                       "sampler": sampler_name, "seed": seed_value,
-                       "created": time.time()}.items():
+                       "sampler": sampler_name, "seed": seed_value, "uid": uuid.uuid4().hex,
+                       "created": time.time()}.items():  # "created" last: the study is whole
         study.set_user_attr(key, value)
     return study, space, False
+
+
+def _wait_created(storage: BaseStorage, name: str, timeout_s: float = 30.0) -> None:
+    """Wait until the process that created study ``name`` has written its attributes."""
+    study_id = storage.get_study_id_from_name(name)
+    deadline = time.time() + timeout_s
+    while "created" not in storage.get_study_user_attrs(study_id):
+        if time.time() > deadline:
+            raise StudyError(f"study {name!r} was created by another process that never "
+                             "finished setting it up")
+        time.sleep(0.2)
+
+
+def identity(study: optuna.Study) -> str:
+    """The study's random id (``uid``), which ties it to its results folder; a study
+    written before ids existed gets one now (call this only while holding its lease)."""
+    uid = study.user_attrs.get("uid")
+    if uid is None:
+        uid = uuid.uuid4().hex
+        study.set_user_attr("uid", uid)
+    return str(uid)
 
 
 def make_sampler(space: SearchSpace, name: str, seed: int, n_existing: int) -> BaseSampler:
@@ -174,18 +258,30 @@ def finished_count(study: optuna.Study) -> int:
     return sum(is_finished(t) for t in study.get_trials(deepcopy=False))
 
 
-def requeue(study: optuna.Study, trial: optuna.Trial, reason: str) -> bool:
+def requeue(study: optuna.Study, trial: optuna.Trial, reason: str,
+            max_deaths: int | None = None) -> bool:
     """FAIL a RUNNING ``trial`` and queue its params as a new trial, exactly once.
 
     The new trial is queued before the old one fails, and carries ``requeued_from`` and
     the old one's lineage; a second call for the same trial (after another crash in
-    between) queues nothing.
+    between) queues nothing. With ``max_deaths``, a parameter set whose requeue chain
+    (``requeued_from`` links) already holds ``max_deaths - 1`` trials failed with the
+    same ``reason`` fails for good instead: a candidate that kills its coordinator cannot
+    loop.
 
     Returns:
         Whether a new trial was queued.
     """
     trials = study.get_trials(deepcopy=False)
     already = any(rec.lineage_of(t).requeued_from == trial.number for t in trials)
+    chain = _requeue_chain(trials, trial, reason)
+    if max_deaths is not None and len(chain) >= max_deaths and not already:
+        numbers = ", ".join(str(n) for n in sorted(chain))
+        rec.write(trial, rec.Finished(reason=f"{reason.split(';')[0]} {len(chain)} times on "
+                                      f"these params (trials {numbers}); failed for good, "
+                                      "not queued again"))
+        study.tell(trial, state=TrialState.FAIL)
+        return False
     if not already:
         carried = rec.lineage_of(trial).carried()
         study.enqueue_trial(dict(trial.params), user_attrs=rec.attrs(replace(
@@ -195,15 +291,28 @@ def requeue(study: optuna.Study, trial: optuna.Trial, reason: str) -> bool:
     return not already
 
 
+def _requeue_chain(trials: Sequence[FrozenTrial], trial: optuna.Trial, reason: str
+                   ) -> list[int]:
+    """``trial`` and the earlier runs of its params that failed with ``reason``."""
+    by_number = {t.number: t for t in trials}
+    chain, previous = [trial.number], rec.lineage_of(trial).requeued_from
+    while previous is not None and previous in by_number and previous not in chain:
+        earlier = by_number[previous]
+        if rec.read(earlier).reason == reason:
+            chain.append(previous)
+        previous = rec.lineage_of(earlier).requeued_from
+    return chain
+
+
 def recover_stale(study: optuna.Study, storage: BaseStorage) -> list[int]:
     """Requeue every trial left RUNNING by a coordinator that stopped; returns their numbers.
 
+    A parameter set on which :data:`MAX_DEATHS` coordinators stopped fails for good.
     ``storage`` is the study's (Optuna offers no public way to get it from the study).
     """
     stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
     for trial in stale:
-        requeue(study, running(study, storage, trial.number),
-                "coordinator stopped mid-trial; params queued again")
+        requeue(study, running(study, storage, trial.number), STALE, MAX_DEATHS)
     return [t.number for t in stale]
 
 
