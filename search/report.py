@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import shlex
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search import pareto
 from search.derived.points import companion, source
 from search.space import SearchSpace
+from search.storage import lease
 from search.storage import record as rec
 from search.storage import study as st
 from workers.records import OBJECTIVES
@@ -100,10 +102,12 @@ def status_text(study: optuna.Study) -> str:
     waiting = sum(t.state == TrialState.WAITING for t in trials)
     records = [rec.read(t) for t in trials]
     requeued = sum(r.lineage.requeued for r in records)
-    eta = eta_s(study)
+    holder = lease.read(study)
+    alive = holder is not None and holder.alive(time.time())
+    eta = eta_s(study) if alive else None  # no coordinator, no progress: no ETA
     attrs = study.user_attrs
     head = (f"study {study.study_name}: space {attrs.get('space_name')}, sampler "
-            f"{attrs.get('sampler')} (seed {attrs.get('seed')})")
+            f"{attrs.get('sampler')} (seed {attrs.get('seed')}); {lease.describe(study)}")
     counts = (f"trials: {sum(states.values())}/{attrs.get('target', '?')} finished "
               f"(complete {states[TrialState.COMPLETE]}, pruned {states[TrialState.PRUNED]}, "
               f"failed {states[TrialState.FAIL]}); running {running}, waiting {waiting}, "

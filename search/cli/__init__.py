@@ -11,6 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import optuna
+from sqlalchemy.exc import SQLAlchemyError
+
 import engine  # binds an optimised BLAS before mlx loads
 from engine.config import Config
 from engine.data.datasets import load_dataset
@@ -107,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    return (ValueError, FileNotFoundError, KeyError, PermissionError)
+    """What the CLI reports in one line: bad input, and a storage that fails mid-command."""
+    return (ValueError, FileNotFoundError, KeyError, PermissionError,
+            optuna.exceptions.StorageInternalError, SQLAlchemyError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
