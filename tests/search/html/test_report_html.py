@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search import report
-from search.html.gather import timeline
+from search.html.gather import curve, timeline
 from search.storage import record as rec
 from search.storage import study as st
 
@@ -104,6 +104,22 @@ def test_timeline_splits_attempts_into_phases_and_idle_gaps():
     assert lane["busy"] == pytest.approx(10.0 / 12.0)
 
 
+def test_a_curve_is_the_last_attempt_with_its_stops():
+    def rung(step, loss, attempt, history, decision="continue", reason=""):
+        return rec.Rung(step, loss, attempt=attempt, history=history, decision=decision,
+                        reason=reason)
+
+    r = rec.TrialRecord(4, TrialState.PRUNED, None, {}, {}, rungs=(
+        rung(10, 0.9, 0, ((10, 0.9),)),  # the first attempt crashed: not on the curve
+        rung(10, 0.8, 1, ((5, 0.85), (10, 0.8))),
+        rung(20, 0.7, 1, ((15, 0.75), (20, 0.7)), "prune", "worse than 2 of 3 at rung 20")))
+    c = curve(r, "4")
+    assert c["points"] == [(5, 0.85), (10, 0.8), (15, 0.75), (20, 0.7)]
+    assert c["rungs"] == [10, 20]
+    assert c["stops"] == [{"step": 20, "val_loss": 0.7, "decision": "prune",
+                           "reason": "worse than 2 of 3 at rung 20"}]
+
+
 def test_unknown_study_or_storage_is_one_line(smoke, tmp_path):
     results = smoke[0]
     for args, fragment in (
@@ -151,8 +167,10 @@ def _check_page(page, path, study):
         assert (float(shown[key]) == pytest.approx(value, rel=1e-3) if number
                 else shown[key].lower() == str(value).lower())
     assert "FID floor" in detail.inner_text()
+    _check_comparison(page, study, front)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     _check_sorting(page, study)
+    _check_filter(page, study)
     assert errors == [] and all(u.startswith(("file:", "data:")) for u in requests), requests
 
 
@@ -184,3 +202,25 @@ def _check_sorting(page, study):
 def _column(page, key):
     keys = page.locator("#trials th").evaluate_all("ths => ths.map(th => th.dataset.key)")
     return keys.index(key) + 1
+
+
+def _check_comparison(page, study, first):
+    """"compare" on the shown point, then a shift-click on another: two columns."""
+    page.locator("#add-compare").click()
+    span = np.ptp([t.values[:2] for t in study.trials], axis=0) + 1e-12
+    other = max(study.trials, key=lambda t: float(np.sum(  # the farthest: no overlap
+        np.abs(np.subtract(t.values[:2], first.values[:2])) / span)))
+    page.keyboard.down("Shift")
+    _click_point(page, other)
+    page.keyboard.up("Shift")
+    heads = page.locator("#compare table.compare th").all_inner_texts()
+    assert heads[1:] == [f"trial {first.number}", f"trial {other.number}"]
+    assert page.locator("#compare img.samples").count() == 2
+
+
+def _check_filter(page, study):
+    worker = rec.read(study.trials[0]).finished.worker
+    page.locator("#filter").fill(worker)
+    shown = page.locator("#trials tbody tr").evaluate_all("rows => rows.map(r => r.dataset.label)")
+    assert sorted(shown) == sorted(str(t.number) for t in study.trials
+                                   if rec.read(t).finished.worker == worker)
