@@ -103,7 +103,10 @@ def _thumb(r: rec.TrialRecord, label: str, study: str, results: Path) -> str | N
     if not label.startswith("d"):
         candidates.append(artifacts.trial_dir(results, study, r.number) / "samples.png")
     found = next((p for p in candidates if p.is_file()), None)
-    return None if found is None else thumbnail(found)
+    try:
+        return None if found is None else thumbnail(found)
+    except OSError:  # an unreadable grid costs its picture, not the whole report
+        return None
 
 
 def curve(r: rec.TrialRecord, label: str) -> dict[str, Any] | None:
