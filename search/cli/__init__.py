@@ -24,6 +24,7 @@ from engine.experiment import QualityEval, run
 from engine.io.models import load_model
 from engine.measure import sample_images
 from search.cli import derived as cli_derived
+from search.cli import report as cli_report
 from search.cli import study as cli_study
 
 CONFIGS = Path(engine.__file__).parent / "configs"
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_commands(sub)
     cli_study.register(sub)
     cli_derived.register(sub)
+    cli_report.register(sub)
     return parser
 
 
