@@ -205,10 +205,14 @@ class Reference:
         return self.ms() / self.calibrated_ms
 
 
+REFERENCE_VERSION = 2
+"""Part of the calibration store's name: a changed workload must not meet old times."""
+
+
 def _reference_store() -> Path:
     fp = device_fingerprint()
-    key = hashlib.sha256(json.dumps([fp["chip"], fp["backend"], fp["blas"], fp["mlx"]])
-                         .encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([REFERENCE_VERSION, fp["chip"], fp["backend"], fp["blas"],
+                                     fp["mlx"]]).encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"diffnas-reference-{key}.json"
 
 
