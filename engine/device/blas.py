@@ -113,18 +113,24 @@ def bind() -> str:
         # Too late: MLX already resolved its BLAS symbols to the bundled library.
         return BLAS_NAME
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    errors = []
-    for path in candidates():
+    path, errors = _load_first(candidates())
+    if path is not None:
+        BLAS_NAME = _describe(path)
+    elif os.environ.get("DIFFNAS_BLAS") != "reference":
+        _warn_once(f" ({'; '.join(errors)})" if errors else "")
+    return BLAS_NAME
+
+
+def _load_first(paths: list[str]) -> tuple[str | None, list[str]]:
+    """The first of ``paths`` that loads, and why each one before it did not."""
+    errors: list[str] = []
+    for path in paths:
         try:
             _load(path)
+            return path, errors
         except OSError as err:
             errors.append(str(err))
-            continue
-        BLAS_NAME = _describe(path)
-        return BLAS_NAME
-    if os.environ.get("DIFFNAS_BLAS") != "reference":
-        _warn_once(f" ({errors[-1]})" if errors else "")
-    return BLAS_NAME
+    return None, errors
 
 
 def _load(path: str) -> None:
