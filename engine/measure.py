@@ -1,8 +1,10 @@
 """The measurement protocol: how every number reported about a model is taken.
 
-- Latency: the whole sampling loop at batch 1, warmed up, the median of at least 5 runs
-  and its relative spread, re-measured when the spread exceeds 10%
-  (:func:`engine.device.bench.time_call`).
+- Latency: the whole sampling loop at batch 1, warmed up, the median of at least 5 runs,
+  timed between two runs of a fixed reference workload; a round the reference says was
+  disturbed by another process is taken again after a pause, and clean rounds are pooled
+  until the median's 95% confidence interval is within +-5%; a latency that never got a
+  clean round is marked ``disturbed`` (:func:`engine.device.bench.steady_call`).
 - Memory: the peak while sampling at batch 1, and while training at the config's batch size.
 - Quality: FID, KID, precision and recall of ``n`` samples drawn from ``seed``, on the
   feature network's features, next to the real-vs-real floors at the same ``n``; the first
@@ -30,6 +32,7 @@ from engine.device.bench import (
     forward_latency,
     sampling_latency,
     sampling_peak_mb,
+    steady_call,
     training_peak_mb,
 )
 from engine.model.unet import UNet
@@ -89,8 +92,20 @@ def draw(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, size: in
 
 
 def measure_latency(model: nn.Module, config: Config, runs: int = 5) -> LatencyStat:
-    """Latency of the whole sampling loop at batch 1 (the median of at least ``runs``)."""
-    return sampling_latency(model, config, batch=1, runs=runs)
+    """Latency of the whole sampling loop at batch 1, steady against other processes.
+
+    Args:
+        model: the network to sample.
+        config: its config; the schedule sets the sampler and steps.
+        runs: runs per round (at least 5).
+
+    Returns:
+        The median of the pooled clean rounds (at least ``runs`` samples), with the rounds,
+        the disturbed rounds, the reference ratio and the median's confidence interval.
+    """
+    u = config.unet
+    return steady_call(lambda: generate(model, config.schedule, 1, 0, u.image_size, u.channels),
+                       runs)
 
 
 @dataclass(frozen=True)
@@ -299,4 +314,4 @@ def _try_budget(model: UNet, config: Config, target_ms: float, per_step_ms: floa
     except ValueError as err:
         raise LatencyTargetInfeasible(str(err), overhead_ms + per_step_ms) from None
     chosen = replace(config, schedule=with_budget(config.schedule, budget))
-    return chosen, sampling_latency(model, chosen, batch=1, runs=runs), budget
+    return chosen, measure_latency(model, chosen, runs), budget

@@ -5,17 +5,29 @@ runs, each synchronised with ``mx.eval``; the relative spread (IQR / median) is
 reported and the measurement repeated when it exceeds 10%. Memory: peak bytes
 between ``mx.reset_peak_memory()`` and ``mx.get_peak_memory()``. Every record carries
 the device fingerprint.
+
+A latency that has to hold on a busy machine (a trial's objective) is taken by
+:func:`steady_call`: a fixed reference workload is timed right before and right after each
+round; a round whose reference strays from its calibrated value by more than
+:data:`REFERENCE_TOLERANCE` was disturbed (another process took the CPU), is set aside and
+taken again after a pause; clean rounds are pooled until the 95% confidence interval of
+the median is within :data:`TARGET_CI`, up to :data:`MAX_ROUNDS`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -30,6 +42,15 @@ from engine.sampling.samplers import generate
 from engine.training.train import init_state, train
 
 MAX_SPREAD = 0.10
+REFERENCE_TOLERANCE = 0.10
+"""A round whose reference workload ran this much slower or faster than calibrated is
+disturbed."""
+TARGET_CI = 0.05
+"""Clean rounds are pooled until the median's 95% confidence interval is within +-5%."""
+MAX_ROUNDS = 6
+PAUSES_S = (0.5, 1.0, 2.0, 4.0, 4.0)
+"""Waits before taking a disturbed round again: a short burst passes, a long one is outlasted
+or recorded as disturbed."""
 
 
 def _cpu_name() -> str:
@@ -75,11 +96,24 @@ def device_fingerprint() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class LatencyStat:
-    """Median of ``samples_ms`` and its relative spread (IQR / median)."""
+    """Median of ``samples_ms`` and its relative spread (IQR / median).
+
+    Set by :func:`steady_call` (defaults: a plain :func:`time_call`): ``ci``, the relative
+    half-width of the median's 95% confidence interval; ``rounds``, the rounds timed;
+    ``disturbed_rounds``, those set aside because the reference workload strayed;
+    ``reference_ratio``, the reference's time beside the kept samples over its calibrated
+    time (the one furthest from 1); ``disturbed``, no round was clean, so the samples are
+    those of the least disturbed round.
+    """
 
     median_ms: float
     spread: float
     samples_ms: tuple[float, ...]
+    ci: float = 0.0
+    rounds: int = 1
+    disturbed_rounds: int = 0
+    reference_ratio: float = 1.0
+    disturbed: bool = False
 
 
 def time_call(fn: Callable[[], Any], runs: int = 5, warmup: int = 1, retries: int = 2,
@@ -105,6 +139,154 @@ def time_call(fn: Callable[[], Any], runs: int = 5, warmup: int = 1, retries: in
             break
     assert best is not None
     return best
+
+
+def median_ci(samples_ms: tuple[float, ...] | list[float]) -> float:
+    """Relative half-width of the 95% confidence interval of the median (order statistics,
+    distribution-free: ranks n/2 -+ 0.98 sqrt(n))."""
+    ordered = sorted(samples_ms)
+    n = len(ordered)
+    lo = max(0, math.floor(n / 2 - 0.98 * math.sqrt(n)))
+    hi = min(n - 1, math.ceil(n / 2 + 0.98 * math.sqrt(n)) - 1)
+    return float((ordered[hi] - ordered[lo]) / (2 * np.median(ordered)))
+
+
+def _reference_workload() -> Callable[[], None]:
+    """A fixed mix of what a U-Net runs, 3x3 convolutions and a matmul: about 5 ms with
+    OpenBLAS on one x86 core, long enough to span several scheduler time slices. Its arrays
+    are made inside each run, so that none is alive while memory is measured."""
+    key = mx.random.key(0)
+
+    def run() -> None:
+        y = mx.random.normal((1, 48, 48, 32), key=key)
+        w = 0.05 * mx.random.normal((32, 3, 3, 32), key=key)
+        m = mx.random.normal((192, 192), key=key)
+        for _ in range(10):
+            y = mx.conv2d(y, w, padding=1)
+        mx.eval(y, m @ m)
+
+    return run
+
+
+class Reference:
+    """The reference workload and its calibrated time on this machine.
+
+    The calibration is the 25th percentile of the last :attr:`KEEP` processes' calibrations
+    (each the fastest of three medians), kept in ``store`` (a JSON file in the temp folder,
+    one per device fingerprint), so that a process that starts under load still compares
+    with the machine's usual time.
+    """
+
+    KEEP = 32
+
+    def __init__(self, store: Path | None = None, workload: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.store = store or _reference_store()
+        self.run = workload or _reference_workload()
+        self.clock = clock
+        self._calibrated: float | None = None
+
+    def ms(self) -> float:
+        """The reference's time now: the median of 5 runs after one warm-up (ms)."""
+        return time_call(self.run, runs=5, retries=0, clock=self.clock).median_ms
+
+    @property
+    def calibrated_ms(self) -> float:
+        """The reference's usual time on this machine (ms); calibrated on first use."""
+        if self._calibrated is None:
+            own = min(self.ms() for _ in range(3))
+            history = (_read_json(self.store) + [own])[-self.KEEP:]
+            _write_json(self.store, history)
+            self._calibrated = float(np.percentile(history, 25))
+        return self._calibrated
+
+    def ratio(self) -> float:
+        """The reference's time now over its calibrated time."""
+        return self.ms() / self.calibrated_ms
+
+
+REFERENCE_VERSION = 2
+"""Part of the calibration store's name: a changed workload must not meet old times."""
+
+
+def _reference_store() -> Path:
+    fp = device_fingerprint()
+    key = hashlib.sha256(json.dumps([REFERENCE_VERSION, fp["chip"], fp["backend"], fp["blas"],
+                                     fp["mlx"]]).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"diffnas-reference-{key}.json"
+
+
+def _read_json(path: Path) -> list[float]:
+    try:
+        return [float(v) for v in json.loads(path.read_text())]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def _write_json(path: Path, values: list[float]) -> None:
+    """Write atomically (several processes calibrate); a lost race loses one value."""
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
+            json.dump(values, tmp)
+        os.replace(tmp.name, path)
+    except OSError:
+        pass
+
+
+_REFERENCE: Reference | None = None
+
+
+def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | None = None,
+                pause: Callable[[float], None] = time.sleep,
+                clock: Callable[[], float] = time.perf_counter) -> LatencyStat:
+    """:func:`time_call` between two timings of the reference workload, taken again while
+    the reference says the machine was disturbed, pooled until the median is within
+    :data:`TARGET_CI` (see the module docstring).
+
+    Args:
+        fn: the call to time; it must ``mx.eval`` its result.
+        runs: runs per round (at least 5).
+        reference: the reference workload (default: this process's, calibrated once).
+        pause: how to wait before a disturbed round is taken again.
+        clock: the clock ``fn`` is timed on (the reference keeps its own).
+
+    Returns:
+        The pooled clean samples' :class:`LatencyStat`, or the least disturbed round's with
+        ``disturbed`` set when no round was clean.
+    """
+    reference = reference or _process_reference()
+    clean: list[float] = []
+    kept = 1.0
+    # The least disturbed round: (deviation, reference ratio, samples).
+    least: tuple[float, float, tuple[float, ...]] = (math.inf, 1.0, ())
+    rounds = disturbed = 0
+    while rounds < MAX_ROUNDS:
+        rounds += 1
+        before = reference.ratio()
+        stat = time_call(fn, runs, retries=0, clock=clock)
+        ratio = max(before, reference.ratio(), key=lambda r: abs(r - 1))
+        if abs(ratio - 1) > REFERENCE_TOLERANCE:
+            disturbed += 1
+            least = min(least, (abs(ratio - 1), ratio, stat.samples_ms))
+            if rounds < MAX_ROUNDS:
+                pause(PAUSES_S[min(disturbed, len(PAUSES_S)) - 1])
+            continue
+        clean.extend(stat.samples_ms)
+        kept = max(kept, ratio, key=lambda r: abs(r - 1))
+        if median_ci(clean) <= TARGET_CI:
+            break
+    samples = clean or list(least[2])
+    q1, med, q3 = np.percentile(samples, [25, 50, 75])
+    return LatencyStat(float(med), float((q3 - q1) / med), tuple(samples), median_ci(samples),
+                       rounds, disturbed, kept if clean else least[1], not clean)
+
+
+def _process_reference() -> Reference:
+    """This process's reference workload, calibrated on first use."""
+    global _REFERENCE
+    if _REFERENCE is None:
+        _REFERENCE = Reference()
+    return _REFERENCE
 
 
 def sampling_latency(model: nn.Module, config: Config, batch: int = 1, runs: int = 5) -> LatencyStat:
