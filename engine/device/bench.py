@@ -48,9 +48,11 @@ disturbed."""
 TARGET_CI = 0.05
 """Clean rounds are pooled until the median's 95% confidence interval is within +-5%."""
 MAX_ROUNDS = 6
-PAUSES_S = (0.5, 1.0, 2.0, 4.0, 4.0)
-"""Waits before taking a disturbed round again: a short burst passes, a long one is outlasted
-or recorded as disturbed."""
+PAUSES_S = (0.1, 0.2, 0.5, 1.0, 1.0)
+"""Waits before taking a disturbed round again: a short burst passes, a long one is recorded
+as disturbed. At most 2.8 s in all: a trial pays these on every measurement, and longer
+waits (11.5 s in all) tripled a smoke trial's wall time without meeting the targets on this
+VM any better (benchmarks/steady_latency.md)."""
 
 
 def _cpu_name() -> str:
