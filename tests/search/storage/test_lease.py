@@ -39,7 +39,8 @@ RACERS = 3
 
 
 def race(storage, gate, settle_s):
-    """The stdout lines of :data:`RACERS` processes that try to take the lease at once."""
+    """The stdout lines of :data:`RACERS` processes that try to take the lease at once, and
+    their pids."""
     racers = [subprocess.Popen([sys.executable, "-c", RACER, storage, str(gate), str(settle_s),
                                 str(i)], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for i in range(RACERS)]
@@ -49,7 +50,7 @@ def race(storage, gate, settle_s):
     (gate / "go").touch()
     outs = [p.communicate(timeout=120) for p in racers]
     assert all(p.returncode == 0 for p in racers), [err for _, err in outs]
-    return [out.strip() for out, _ in outs]
+    return [out.strip() for out, _ in outs], [p.pid for p in racers]
 
 
 @pytest.fixture()
@@ -65,13 +66,14 @@ def _holder(**fields):
 
 
 def test_processes_started_together_elect_exactly_one_holder(storage, study, tmp_path):
-    lines = race(storage, tmp_path, lease.SETTLE_S)
+    lines, pids = race(storage, tmp_path, lease.SETTLE_S)
     winners = [line for line in lines if line.startswith("won")]
     assert len(winners) == 1, lines
-    winner_pid = winners[0].split()[1]
     refused = [line for line in lines if line.startswith("refused")]
     assert len(refused) == RACERS - 1, lines
-    assert all(f"pid {winner_pid} " in line for line in refused), lines
+    # A racer refuses on the first live token it reads: the winner's, or that of another
+    # racer still settling (which then loses); either way a racing coordinator is named.
+    assert all(any(f"pid {pid} " in line for pid in pids) for line in refused), lines
 
 
 def test_a_live_lease_is_refused_naming_its_holder(study):
