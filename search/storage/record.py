@@ -22,7 +22,7 @@ attempts       :class:`Attempt`    each attempt: worker, status, start and end
 derived        :class:`Derived`    a derived point (distilled, compressed, tuned)
 =============  =================  ==================================================
 
-The headline numbers are also stored flat (:data:`FLAT`: scalars only), so that
+The headline numbers are also stored flat (:class:`Headline`: scalars only), so that
 optuna-dashboard can sort and filter trials by them.
 """
 
@@ -61,8 +61,6 @@ REQUEUED, REQUEUED_FROM = "requeued", "requeued_from"
 DERIVED = "derived"
 PREDICTED = "predicted_latency"  # format 1 only: now part of the pre-screen record
 
-FLAT = ("fid", "latency_ms", "peak_mem_mb", "fid_floor", "device_class", "parent")
-"""Flat scalar attributes of a finished trial (:class:`Headline`, :class:`Finished`)."""
 
 D = TypeVar("D", bound="Doc")
 
@@ -82,11 +80,8 @@ class Doc:
         names = {f.name for f in fields(cls)} - {"extra"}
         known = {k: _typed(cls, k, v) for k, v in doc.items() if k in names}
         extra = {k: v for k, v in doc.items() if k not in names}
-        return cls(**known, **({"extra": extra} if "extra" in _field_names(cls) else {}))
-
-
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in fields(cls)}
+        # every record declares ``extra`` last (a base-class default would precede its fields)
+        return cls(**known, extra=extra)  # type: ignore[call-arg]
 
 
 def _plain(value: Any) -> Any:
@@ -486,10 +481,6 @@ def read_lineage(a: Mapping[str, Any]) -> Lineage:
 
 def _maybe(cls: type[D], doc: Mapping[str, Any] | None) -> D | None:
     return None if doc is None else cls.from_doc(doc)
-
-
-def read_all(trials: list[FrozenTrial]) -> list[TrialRecord]:
-    return [read(t) for t in trials]
 
 
 def prescreen(cost: Cost, decision: Decision) -> Prescreen:
