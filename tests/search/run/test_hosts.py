@@ -273,6 +273,8 @@ def network(request):
 
 @dataclass(frozen=True)
 class Cluster:
+    """The hosts the cluster steps started, and the steps (to run more of them)."""
+
     network: Network
     head: Host
     workers: tuple[Host, ...]
@@ -315,7 +317,7 @@ class Cluster:
 def cluster(network):
     """A head (10.77.0.1) and two workers (.2, .3) started by the cluster steps."""
     steps = cluster_steps()
-    port = re.search(r"--port[= ](\d+)", next(s.command for s in steps if s.role == HEAD))
+    port = re.search(r"--port[= ](\d+)", " ".join(s.command for s in steps if s.role == HEAD))
     head = network.add(1)
     built = Cluster(network, head, (network.add(2), network.add(3)), steps,
                     f"{head.ip}:{port.group(1) if port else 6379}")
@@ -456,3 +458,4 @@ def test_a_study_spans_the_hosts_outlives_one_and_takes_a_newcomer(cluster):
     assert {_on(r, nodes) for r in complete} == hosts
     moved = [r for r in records if any(a.status == DIED for a in r.attempts)]
     assert moved and all(r.complete and _on(r, nodes) != victim.ip for r in moved), moved
+    print(*(f"trial {r.number} moved from {victim.ip} to {_on(r, nodes)}" for r in moved))
