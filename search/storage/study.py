@@ -121,6 +121,7 @@ def failure(what: str, url: str, err: BaseException) -> str:
 
 def _hide_secrets(text: str, url: str) -> str:
     secrets = set(re.findall(r"(?i)[?&](?:password|passwd)=([^&#]*)", url))
+    secrets.update(re.findall(r"://[^:/@]*:([^@/]*)@", url))  # as written (percent-encoded)
     with contextlib.suppress(ArgumentError, ValueError):
         secrets.add(str(make_url(url).password or ""))
     for secret in sorted(secrets - {""}, key=len, reverse=True):

@@ -37,6 +37,11 @@ def test_an_error_that_quotes_the_password_loses_it():
     assert st.failure("cannot open storage {url}", url, err) == (
         "cannot open storage postgresql://ann:***@db/studies: "
         "RuntimeError: could not connect with password=***")
+    encoded = "mysql+pymysql://root:p%40ss@localhost/optuna"
+    err = RuntimeError("bad DSN user=root password=p%40ss (decoded: p@ss)")
+    assert st.failure("{url}", encoded, err) == (
+        "mysql+pymysql://root:***@localhost/optuna: RuntimeError: bad DSN user=root "
+        "password=*** (decoded: ***)")
 
 
 def test_search_options_and_results_print_without_the_password():
