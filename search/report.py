@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import optuna
@@ -409,16 +408,6 @@ def _summary(r: rec.TrialRecord) -> str:
 # -- optuna-dashboard --------------------------------------------------------------------
 
 
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (``postgresql://user:***@host/db``)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
 def dashboard_command(storage: str, artifacts: Path) -> str:
     """A ``uvx optuna-dashboard`` command that works pasted from any folder: local files as
     absolute paths, each argument shell-quoted, any password in the URL redacted."""
@@ -426,5 +415,5 @@ def dashboard_command(storage: str, artifacts: Path) -> str:
         storage = f"sqlite:///{Path(storage.removeprefix('sqlite:///')).resolve()}"
     elif storage.startswith("journal:"):  # the dashboard takes a journal file by its path
         storage = str(Path(storage.removeprefix("journal:").removeprefix("//")).resolve())
-    return shlex.join(["uvx", "optuna-dashboard", redact(storage), "--artifact-dir",
+    return shlex.join(["uvx", "optuna-dashboard", st.redact(storage), "--artifact-dir",
                        str(Path(artifacts).resolve())])

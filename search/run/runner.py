@@ -14,7 +14,7 @@ import contextlib
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,9 @@ class SearchOptions:
     timeout_s: float | None = None  # stop asking for new trials after this long
     max_latency_ms: float | None = None  # each trial samples with the most steps that fit
 
+    def __repr__(self) -> str:
+        return _redacted_repr(self)
+
 
 @dataclass(frozen=True)
 class SearchResult:
@@ -74,6 +77,19 @@ class SearchResult:
     wall_s: float
     overhead_s: tuple[float, ...] = field(default=())
     durations_s: tuple[float, ...] = field(default=())
+
+    def __repr__(self) -> str:
+        return _redacted_repr(self)
+
+
+def _redacted_repr(record: SearchOptions | SearchResult) -> str:
+    """The dataclass repr, with any password in the storage URL shown as ``***`` (a
+    notebook prints options and results)."""
+    shown = {f.name: getattr(record, f.name) for f in fields(record)}
+    if shown["storage"] is not None:
+        shown["storage"] = st.redact(shown["storage"])
+    body = ", ".join(f"{name}={value!r}" for name, value in shown.items())
+    return f"{type(record).__name__}({body})"
 
 
 def run_search(options: SearchOptions, progress: Progress | None = None) -> SearchResult:
@@ -129,7 +145,7 @@ def _storage_errors(url: str) -> Iterator[None]:
     try:
         yield
     except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as err:
-        raise st.StudyError(f"storage {url} failed: {str(err).splitlines()[0]}") from None
+        raise st.StudyError(st.failure("storage {url} failed", url, err)) from None
 
 
 def _search(study: optuna.Study, space: SearchSpace, options: SearchOptions, run: Run,

@@ -24,7 +24,8 @@ from optuna.samplers import BaseSampler, NSGAIISampler, TPESampler
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
-from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import ArgumentError
 
 from search.space import SearchSpace, parse_space
 from search.storage import record as rec
@@ -34,6 +35,9 @@ STORAGE_FILE = "diffnas.db"
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 MAX_DEATHS = 2  # coordinator deaths on one parameter set before it fails for good
 STALE = "coordinator stopped mid-trial; params queued again"
+HIDDEN = "***"  # what a password reads as wherever a storage URL is shown
+_USERINFO = re.compile(r"(://[^:/@]*):[^@/]*@")  # scheme://user:password@ (not SQLAlchemy's)
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd)=)[^&#]*")  # libpq takes ?password=
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -84,10 +88,60 @@ def open_storage(url: str, create: bool) -> BaseStorage:
 
             return JournalStorage(JournalFileBackend(str(path)))
         storage = optuna.storages.RDBStorage(url)
+    except ImportError as err:
+        raise _driver_error(url, err) from None
     except Exception as err:  # noqa: BLE001 (sqlalchemy, drivers and sockets raise many kinds)
-        raise StudyError(f"cannot open storage {url}: {_first_line(err)}") from None
+        raise StudyError(failure("cannot open storage {url}", url, err)) from None
     event.listen(storage.engine, "handle_error", _one_line(url))
     return storage
+
+
+def redact(url: str) -> str:
+    """``url`` with any password shown as ``***`` (``postgresql://ann:***@db/studies``).
+
+    Every place that prints a storage URL prints this instead: errors, the dashboard hint,
+    a search's result. A URL without a password comes back unchanged.
+    """
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # journal:PATH and other non-SQLAlchemy URLs
+        return _QUERY_SECRET.sub(rf"\1{HIDDEN}", _USERINFO.sub(rf"\1:{HIDDEN}@", url))
+    shown = parsed.render_as_string(hide_password=True) if parsed.password is not None else url
+    return _QUERY_SECRET.sub(rf"\1{HIDDEN}", shown)
+
+
+def failure(what: str, url: str, err: BaseException) -> str:
+    """One line: ``what`` with ``{url}`` filled in redacted, then the error's first line.
+
+    The error's own text loses any password the URL holds too: a driver may quote its
+    connection string.
+    """
+    return f"{what.format(url=redact(url))}: {_hide_secrets(_first_line(err), url)}"
+
+
+def _hide_secrets(text: str, url: str) -> str:
+    secrets = set(re.findall(r"(?i)[?&](?:password|passwd)=([^&#]*)", url))
+    secrets.update(re.findall(r"://[^:/@]*:([^@/]*)@", url))  # as written (percent-encoded)
+    with contextlib.suppress(ArgumentError, ValueError):
+        secrets.add(str(make_url(url).password or ""))
+    for secret in sorted(secrets - {""}, key=len, reverse=True):
+        text = text.replace(secret, HIDDEN)
+    return text
+
+
+def _driver_error(url: str, err: ImportError) -> StudyError:
+    """The one line for a storage whose database driver is not installed.
+
+    Optuna wraps SQLAlchemy's import error: the missing module's name is on the cause.
+    """
+    cause = err.__cause__ if isinstance(err.__cause__, ImportError) else err
+    module = cause.name or "the database driver"
+    if module == "psycopg":
+        fix = "run `uv sync --extra postgres` (or `pip install 'diffnas[postgres]'`)"
+    else:
+        fix = f"install the Python module {module!r} into this environment"
+    return StudyError(f"storage {redact(url)} needs the module {module!r}, which is not "
+                      f"installed: {fix}")
 
 
 def check_sqlite(path: Path) -> None:
@@ -118,7 +172,7 @@ def _one_line(url: str) -> Any:
         orig = ctx.original_exception
         if isinstance(orig, sqlite3.DatabaseError) and not isinstance(
                 orig, (sqlite3.IntegrityError, sqlite3.OperationalError)):
-            raise StudyError(f"storage {url} failed: {_first_line(orig)}") from None
+            raise StudyError(failure("storage {url} failed", url, orig)) from None
     return hook
 
 
