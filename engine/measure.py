@@ -92,13 +92,16 @@ def draw(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, size: in
 # -- latency and memory ------------------------------------------------------------------
 
 
-def measure_latency(model: nn.Module, config: Config, runs: int = 5) -> LatencyStat:
+def measure_latency(model: nn.Module, config: Config, runs: int = 5, pin: bool = True
+                    ) -> LatencyStat:
     """Latency of the whole sampling loop at batch 1, steady against other processes.
 
     Args:
         model: the network to sample.
         config: its config; the schedule sets the sampler and steps.
-        runs: runs per round (at least 5).
+        runs: samples per round (at least 5).
+        pin: keep the process on one core while timing (``benchmarks/steady_latency.py``
+            compares without).
 
     Returns:
         The median of the pooled clean samples (at least ``runs``), with the rounds, the
@@ -106,7 +109,7 @@ def measure_latency(model: nn.Module, config: Config, runs: int = 5) -> LatencyS
     """
     u = config.unet
     return steady_call(lambda: generate(model, config.schedule, 1, 0, u.image_size, u.channels),
-                       runs)
+                       runs, pin=pin)
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,7 @@ class Reference:
 
     The calibration is the 25th percentile of the last :attr:`KEEP` values in ``store`` (a
     JSON file in the temp folder, one per device fingerprint): each process's own
-    calibration (the fastest of three medians), and the median probe of each measurement
+    calibration (the fastest of three medians of 5 probes), and the median probe of each measurement
     that found the machine no slower than calibrated (:meth:`learn`). So a process that
     starts under load still compares with the machine's usual time, and a calibration
     taken under load is corrected by the quieter measurements after it, while a CPU hog,
@@ -199,15 +199,15 @@ class Reference:
         self.clock = clock
         self._calibrated: float | None = None
 
-    def ms(self) -> float:
-        """The reference's time now: the median of 5 runs after one warm-up (ms)."""
-        return time_call(self.run, runs=5, retries=0, clock=self.clock).median_ms
-
     @property
     def calibrated_ms(self) -> float:
-        """The reference's usual time on this machine (ms); calibrated on first use."""
+        """The reference's usual time on this machine (ms); calibrated on first use, in the
+        probes' own terms (:meth:`probe`: the faster of two runs), so that a probe on a
+        quiet machine reads 1."""
         if self._calibrated is None:
-            self._remember(min(self.ms() for _ in range(3)))
+            self.run()
+            self._remember(min(float(np.median([self.probe() for _ in range(5)]))
+                               for _ in range(3)))
         assert self._calibrated is not None
         return self._calibrated
 
@@ -215,10 +215,6 @@ class Reference:
         history = (_read_json(self.store) + [ms])[-self.KEEP:]
         _write_json(self.store, history)
         self._calibrated = float(np.percentile(history, 25))
-
-    def ratio(self) -> float:
-        """The reference's time now over its calibrated time."""
-        return self.ms() / self.calibrated_ms
 
     def probe(self) -> float:
         """A quick look at the machine between two timed samples: the faster of two runs of
@@ -251,13 +247,15 @@ def window_ms(fn: Callable[[], Any], clock: Callable[[], float] = time.perf_coun
             return elapsed / count
 
 
-REFERENCE_VERSION = 2
-"""Part of the calibration store's name: a changed workload must not meet old times."""
+REFERENCE_VERSION = 3
+"""Part of the calibration store's name: a changed workload or statistic (3: the probe's,
+the faster of two runs) must not meet old times."""
 
 
 def _reference_store() -> Path:
     fp = device_fingerprint()
-    key = hashlib.sha256(json.dumps([REFERENCE_VERSION, fp["chip"], fp["backend"], fp["blas"],
+    blas = fp["blas"].split(" (")[0]  # the library, not its path: every checkout shares it
+    key = hashlib.sha256(json.dumps([REFERENCE_VERSION, fp["chip"], fp["backend"], blas,
                                      fp["mlx"]]).encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"diffnas-reference-{key}.json"
 
