@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 
 from search import report, rows
+from search.html.gather import gather
 from search.pruning.base import Cost, NoPruner
 from search.run import stages
 from search.run.coordinator import Coordinator
@@ -94,6 +95,8 @@ def test_a_latency_that_stays_disturbed_is_marked_in_status_and_pareto_rows(tmp_
     doc = rows.document(study, report.front(study, st.stored_space(study)), everything=True)
     jsonschema.validate(doc, rows.SCHEMA)
     assert [row["latency_disturbed"] for row in doc["rows"]] == [True]
+    html_rows = gather(study, tmp_path)["trials"]
+    assert "latency disturbed" in html_rows[0]["reason"]
 
 
 def test_the_trust_fields_round_trip_without_a_re_measurement(tmp_path):
