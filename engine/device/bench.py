@@ -183,11 +183,11 @@ class Reference:
 
     The calibration is the 25th percentile of the last :attr:`KEEP` values in ``store`` (a
     JSON file in the temp folder, one per device fingerprint): each process's own
-    calibration (the fastest of three medians of 5 probes), and the median probe of each measurement
-    that found the machine no slower than calibrated (:meth:`learn`). So a process that
-    starts under load still compares with the machine's usual time, and a calibration
-    taken under load is corrected by the quieter measurements after it, while a CPU hog,
-    however long it runs, never raises it.
+    calibration (the fastest of three medians of 5 probes), and the median probe of each
+    round that found the machine no slower than calibrated (:meth:`learn`). So a process
+    that starts under load still compares with the machine's usual time, and a calibration
+    taken under load is corrected by the quieter rounds after it, while a CPU hog, however
+    long it runs, never raises it.
     """
 
     KEEP = 64
@@ -295,6 +295,7 @@ class Sample:
                    key=lambda r: abs(r - 1))
 
     def clean(self, calibrated_ms: float) -> bool:
+        """Both probes within :data:`REFERENCE_TOLERANCE` of the calibration."""
         return abs(self.ratio(calibrated_ms) - 1) <= REFERENCE_TOLERANCE
 
 
@@ -317,17 +318,18 @@ def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | Non
         :func:`decide` of every sample taken.
     """
     reference = reference or _process_reference()
+    calibrated = reference.calibrated_ms  # first, unpinned: as every process calibrates
     taken: list[list[Sample]] = []
     with _held_still(pin):
         while len(taken) < MAX_ROUNDS:
             fn()  # warm-up: compile and first touch stay out of the samples
             taken.append(_round(fn, max(runs, 5), reference, clock))
             reference.learn([p for s in taken[-1] for p in (s.before_ms, s.after_ms)])
-            stat = decide(taken, reference.calibrated_ms, runs)
+            calibrated = reference.calibrated_ms
+            stat = decide(taken, calibrated, runs)
             if not stat.disturbed and stat.ci <= TARGET_CI:
                 break
-            if len(taken) < MAX_ROUNDS and not all(
-                    s.clean(reference.calibrated_ms) for s in taken[-1]):
+            if len(taken) < MAX_ROUNDS and not all(s.clean(calibrated) for s in taken[-1]):
                 pause(PAUSES_S[min(stat.disturbed_rounds, len(PAUSES_S)) - 1])
     return stat
 
