@@ -260,14 +260,14 @@ def _trust_lines(m: rec.Measured) -> list[str]:
 
 def _trust(ms: float, ci: float, rounds: int, disturbed_rounds: int, ratio: float,
            disturbed: bool) -> str:
-    mark = "DISTURBED (no clean round) " if disturbed else ""
+    mark = "DISTURBED (too few clean samples) " if disturbed else ""
     return (f"{mark}{ms:.4g} ms +-{ci:.1%} (95% CI of the median), {rounds} rounds "
             f"({disturbed_rounds} disturbed), reference x{ratio:.3g}")
 
 
 def disturbed_note(r: rec.TrialRecord) -> str:
-    """``latency disturbed (reference x1.8)`` for a trial whose latency never had a clean
-    round, even when measured again; empty otherwise."""
+    """``latency disturbed (reference x1.8)`` for a trial whose latency had too few clean
+    samples, even when measured again; empty otherwise."""
     m = r.measured
     if m is None or not m.disturbed:
         return ""

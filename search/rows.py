@@ -58,8 +58,8 @@ ROW_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
                      "a trial")),
     "reason": ({"type": "string"}, ("why it was pruned, failed or is infeasible (may be "
                "empty)")),
-    "latency_disturbed": ({"type": ["boolean", "null"]}, ("the latency never had a clean "
-                          "round, even when measured again (another process took the CPU); "
+    "latency_disturbed": ({"type": ["boolean", "null"]}, ("the latency had too few clean "
+                          "samples, even when measured again (another process took the CPU); "
                           "null: not measured. Optional: absent from older documents")),
 }
 """Each row's fields: JSON Schema of the value, and its meaning (the README's table)."""

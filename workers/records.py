@@ -100,8 +100,8 @@ class Measurement:
 
     The latency's trust, from the steady protocol (``engine.device.bench.LatencyStat``):
     ``latency_ci`` (relative half-width of the median's 95% interval), ``latency_rounds``,
-    ``disturbed_rounds``, ``reference_ratio`` and ``disturbed`` (no clean round: another
-    process took the CPU throughout). A disturbed latency is measured again at the end of
+    ``disturbed_rounds``, ``reference_ratio`` and ``disturbed`` (too few clean samples:
+    another process kept taking the CPU). A disturbed latency is measured again at the end of
     the trial; ``latency_attempts`` then holds both (:func:`latency_attempt` documents) and
     the fields above are those of the one kept.
     """

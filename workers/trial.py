@@ -3,7 +3,8 @@
 Measure latency and peak memory, train in rungs (reporting each to the coordinator and
 obeying its continue/prune answer), evaluate FID/KID, draw a sample grid and save the
 checkpoint. A latency the steady protocol marked disturbed is measured once more after the
-evaluation, and both attempts are reported. Everything goes back as a :class:`TrialOutcome` with the files as bytes.
+evaluation, and both attempts are reported. Everything goes back as a
+:class:`TrialOutcome` with the files as bytes.
 
 The child talks to its parent over one inherited socket (a multiprocessing
 ``Connection``): ``("run", TrialRequest, DataPayload)`` and ``("decision", Decision)``

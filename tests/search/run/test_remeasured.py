@@ -79,7 +79,7 @@ def test_a_clean_re_measurement_replaces_the_disturbed_latency(tmp_path):
     assert m.latency_attempts[0]["latency_ms"] == 118.0
     assert r.value("latency_ms") == 61.0
     text = report.trial_text(study, 0)
-    assert "DISTURBED (no clean round) 118 ms" in text and "after evaluation: 61 ms" in text
+    assert "DISTURBED (too few clean samples) 118 ms" in text and "after evaluation: 61 ms" in text
     assert "latency disturbed" not in text.splitlines()[0]
 
 
