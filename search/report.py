@@ -123,7 +123,8 @@ def status_text(study: optuna.Study) -> str:
                          [[w.name, w.trials, round(w.busy_s, 1), round(w.per_hour, 1), w.device]
                           for w in stats]), ""]
     rows = [[r.number, r.state.name, *(_values(t)), r.finished.worker or "-", _wall(t),
-             r.reason] for r, t in zip(records, trials)]
+             "; ".join(n for n in (r.reason, disturbed_note(r)) if n)]
+            for r, t in zip(records, trials)]
     lines.append(_table(["trial", "state", *OBJECTIVES, "worker", "wall s", "reason"], rows))
     return "\n".join(lines)
 
@@ -201,7 +202,8 @@ def record_doc(r: rec.TrialRecord) -> dict[str, Any]:
 
 
 def _head_lines(label: str, r: rec.TrialRecord) -> list[str]:
-    lines = [f"trial {label}: {r.state.name}" + (f" -- {r.reason}" if r.reason else "")]
+    notes = "; ".join(n for n in (r.reason, disturbed_note(r)) if n)
+    lines = [f"trial {label}: {r.state.name}" + (f" -- {notes}" if notes else "")]
     if r.derived is not None:
         detail = {k: v for k, v in r.derived.detail.items()  # scalars: the tables stay in --json
                   if k != "what" and not isinstance(v, (Mapping, list, tuple))}
@@ -230,6 +232,7 @@ def _decision_lines(r: rec.TrialRecord) -> list[str]:
                                f"latency {m.latency_ms:.4g} ms (spread {m.latency_spread:.1%}"
                                f"{runs}), memory train {m.train_mb:.4g} MB, sample "
                                f"{m.sample_mb:.4g} MB, {m.seconds:.1f} s"))
+        lines += _trust_lines(m)
     if (c := r.conversion) is not None:
         ratio = f" (x{c.ratio:.3g})" if c.ratio is not None else ""
         lines.append(_decision("conversion", "", "", f"{c.measured_ms:.4g} ms on "
@@ -239,6 +242,36 @@ def _decision_lines(r: rec.TrialRecord) -> list[str]:
         if held is not None:
             lines.append(_decision(name, "", "", _inline(held.doc)))
     return lines
+
+
+def _trust_lines(m: rec.Measured) -> list[str]:
+    """How far the latency can be trusted: the steady protocol's interval, rounds and
+    reference ratio, then each attempt when a disturbed latency was measured again."""
+    lines = [_decision("latency", "", "", _trust(m.latency_ms, m.latency_ci, m.latency_rounds,
+                                                 m.disturbed_rounds, m.reference_ratio,
+                                                 m.disturbed))]
+    for i, a in enumerate(m.latency_attempts):
+        lines.append(_decision(f"  attempt {i + 1}", "", "", f"{a.get('at', '?')}: " + _trust(
+            a["latency_ms"], a["latency_ci"], a["latency_rounds"], a["disturbed_rounds"],
+            a["reference_ratio"], a["disturbed"]) + f", {a.get('seconds', 0.0):.1f} s"))
+    return lines
+
+
+def _trust(ms: float, ci: float, rounds: int, disturbed_rounds: int, ratio: float,
+           disturbed: bool) -> str:
+    mark = "DISTURBED (too few clean samples) " if disturbed else ""
+    return (f"{mark}{ms:.4g} ms +-{ci:.1%} (95% CI of the median), {rounds} rounds "
+            f"({disturbed_rounds} disturbed), reference x{ratio:.3g}")
+
+
+def disturbed_note(r: rec.TrialRecord) -> str:
+    """``latency disturbed (reference x1.8)`` for a trial whose latency had too few clean
+    samples, even when measured again; empty otherwise."""
+    m = r.measured
+    if m is None or not m.disturbed:
+        return ""
+    again = ", also when re-measured" if m.latency_attempts else ""
+    return f"latency disturbed (reference x{m.reference_ratio:.3g}{again})"
 
 
 def _decision(stage: str, answer: str, reason: str, evidence: str) -> str:

@@ -97,6 +97,13 @@ class Measurement:
     ``budget`` is set under a latency target: the measured cost of one network evaluation
     and of the sampler around it, the schedule chosen from them, and why. ``start`` says
     how the weights began: ``{"status": "fresh"}``, or inherited from a parent trial.
+
+    The latency's trust, from the steady protocol (``engine.device.bench.LatencyStat``):
+    ``latency_ci`` (relative half-width of the median's 95% interval), ``latency_rounds``,
+    ``disturbed_rounds``, ``reference_ratio`` and ``disturbed`` (too few clean samples:
+    another process kept taking the CPU). A disturbed latency is measured again at the end of
+    the trial; ``latency_attempts`` then holds both (:func:`latency_attempt` documents) and
+    the fields above are those of the one kept.
     """
 
     latency_ms: float
@@ -107,11 +114,28 @@ class Measurement:
     seconds: float
     budget: dict[str, Any] | None = None
     start: dict[str, Any] = field(default_factory=lambda: {"status": "fresh"})
+    latency_ci: float = 0.0
+    latency_rounds: int = 1
+    disturbed_rounds: int = 0
+    reference_ratio: float = 1.0
+    disturbed: bool = False
+    latency_attempts: tuple[dict[str, Any], ...] = ()
 
     def memory_mb(self, which: str) -> float:
         """The memory objective: ``sample``, ``train`` or ``max`` of the two."""
         return {"sample": self.sample_mb, "train": self.train_mb,
                 "max": max(self.sample_mb, self.train_mb)}[which]
+
+
+LATENCY_TRUST = ("latency_ms", "latency_spread", "latency_ci", "latency_rounds",
+                 "disturbed_rounds", "reference_ratio", "disturbed")
+"""The fields of one latency measurement, as a :class:`Measurement` and its attempts name them."""
+
+
+def latency_attempt(m: Measurement, at: str, seconds: float) -> dict[str, Any]:
+    """One latency measurement of ``m`` as an entry of ``latency_attempts``: its
+    :data:`LATENCY_TRUST` fields, when it was taken (``at``) and how long it took (s)."""
+    return {**{name: getattr(m, name) for name in LATENCY_TRUST}, "at": at, "seconds": seconds}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ key            record             stage
 =============  =================  ==================================================
 config         ``Config``         asked: the decoded candidate
 cost           :class:`Prescreen`  pre-screen: parameters, FLOPs, predicted latency
-measurement    :class:`Measured`   measured: latency (target-device terms), memory
+measurement    :class:`Measured`   measured: latency (target-device terms), memory;
+                                  again at the end if the latency was re-measured
 latency        :class:`Conversion` measured: where the latency was measured, its ratio
 step_budget    ``dict``           measured: the schedule a latency target chose
 inheritance    ``dict``           measured: how the weights started (fresh, inherited)
@@ -146,7 +147,13 @@ class Conversion(Doc):
 
 @dataclass(frozen=True)
 class Measured(Doc):
-    """Measured before training: latency in target-device terms, peak memory, the answer."""
+    """Measured before training: latency in target-device terms, peak memory, the answer.
+
+    The latency's trust fields are those of :class:`workers.records.Measurement` (defaults:
+    a record stored before they existed). A trial whose latency was disturbed and measured
+    again at its end has this record written a second time, with ``latency_attempts``
+    (both, in target terms) and the kept attempt's latency (:func:`remeasured`).
+    """
 
     KEY: ClassVar[str] = MEASURED
     latency_ms: float
@@ -160,6 +167,12 @@ class Measured(Doc):
     measured_on: Conversion | None = None
     decision: str = "continue"
     reason: str = ""
+    latency_ci: float = 0.0
+    latency_rounds: int = 1
+    disturbed_rounds: int = 0
+    reference_ratio: float = 1.0
+    disturbed: bool = False
+    latency_attempts: tuple[Mapping[str, Any], ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def memory_mb(self, which: str) -> float:
@@ -493,4 +506,22 @@ def measured(m: Measurement, decision: Decision, conversion: Conversion | None) 
     """The measured record of a :class:`workers.records.Measurement` in target terms."""
     return Measured(m.latency_ms, m.latency_spread, tuple(m.latency_samples_ms), m.train_mb,
                     m.sample_mb, m.seconds, m.budget, m.start, conversion, _answer(decision),
-                    decision.reason)
+                    decision.reason, m.latency_ci, m.latency_rounds, m.disturbed_rounds,
+                    m.reference_ratio, m.disturbed, tuple(m.latency_attempts))
+
+
+def remeasured(stored: Measured, m: Measurement, scale: float) -> Measured:
+    """``stored`` with the latency of a trial that measured a disturbed latency again at its
+    end (``m``: the worker's final measurement, on its own device).
+
+    Args:
+        stored: the record written when the trial was first measured (its answer is kept).
+        m: the measurement with both attempts and the kept one's latency.
+        scale: target-device ms per measured ms (the :class:`Conversion`'s ratio, or 1).
+    """
+    attempts = tuple({**a, "latency_ms": a["latency_ms"] * scale} for a in m.latency_attempts)
+    return replace(stored, latency_ms=m.latency_ms * scale, latency_spread=m.latency_spread,
+                   samples_ms=tuple(v * scale for v in m.latency_samples_ms),
+                   latency_ci=m.latency_ci, latency_rounds=m.latency_rounds,
+                   disturbed_rounds=m.disturbed_rounds, reference_ratio=m.reference_ratio,
+                   disturbed=m.disturbed, latency_attempts=attempts)
