@@ -443,10 +443,12 @@ def _summary(r: rec.TrialRecord) -> str:
 
 def dashboard_command(storage: str, artifacts: Path) -> str:
     """A ``uvx optuna-dashboard`` command that works pasted from any folder: local files as
-    absolute paths, each argument shell-quoted, any password in the URL redacted."""
+    absolute paths, each argument shell-quoted, any password in the URL redacted; a
+    PostgreSQL URL brings its driver into uvx's throwaway environment."""
+    driver = ["--with", "psycopg[binary]"] if storage.startswith("postgresql") else []
     if storage.startswith("sqlite:///") and storage != "sqlite:///:memory:":
         storage = f"sqlite:///{Path(storage.removeprefix('sqlite:///')).resolve()}"
     elif storage.startswith("journal:"):  # the dashboard takes a journal file by its path
         storage = str(Path(storage.removeprefix("journal:").removeprefix("//")).resolve())
-    return shlex.join(["uvx", "optuna-dashboard", st.redact(storage), "--artifact-dir",
+    return shlex.join(["uvx", *driver, "optuna-dashboard", st.redact(storage), "--artifact-dir",
                        str(Path(artifacts).resolve())])

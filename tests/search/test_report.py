@@ -102,7 +102,8 @@ def test_dashboard_command_pastes_from_any_folder(tmp_path, monkeypatch):
     assert command == (f"uvx optuna-dashboard sqlite:///{tmp_path}/results/diffnas.db "
                        f"--artifact-dir {tmp_path}/results/artifacts")
     command = report.dashboard_command("postgresql://u:pw@h/db", Path("/a b/artifacts"))
-    assert command == "uvx optuna-dashboard 'postgresql://u:***@h/db' --artifact-dir '/a b/artifacts'"
+    assert command == ("uvx --with 'psycopg[binary]' optuna-dashboard 'postgresql://u:***@h/db' "
+                       "--artifact-dir '/a b/artifacts'")
     assert "pw" not in command
 
 
