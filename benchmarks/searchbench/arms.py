@@ -25,6 +25,7 @@ infeasible region alike. The peer libraries are imported only by their arms.
 
 from __future__ import annotations
 
+import datetime
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ from typing import Any, Protocol
 import numpy as np
 import optuna
 from optuna.trial import TrialState
-
 from recorded import Row, Table
+
 from search.pruning.base import ConstraintPruner, NoPruner, Pruner
 from search.pruning.mo_asha import MoAshaPruner
 from search.storage.study import make_sampler
@@ -127,6 +128,27 @@ class MultiMetricStopper:
         return last or not self.trial.should_prune()
 
 
+class SyneStopper:
+    """Syne Tune's scheduler: report the rung vector, stop on its STOP (the last rung,
+    ``max_t``, answers STOP too: that is the end of training, not a prune)."""
+
+    def __init__(self, table: Table, scheduler: Any, trial: Any) -> None:
+        self.table, self.scheduler, self.trial = table, scheduler, trial
+
+    def stage0(self, number: int, row: Row) -> bool:
+        return True
+
+    def stage1(self, number: int, row: Row) -> bool:
+        return True
+
+    def rung(self, number: int, row: Row, index: int, last: bool) -> bool:
+        from syne_tune.optimizer.scheduler import SchedulerDecision  # benchmark env only
+
+        result = {"step": row.rungs[index].step, **_rung_metrics(self.table, row, index)}
+        decision = self.scheduler.on_trial_result(self.trial, result)
+        return last or decision != SchedulerDecision.STOP
+
+
 def _tell(study: optuna.Study, trial: optuna.Trial, table: Table, row: Row, stop: str) -> None:
     """Record the constraint values known where the trial stopped, then tell its state."""
     for name, value in table.violations(row, measured=stop != "stage0").items():
@@ -156,12 +178,26 @@ def load_multi_metric(registry: Path) -> Any:
                                        registry_root=str(registry))
 
 
+class StoredSuccessiveHalving(optuna.pruners.SuccessiveHalvingPruner):
+    """Optuna's successive halving, given a trial that exists in the study it is asked about.
+
+    With ``joint=True`` the registry's pruner (as copied) hands its base pruner a trial
+    built by ``create_trial`` that is in no storage (id -1); successive halving writes its
+    rung to that trial and raises ``KeyError: 'No trial with trial_id -1 exists.'``. This
+    adds the trial to the pruner's throw-away study first; nothing else changes.
+    """
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        storage = study._storage
+        number = storage.create_new_trial(study._study_id, template_trial=trial)
+        return super().prune(study, storage.get_trial(number))
+
+
 def _multi_metric_pruner(arm: str, table: Table, registry: Path) -> optuna.pruners.BasePruner:
     module = load_multi_metric(registry)
     rungs = table.space.rungs
     base: optuna.pruners.BasePruner = (
-        optuna.pruners.SuccessiveHalvingPruner(min_resource=rungs.min_steps,
-                                               reduction_factor=rungs.eta)
+        StoredSuccessiveHalving(min_resource=rungs.min_steps, reduction_factor=rungs.eta)
         if arm == "mmp-sh" else optuna.pruners.MedianPruner())
     pruner: optuna.pruners.BasePruner = module.MultiMetricPruner(
         base, metric_directions={m: "minimize" for m in METRICS}, joint=True)
@@ -226,10 +262,7 @@ def _syne_space(table: Table) -> dict[str, Any]:
 
 def run_syne_moasha(table: Table, seed: int, budget: float) -> list[Played]:
     """Syne Tune's MOASHA: its proposals, its stop decisions at every rung."""
-    import datetime  # noqa: F401  (Trial needs a creation time)
-
-    from syne_tune.backend.trial_status import Trial
-    from syne_tune.optimizer.scheduler import SchedulerDecision
+    from syne_tune.backend.trial_status import Trial  # the benchmark's own environment only
     from syne_tune.optimizer.schedulers.multiobjective.moasha import MOASHA
 
     np.random.seed(seed)  # MOASHA draws brackets and configs from numpy's global state
@@ -247,20 +280,7 @@ def run_syne_moasha(table: Table, seed: int, budget: float) -> list[Played]:
         scheduler.on_trial_add(trial)
         index, distance = table.nearest(config)
         row = table.rows[index]
-
-        class _Syne:
-            def stage0(self, n: int, r: Row) -> bool:
-                return True
-
-            def stage1(self, n: int, r: Row) -> bool:
-                return True
-
-            def rung(self, n: int, r: Row, i: int, last: bool) -> bool:
-                result = {"step": r.rungs[i].step, **_rung_metrics(table, r, i)}
-                decision = scheduler.on_trial_result(trial, result)
-                return last or decision != SchedulerDecision.STOP
-
-        stop, cost = play(row, number, _Syne())
+        stop, cost = play(row, number, SyneStopper(table, scheduler, trial))
         played.append(Played(index, stop, cost, distance, _point(table, row, stop)))
         spent += cost
         number += 1

@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from recorded import params_fingerprint
 
 from engine.model.cost import flops, param_count
 from search.space import Param, SearchSpace, SpaceError, load_space
-
-from recorded import params_fingerprint
 
 HERE = Path(__file__).resolve().parent
 CORNERS = ("unet.base_width", "unet.width_mults", "unet.attn_levels", "schedule.steps")

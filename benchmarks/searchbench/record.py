@@ -30,20 +30,20 @@ import os
 for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_name] = "1"
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor, as_completed  # noqa: E402
-from dataclasses import asdict  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import json
+import multiprocessing
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
-from engine.data.datasets import load_dataset  # noqa: E402
-from engine.quality.features import feature_network_for  # noqa: E402
-from workers.records import DataPayload, Decision, EventKind, TrialOutcome, TrialRequest  # noqa: E402
-from workers.trial import run_trial  # noqa: E402
+from engine.data.datasets import load_dataset
+from engine.quality.features import feature_network_for
+from workers.records import DataPayload, Decision, EventKind, TrialOutcome, TrialRequest
+from workers.trial import run_trial
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "diffnas"

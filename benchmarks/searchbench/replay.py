@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from arms import ARMS, DIFFNAS, PEERS, Played, run_arm
 from recorded import Table, TableError, load_table
+
 from search import pareto
 from search.space import SpaceError
 
@@ -108,7 +108,7 @@ def summarise(table: Table, runs: dict[tuple[str, int], list[Played]], budget: f
 
 
 def at(doc: dict[str, Any], arm: str, key: str, fraction: float) -> float:
-    index = int(round(fraction * (len(doc["grid"]) - 1)))
+    index = round(fraction * (len(doc["grid"]) - 1))
     return float(doc["arms"][arm][key][index])
 
 
@@ -128,10 +128,11 @@ def verdict(doc: dict[str, Any]) -> str:
     apart = all(at(doc, "mo-asha", "low", 0.5) > at(doc, p, "high", 0.5) for p in peers)
     best = max(peers, key=lambda p: at(doc, p, "mean", 1.0))
     need = seconds_to(doc, "mo-asha", at(doc, best, "mean", 1.0)) / doc["budget"]
+    share = "never within the budget" if math.isinf(need) else f"{need:.0%}"
     return (f"Target (issue 15): mo-asha ahead of every peer at 25/50/100% of the budget: "
             f"{'yes' if ahead else 'no'}; 95% intervals apart from every peer's at 50%: "
             f"{'yes' if apart else 'no'}; reaches the best peer's ({best}) final HV with "
-            f"{need:.0%} of its device-seconds (target <= 60%): "
+            f"{share} of its device-seconds (target <= 60%): "
             f"{'yes' if need <= 0.6 else 'no'}.")
 
 

@@ -16,11 +16,11 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "searchbench"
 sys.path.insert(0, str(BENCH))
 
-import arms  # noqa: E402
-import plan  # noqa: E402
-import record  # noqa: E402
-import replay  # noqa: E402
-from recorded import Table, load_table  # noqa: E402
+import arms
+import plan
+import record
+import replay
+from recorded import Table, load_table
 
 FORBIDDEN = ("ray", "optuna", "sqlalchemy", "search")
 
