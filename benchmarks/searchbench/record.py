@@ -24,6 +24,11 @@ ray, optuna or ``search``): it runs on a machine that has just numpy and the mlx
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# engine/ and workers/ of this checkout, on a machine where the project is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 # One BLAS thread per trial process: N jobs share the cores without oversubscription.
 # Set before engine binds the BLAS (and inherited by the spawned trial processes).

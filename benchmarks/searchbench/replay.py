@@ -141,7 +141,7 @@ def markdown(doc: dict[str, Any], command: str, wall_s: float) -> str:
     best = max(peers, key=lambda p: at(doc, p, "mean", 1.0)) if peers else None
     level = at(doc, best, "mean", 1.0) if best else math.nan
     head = ("| arm | seeds | trials: complete / stage 0 / stage 1 / rung / failed | distinct "
-            "rows per seed (all seeds) | " + " | ".join(
+            "rows per seed (all seeds), mean distance | " + " | ".join(
                 f"HV at {f:.0%} [95% CI]" for f in FRACTIONS)
             + f" | device-s to {best or '-'}'s final HV (share of budget) |")
     lines = [head, "|---" * (5 + len(FRACTIONS)) + "|"]
@@ -154,7 +154,8 @@ def markdown(doc: dict[str, Any], command: str, wall_s: float) -> str:
         need = seconds_to(doc, arm, level) if best else math.inf
         reach = "never" if math.isinf(need) else f"{need:.0f} ({need / doc['budget']:.0%})"
         lines.append(f"| {arm} | {len(a['seeds'])} | {a['trials']:.1f}: {stops} | "
-                     f"{a['distinct']:.1f} ({a['distinct_all']}) | {hvs} | {reach} |")
+                     f"{a['distinct']:.1f} ({a['distinct_all']}), {a['distance']:.3f} | {hvs} | "
+                     f"{reach} |")
     banner = ("**SYNTHETIC TABLE: these numbers test the replay, they are not results.**\n\n"
               if doc["synthetic"] else "")
     shown = ", ".join(f"{v:.4g}" for v in doc["reference"])
