@@ -128,12 +128,12 @@ def verdict(doc: dict[str, Any]) -> str:
     apart = all(at(doc, "mo-asha", "low", 0.5) > at(doc, p, "high", 0.5) for p in peers)
     best = max(peers, key=lambda p: at(doc, p, "mean", 1.0))
     need = seconds_to(doc, "mo-asha", at(doc, best, "mean", 1.0)) / doc["budget"]
-    share = "never within the budget" if math.isinf(need) else f"{need:.0%}"
+    share = ("never within the budget" if math.isinf(need)
+             else f"with {need:.0%} of its device-seconds")
     return (f"Target (issue 15): mo-asha ahead of every peer at 25/50/100% of the budget: "
             f"{'yes' if ahead else 'no'}; 95% intervals apart from every peer's at 50%: "
-            f"{'yes' if apart else 'no'}; reaches the best peer's ({best}) final HV with "
-            f"{share} of its device-seconds (target <= 60%): "
-            f"{'yes' if need <= 0.6 else 'no'}.")
+            f"{'yes' if apart else 'no'}; reaches the best peer's ({best}) final HV {share} "
+            f"(target: with <= 60%): {'yes' if need <= 0.6 else 'no'}.")
 
 
 def markdown(doc: dict[str, Any], command: str, wall_s: float) -> str:
