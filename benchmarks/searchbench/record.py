@@ -38,17 +38,16 @@ for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse
 import json
 import multiprocessing
-import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from engine.data.datasets import load_dataset
 from engine.quality.features import feature_network_for
 from workers.records import DataPayload, Decision, EventKind, TrialOutcome, TrialRequest
-from workers.trial import run_trial
+from workers.trial import DEVICE, run_trial
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "diffnas"
@@ -166,14 +165,29 @@ def row(entry: dict[str, Any], plan: dict[str, Any], outcome: TrialOutcome, star
             "timings": outcome.timings, "device": outcome.device, "wall_s": wall_s}
 
 
-def _child(entry: dict[str, Any], plan: dict[str, Any], data: DataPayload) -> dict[str, Any]:
-    return record_one(entry, plan, data)
+def _child(entry: dict[str, Any], plan: dict[str, Any], data: DataPayload,
+           cores: Any = None) -> dict[str, Any]:
+    """One config in this fresh process; with ``cores`` (a queue of free core numbers), on
+    a core of its own, and with a device lock of its own."""
+    if cores is None:
+        return record_one(entry, plan, data)
+    core = cores.get()
+    try:
+        # Many jobs on a many-core machine: one core each, so a timed measurement shares
+        # its core with nothing of ours, and a lock of its own, since the machine-wide
+        # lock's exclusive hold (one measurement at a time) would pause every other job.
+        os.sched_setaffinity(0, {core})
+        DEVICE.folder = Path(tempfile.mkdtemp(prefix=f"searchbench-lock-{core}-"))
+        return record_one(entry, plan, data)
+    finally:
+        cores.put(core)
 
 
 def record(plan: dict[str, Any], out: Path, jobs: int, limit: int | None,
-           cache: Path = CACHE) -> int:
+           cache: Path = CACHE, core_per_job: bool = False) -> int:
     """Run the configs not yet in ``out`` (at most ``limit``), ``jobs`` at a time, each in a
-    fresh process; append each row as it finishes. Returns how many were recorded."""
+    fresh process (with ``core_per_job``, pinned to a core of its own); append each row as
+    it finishes. Returns how many were recorded."""
     done = recorded_ids(out, plan["space_sha256"])
     todo = [e for e in plan["configs"] if int(e["id"]) not in done][:limit]
     print(f"{len(done)} recorded, {len(todo)} to run with {jobs} jobs", flush=True)
@@ -182,9 +196,14 @@ def record(plan: dict[str, Any], out: Path, jobs: int, limit: int | None,
     data = payload(plan["data"], cache)
     context = multiprocessing.get_context("spawn")  # a fresh process: its CPU time is the trial's
     count = 0
+    cores = None
+    if core_per_job:
+        cores = context.Manager().Queue()
+        for core in sorted(os.sched_getaffinity(0))[:jobs]:
+            cores.put(core)
     with ProcessPoolExecutor(jobs, mp_context=context, max_tasks_per_child=1) as pool, \
             out.open("a") as sink:
-        futures = {pool.submit(_child, e, plan, data): e["id"] for e in todo}
+        futures = {pool.submit(_child, e, plan, data, cores): e["id"] for e in todo}
         for future in as_completed(futures):
             result = future.result()
             sink.write(json.dumps(result) + "\n")
@@ -203,14 +222,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="trials at once, one process each")
     p.add_argument("--limit", type=int, help="record at most this many more configs")
     p.add_argument("--cache", type=Path, default=CACHE, help="feature network cache")
+    p.add_argument("--core-per-job", action="store_true",
+                   help="pin each job to a core of its own, with a device lock of its own "
+                   "(a machine with more cores than --jobs)")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: must be >= 1")
+    if args.core_per_job and args.jobs > len(os.sched_getaffinity(0)):
+        p.error(f"--core-per-job: --jobs {args.jobs} is more than the "
+                f"{len(os.sched_getaffinity(0))} cores this process may use")
     if args.limit is not None and args.limit < 0:
         p.error(f"--limit {args.limit}: must be >= 0")
     try:
         plan = load_plan(args.configs)
-        record(plan, args.out, args.jobs, args.limit, args.cache)
+        record(plan, args.out, args.jobs, args.limit, args.cache, args.core_per_job)
     except PlanError as err:
         print(f"record: {err}", file=sys.stderr)
         return 2
