@@ -27,6 +27,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import ExceptionContext
 
 from search.space import SearchSpace, parse_space
+from search.storage import paths
 from search.storage import record as rec
 from workers.records import OBJECTIVES
 
@@ -69,8 +70,9 @@ def open_storage(url: str, create: bool) -> BaseStorage:
 
     Raises:
         StudyError: the URL is malformed or the storage cannot be reached, in one line.
+        PathError: a SQLite or journal file under a regular file, or at a folder.
     """
-    path = _local_file(url)
+    path = check_local_path(url)
     if path is not None and not create and not path.exists():
         raise StudyError(f"no study storage at {path} (run `diffnas search` first, or pass "
                          "--storage)")
@@ -88,6 +90,16 @@ def open_storage(url: str, create: bool) -> BaseStorage:
         raise StudyError(f"cannot open storage {url}: {_first_line(err)}") from None
     event.listen(storage.engine, "handle_error", _one_line(url))
     return storage
+
+
+def check_local_path(url: str) -> Path | None:
+    """The file of a SQLite or journal ``url`` (``None`` for a server), if it can be one.
+
+    Raises:
+        PathError: the file would be under a regular file, or is a folder.
+    """
+    path = _local_file(url)
+    return None if path is None else paths.check_file(path, "storage")
 
 
 def check_sqlite(path: Path) -> None:
