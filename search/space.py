@@ -530,7 +530,10 @@ def _check_type(kind: type, key: str, p: Param) -> None:
     bounds = [int(p.low), int(p.high)] if p.kind == "int" else [p.low, p.high]
     values = {"fixed": [p.value], "choice": list(p.choices)}.get(p.kind, bounds)
     for value in values:
-        field_value(kind, key, value)
+        try:
+            field_value(kind, key, value)
+        except ValueError as err:
+            raise ValueError(f"{'' if p.kind == 'fixed' else f'value {value!r}: '}{err}") from None
 
 
 def _check_decodable(space: SearchSpace, where: _Locator) -> None:

@@ -97,8 +97,8 @@ def test_a_file_that_searches_nothing_is_refused(tmp_path, text):
 
 @pytest.mark.parametrize(("value", "expected"), [
     ("{ choice = [1e9] }", "base_width: value 1000000000.0: never gives a valid config"),
-    ("{ choice = [8, true] }", "base_width: UNetConfig.base_width: expected int, got True"),
-    ("{ choice = [8, 12.5] }", "base_width: UNetConfig.base_width: expected int, got 12.5"),
+    ("{ choice = [8, true] }", "base_width: value True: UNetConfig.base_width: expected int"),
+    ("{ choice = [8, 12.5] }", "base_width: value 12.5: UNetConfig.base_width: expected int"),
     ("{ float = [8, 16] }", "base_width: a float range on an integer field"),
     ("{ int = [8, 4096] }", "base_width: value 4096: never gives a valid config"),
     ('"16"', "base_width: UNetConfig.base_width: expected int, got '16'"),
