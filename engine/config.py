@@ -234,8 +234,7 @@ class TrainConfig:
         _typed(self)
         _in(o, "steps", self.steps, 1, LIMITS["train_steps"])
         _in(o, "batch_size", self.batch_size, 1, LIMITS["batch_size"])
-        _check(0.0 < self.learning_rate <= 1.0, o, "learning_rate", self.learning_rate,
-               "must be in (0, 1]")
+        _check(self.learning_rate > 0.0, o, "learning_rate", self.learning_rate, "must be > 0")
         _in(o, "warmup_steps", self.warmup_steps, 0, LIMITS["train_steps"])
         _check(self.weight_decay >= 0.0, o, "weight_decay", self.weight_decay, "must be >= 0")
         _check(0.0 <= self.ema_decay < 1.0, o, "ema_decay", self.ema_decay, "must be in [0, 1)")
