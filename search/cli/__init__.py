@@ -130,7 +130,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``diffnas``; user errors print one line and exit with status 2."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a refused flag (one line, printed by Parser)
+        return stop.code if isinstance(stop.code, int) else 2
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -138,7 +138,8 @@ def register(subparsers: Any) -> None:
                    "[study] pruner); may differ on resume")
     p.add_argument("--max-retries", type=non_negative_int, default=2,
                    help="retries of a trial whose process or worker died")
-    p.add_argument("--timeout", type=positive_float, help="seconds; then stop asking for new trials")
+    p.add_argument("--timeout", type=positive_float,
+                   help="seconds; then stop asking for new trials")
     p.add_argument("--distill-front", type=non_negative_int, default=0, metavar="K",
                    help="when the search ends, distil the K non-dominated trials of lowest "
                    "FID (see diffnas distill)")
@@ -146,7 +147,7 @@ def register(subparsers: Any) -> None:
                    default="progressive", help="with --distill-front (default: progressive)")
     p.add_argument("--distill-steps", type=positive_int, default=4,
                    help="with --distill-front: target sampling steps (default: 4)")
-    p.add_argument("--max-latency-ms", type=positive_float,
+    p.add_argument("--max-latency-ms", type=float,
                    help="sampling latency target (ms per image, batch 1): each trial's worker "
                    "measures one network evaluation on its device and samples with the most "
                    "steps that fit (overriding the space's sampler and steps; the adaptive "

@@ -167,7 +167,7 @@ def _check_options(options: SearchOptions) -> None:
     ) if not ok]
     if bad:
         flag, value, why = bad[0]
-        raise ValueError(f"{flag}: must be {why}, got {value!r}")
+        raise ValueError(f"{flag}: must be {why}, got {value:g}")
     paths.check_dir(Path(options.results), "--results")
     if options.storage is not None:
         st.check_local_path(options.storage)

@@ -22,10 +22,7 @@ SEARCHED = "[unet]\nbase_width = { choice = [8, 16] }\n"
 
 def _cli(capsys, *args):
     """``(exit code, stderr)`` of ``diffnas ARGS`` run in this process."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as stop:  # argparse refuses a flag value by exiting
-        code = stop.code
+    code = main([str(a) for a in args])
     return code, capsys.readouterr().err
 
 
@@ -94,12 +91,20 @@ def test_an_invalid_space_is_one_line_naming_the_key(capsys, tmp_path, existing,
 
 # -- numeric flags ---------------------------------------------------------------------------
 
+def test_search_refuses_a_latency_target_at_or_below_zero(capsys, existing, results):
+    before = _digest(existing)
+    for value in ("0", "-2.5", "nan"):
+        _refused(_cli(capsys, "search", "--preset", "smoke", "--study", "fresh", "--results",
+                      results, "--max-latency-ms", value), "--max-latency-ms: must be > 0")
+    assert _digest(existing) == before
+
+
 @pytest.mark.parametrize(("flags", "culprit"), [
     (("--trials", "0"), "--trials"), (("--trials", "-1"), "--trials"),
     (("--max-retries", "-1"), "--max-retries"), (("--timeout", "0"), "--timeout"),
     (("--timeout", "-5"), "--timeout"), (("--timeout", "nan"), "--timeout"),
     (("--seed", "-1"), "--seed"), (("--distill-front", "-1"), "--distill-front"),
-    (("--distill-steps", "0"), "--distill-steps"), (("--max-latency-ms", "0"), "--max-latency-ms"),
+    (("--distill-steps", "0"), "--distill-steps"),
 ])
 def test_search_refuses_counts_below_their_minimum(capsys, existing, results, flags, culprit):
     before = _digest(existing)

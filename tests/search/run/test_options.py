@@ -13,10 +13,10 @@ from search.storage.paths import PathError
     ({"trials": 0}, "--trials: must be >= 1, got 0"),
     ({"trials": -1}, "--trials: must be >= 1, got -1"),
     ({"max_retries": -1}, "--max-retries: must be >= 0, got -1"),
-    ({"timeout_s": 0.0}, "--timeout: must be > 0, got 0.0"),
+    ({"timeout_s": 0.0}, "--timeout: must be > 0, got 0"),
     ({"timeout_s": float("nan")}, "--timeout: must be > 0, got nan"),
     ({"seed": -3}, "--seed: must be >= 0, got -3"),
-    ({"max_latency_ms": -1.0}, "--max-latency-ms: must be > 0, got -1.0"),
+    ({"max_latency_ms": -1.0}, "--max-latency-ms: must be > 0, got -1"),
 ])
 def test_bad_options_are_refused_before_anything_is_written(results, storage, options, message):
     with pytest.raises(ValueError) as err:
