@@ -14,10 +14,18 @@ from typing import Any
 
 import workers  # noqa: F401  (Ray's environment defaults, before ray is imported)
 from search import plot, report, rows
-from search.cli.common import open_study, storage_args
+from search.cli.common import (
+    non_negative_int,
+    number,
+    open_study,
+    positive_float,
+    positive_int,
+    storage_args,
+)
 from search.derived.operations import distill_front
 from search.derived.points import companion, source
 from search.run import progress
+from search.storage import paths
 from search.storage import study as st
 from search.storage.artifacts import export_trial
 
@@ -63,6 +71,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        paths.check_file(args.plot, "--plot")
     study = open_study(args)
     front = report.front(study, st.stored_space(study), args.reference)
     if args.json or args.csv:  # machine-readable: nothing else on stdout
@@ -79,6 +89,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    paths.check_dir(args.out, "--out")
     study = open_study(args)
     src = source(study, str(args.trial))  # a trial (3) or a derived point (d0)
     holder = companion(study) if src.label.startswith("d") else study
@@ -97,11 +108,13 @@ def _cmd_workers(args: argparse.Namespace) -> int:
 
 def _reference(text: str) -> tuple[float, ...]:
     try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not numbers: {text!r}") from None
+        values = tuple(number(v) for v in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"not finite numbers: {text!r}") from None
     if len(values) != 3:
         raise argparse.ArgumentTypeError("needs 3 values: fid,latency_ms,peak_mem_mb")
+    if min(values) <= 0:  # every objective is positive; a point at or below 0 bounds nothing
+        raise argparse.ArgumentTypeError(f"values must be > 0, got {text!r}")
     return values
 
 
@@ -114,24 +127,25 @@ def register(subparsers: Any) -> None:
     p.add_argument("--study", help="study name (default: the space's name); an existing "
                    "study is resumed")
     storage_args(p)
-    p.add_argument("--trials", type=int, help="target count of finished trials")
+    p.add_argument("--trials", type=positive_int, help="target count of finished trials")
     p.add_argument("--workers", type=int, help="at most this many workers (embedded Ray: "
                    "this many; default one per core, one on a Mac)")
     p.add_argument("--address", help="join this Ray cluster (ray start --head) instead of "
                    "starting one")
     p.add_argument("--sampler", choices=["tpe", "nsga2"], help="new studies only")
-    p.add_argument("--seed", type=int, help="sampler seed (new studies only)")
+    p.add_argument("--seed", type=non_negative_int, help="sampler seed (new studies only)")
     p.add_argument("--pruner", help="none | constraints | mo-asha (default: the space's "
                    "[study] pruner); may differ on resume")
-    p.add_argument("--max-retries", type=int, default=2,
+    p.add_argument("--max-retries", type=non_negative_int, default=2,
                    help="retries of a trial whose process or worker died")
-    p.add_argument("--timeout", type=float, help="seconds; then stop asking for new trials")
-    p.add_argument("--distill-front", type=int, default=0, metavar="K",
+    p.add_argument("--timeout", type=positive_float,
+                   help="seconds; then stop asking for new trials")
+    p.add_argument("--distill-front", type=non_negative_int, default=0, metavar="K",
                    help="when the search ends, distil the K non-dominated trials of lowest "
                    "FID (see diffnas distill)")
     p.add_argument("--distill-method", choices=["progressive", "consistency"],
                    default="progressive", help="with --distill-front (default: progressive)")
-    p.add_argument("--distill-steps", type=int, default=4,
+    p.add_argument("--distill-steps", type=positive_int, default=4,
                    help="with --distill-front: target sampling steps (default: 4)")
     p.add_argument("--max-latency-ms", type=float,
                    help="sampling latency target (ms per image, batch 1): each trial's worker "

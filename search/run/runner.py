@@ -30,7 +30,7 @@ from search.run.coordinator import Coordinator, Tally
 from search.run.dataset import build_payload
 from search.run.progress import Progress, Silent, setup_step
 from search.space import SearchSpace, load_space
-from search.storage import artifacts, lease
+from search.storage import artifacts, lease, paths
 from search.storage import study as st
 from workers.actor import RESOURCE
 from workers.records import DataPayload
@@ -103,6 +103,7 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
         ValueError: no device workers in the cluster, or a bad dataset.
     """
     start = time.time()
+    _check_options(options)
     space = load_space(options.space) if options.space is not None else None
     name = options.study or (space.name if space else None)
     if name is None:
@@ -155,7 +156,7 @@ def _search(study: optuna.Study, space: SearchSpace, options: SearchOptions, run
     tally)."""
     pruner = make_pruner(options.pruner or space.study.pruner, space)
     requeued = tuple(st.recover_stale(study, run.storage))
-    target = options.trials or space.study.trials
+    target = space.study.trials if options.trials is None else options.trials
     study.set_user_attr("target", target)
     study.set_user_attr("pruner", pruner.name)  # the latest run's; each decision names its own
     if st.finished_count(study) >= target:
@@ -165,13 +166,35 @@ def _search(study: optuna.Study, space: SearchSpace, options: SearchOptions, run
                                   progress)
 
 
+def _check_options(options: SearchOptions) -> None:
+    """Refuse option values no search can use, before anything is read or written.
+
+    Raises:
+        ValueError: naming the option (its CLI flag) and the value.
+    """
+    bad = [(flag, value, why) for flag, value, ok, why in (
+        ("--trials", options.trials, options.trials is None or options.trials >= 1, ">= 1"),
+        ("--max-retries", options.max_retries, options.max_retries >= 0, ">= 0"),
+        ("--timeout", options.timeout_s, options.timeout_s is None or options.timeout_s > 0,
+         "> 0"),
+        ("--seed", options.seed, options.seed is None or options.seed >= 0, ">= 0"),
+        ("--max-latency-ms", options.max_latency_ms,
+         options.max_latency_ms is None or options.max_latency_ms > 0, "> 0"),
+    ) if not ok]
+    if bad:
+        flag, value, why = bad[0]
+        raise ValueError(f"{flag}: must be {why}, got {value:g}")
+    paths.check_dir(Path(options.results), "--results")
+    if options.storage is not None:
+        st.check_local_path(options.storage)
+
+
 def _checked_inputs(space: SearchSpace, options: SearchOptions, results: Path,
                     progress: Progress | None) -> DataPayload:
     """Validate the options and load the dataset before the storage is touched."""
     make_pruner(options.pruner or space.study.pruner, space)
-    if options.max_latency_ms is not None and not options.max_latency_ms > 0:
-        raise ValueError(f"--max-latency-ms: must be > 0, got {options.max_latency_ms:g}")
-    return build_payload(space.data, results / "feature-nets", progress)
+    return build_payload(space.data, results / "feature-nets", progress,
+                         fid_samples=space.evaluate.fid_samples)
 
 
 def _run(study: optuna.Study, space: SearchSpace, options: SearchOptions, run: Run,

@@ -28,6 +28,7 @@ from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError
 
 from search.space import SearchSpace, parse_space
+from search.storage import paths
 from search.storage import record as rec
 from workers.records import OBJECTIVES
 
@@ -73,8 +74,9 @@ def open_storage(url: str, create: bool) -> BaseStorage:
 
     Raises:
         StudyError: the URL is malformed or the storage cannot be reached, in one line.
+        PathError: a SQLite or journal file under a regular file, or at a folder.
     """
-    path = _local_file(url)
+    path = check_local_path(url)
     if path is not None and not create and not path.exists():
         raise StudyError(f"no study storage at {path} (run `diffnas search` first, or pass "
                          "--storage)")
@@ -142,6 +144,16 @@ def _driver_error(url: str, err: ImportError) -> StudyError:
         fix = f"install the Python module {module!r} into this environment"
     return StudyError(f"storage {redact(url)} needs the module {module!r}, which is not "
                       f"installed: {fix}")
+
+
+def check_local_path(url: str) -> Path | None:
+    """The file of a SQLite or journal ``url`` (``None`` for a server), if it can be one.
+
+    Raises:
+        PathError: the file would be under a regular file, or is a folder.
+    """
+    path = _local_file(url)
+    return None if path is None else paths.check_file(path, "storage")
 
 
 def check_sqlite(path: Path) -> None:
