@@ -214,15 +214,16 @@ def native_output_to(path: Path) -> Iterator[None]:
     """Send Ray's own output of this process into ``path``: what its C++ code writes to file
     descriptors 1 and 2, its Python loggers, and the log dump of a dead raylet that its
     error thread prints to ``sys.stdout`` (a search prints nothing there). Python's
-    ``sys.stderr`` (progress, errors) keeps writing to the terminal. Restored on exit."""
+    ``sys.stderr`` (progress, errors) keeps writing to the terminal. Restored on exit, when
+    an empty ``path`` is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    terminal = os.dup(2)
     saved = [os.dup(1), os.dup(2)]
-    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     stderr = sys.stderr
-    sys.stderr = open(terminal, "w", buffering=1, closefd=True)  # noqa: SIM115
+    if _on_fd(stderr, 2):  # else it writes elsewhere already (a test's capture)
+        sys.stderr = open(os.dup(2), "w", buffering=1)  # noqa: SIM115
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(log, 1)
     os.dup2(log, 2)
     os.close(log)
@@ -230,11 +231,21 @@ def native_output_to(path: Path) -> Iterator[None]:
         yield
     finally:
         sys.stdout.flush()
-        sys.stderr.close()
-        sys.stderr = stderr
+        if sys.stderr is not stderr:
+            sys.stderr.close()
+            sys.stderr = stderr
         for fd, copy in enumerate(saved, start=1):
             os.dup2(copy, fd)
             os.close(copy)
+        if path.stat().st_size == 0:
+            path.unlink()
+
+
+def _on_fd(stream: object, fd: int) -> bool:
+    try:
+        return bool(stream.fileno() == fd)  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _resolve(address: str) -> str:
