@@ -8,7 +8,9 @@ parses nothing itself and delegates to the ``search`` modules. User errors are
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +33,19 @@ from search.storage.artifacts import export_trial
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from search.run.runner import SearchOptions, run_search  # loads Ray: the reports need not
+    from search.run.cluster import native_output_to  # loads Ray: the reports need not
+    from search.run.runner import SearchOptions, run_search
 
     options = SearchOptions(
         space=args.space or args.preset, study=args.study, storage=args.storage,
         results=args.results, trials=args.trials, workers=args.workers, address=args.address,
-        sampler=args.sampler, seed=args.seed, pruner=args.pruner, max_retries=args.max_retries,
-        timeout_s=args.timeout, max_latency_ms=args.max_latency_ms)
+        insecure=args.insecure, sampler=args.sampler, seed=args.seed, pruner=args.pruner,
+        max_retries=args.max_retries, timeout_s=args.timeout,
+        max_latency_ms=args.max_latency_ms)
     if options.space is None and options.study is None:
         options = SearchOptions(**{**options.__dict__, "space": "demo"})
-    result = run_search(options, progress.for_stream(sys.stderr))
+    with native_output_to(_ray_log()):  # Ray's C++ warnings and dumps
+        result = run_search(options, progress.for_stream(sys.stderr))
     study = st.load_existing(st.open_storage(result.storage, create=False), result.study)
     front = report.front(study, st.stored_space(study))
     png = plot.plot_front(front, result.results / result.study / "pareto.png", result.study)
@@ -102,8 +107,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_workers(args: argparse.Namespace) -> int:
     from search.run.pool import workers_text  # loads Ray: the reports need not
 
-    print(workers_text(args.address))
+    print(workers_text(args.address, args.insecure))
     return 0
+
+
+def _ray_log() -> Path:
+    """Where Ray's own output of this process goes: beside Ray's session logs."""
+    return Path(tempfile.gettempdir()) / "ray" / f"diffnas-search-{os.getpid()}.log"
 
 
 def _reference(text: str) -> tuple[float, ...]:
@@ -128,10 +138,13 @@ def register(subparsers: Any) -> None:
                    "study is resumed")
     storage_args(p)
     p.add_argument("--trials", type=positive_int, help="target count of finished trials")
-    p.add_argument("--workers", type=int, help="at most this many workers (embedded Ray: "
-                   "this many; default one per core, one on a Mac)")
-    p.add_argument("--address", help="join this Ray cluster (ray start --head) instead of "
-                   "starting one")
+    p.add_argument("--workers", type=positive_int, help="at most this many workers "
+                   "(embedded Ray: this many; default one per core, one on a Mac)")
+    p.add_argument("--address", help="join this Ray cluster (HOST:PORT of `ray start --head`) "
+                   "instead of starting one on loopback; it must require token "
+                   "authentication (README, 'A cluster of machines')")
+    p.add_argument("--insecure", action="store_true", help="with --address: join a cluster "
+                   "that does not require token authentication")
     p.add_argument("--sampler", choices=["tpe", "nsga2"], help="new studies only")
     p.add_argument("--seed", type=non_negative_int, help="sampler seed (new studies only)")
     p.add_argument("--pruner", help="none | constraints | mo-asha (default: the space's "
@@ -186,5 +199,8 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_export)
 
     p = subparsers.add_parser("workers", help="connected workers and their device profiles")
-    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    p.add_argument("--address", default="auto", help="Ray cluster address HOST:PORT "
+                   "(default: auto, the cluster `ray start` runs on this machine)")
+    p.add_argument("--insecure", action="store_true",
+                   help="join a cluster that does not require token authentication")
     p.set_defaults(func=_cmd_workers)
