@@ -112,7 +112,8 @@ def start_ray(gcs: str | None, workers: int | None) -> bool:
     loopback only; returns whether we connected (``False``: this process already was).
 
     Raises:
-        ValueError: ``ray.init`` failed to join ``gcs``.
+        ValueError: ``ray.init`` failed to join ``gcs``, or the embedded cluster did not
+            start (a raylet that died or missed Ray's start-up limit).
     """
     if ray.is_initialized():
         return False
@@ -127,9 +128,15 @@ def start_ray(gcs: str | None, workers: int | None) -> bool:
     n = workers or local_worker_count()
     # address="local": always a new embedded cluster, even when another Ray instance runs
     # on this machine (or RAY_ADDRESS points at one); without --address we never join one.
-    with loopback_only():
-        ray.init(address="local", num_cpus=max(n, os.cpu_count() or 1),
-                 resources={RESOURCE: n}, **kwargs)
+    try:
+        with loopback_only():
+            ray.init(address="local", num_cpus=max(n, os.cpu_count() or 1),
+                     resources={RESOURCE: n}, **kwargs)
+    except Exception as err:  # noqa: BLE001 (Ray raises a bare Exception when a node dies
+        ray.shutdown()        # or misses its start-up limit on a loaded machine)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"the embedded Ray cluster did not start: {first} (nothing was "
+                         "run; the same command resumes)") from None
     return True
 
 

@@ -36,6 +36,7 @@ STORAGE_FILE = "diffnas.db"
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 MAX_DEATHS = 2  # coordinator deaths on one parameter set before it fails for good
 STALE = "coordinator stopped mid-trial; params queued again"
+SETUP_WAIT_S = 2.0  # how long a study found without its space may still be mid-creation
 HIDDEN = "***"  # what a password reads as wherever a storage URL is shown
 _USERINFO = re.compile(r"(://[^:/@]*):[^@/]*@")  # scheme://user:password@ (not SQLAlchemy's)
 _QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd)=)[^&#]*")  # libpq takes ?password=
@@ -231,6 +232,9 @@ def _quiet_sampler() -> BaseSampler:
 def stored_space(study: optuna.Study) -> SearchSpace:
     """The search space a study was created with."""
     attrs = study.user_attrs
+    if "space" not in attrs:
+        raise StudyError(f"study {study.study_name!r} was never set up (its creator stopped "
+                         "first): run `diffnas search` with its space to set it up")
     return parse_space(attrs["space"], name=attrs.get("space_name", study.study_name),
                        origin=f"study {study.study_name}")
 
@@ -248,6 +252,8 @@ def open_study(storage: BaseStorage, name: str, space: SearchSpace | None,
     """
     if name in study_names(storage):
         study = load_existing(storage, name)
+        if not _set_up(storage, name):
+            return _finish_setup(study, space, sampler, seed)
         stored = stored_space(study)
         if space is not None and space.fingerprint() != stored.fingerprint():
             raise StudyError(f"study {name!r} was created with a different search space; "
@@ -261,22 +267,44 @@ def open_study(storage: BaseStorage, name: str, space: SearchSpace | None,
     if space is None:
         raise StudyError(f"unknown study {name!r}: give a space (--preset or --space) to "
                          "create it")
-    sampler_name = sampler or space.study.sampler
-    seed_value = space.study.seed if seed is None else seed
     try:
         study = optuna.create_study(storage=storage, study_name=name,
-                                    directions=["minimize"] * len(OBJECTIVES),
-                                    sampler=make_sampler(space, sampler_name, seed_value, 0))
+                                    directions=["minimize"] * len(OBJECTIVES))
     except optuna.exceptions.DuplicatedStudyError:  # another process created it just now
         _wait_created(storage, name)
         return open_study(storage, name, space, sampler, seed)
+    return _finish_setup(study, space, sampler, seed)
+
+
+def _set_up(storage: BaseStorage, name: str) -> bool:
+    """Whether study ``name`` holds its space: a creator that stopped between creating
+    the study and writing its space leaves one without (given a few seconds, in case that
+    creator is writing it right now)."""
+    try:
+        _wait_created(storage, name, timeout_s=SETUP_WAIT_S)
+    except StudyError:
+        pass
+    study_id = storage.get_study_id_from_name(name)
+    return "space" in storage.get_study_user_attrs(study_id)
+
+
+def _finish_setup(study: optuna.Study, space: SearchSpace | None, sampler: str | None,
+                  seed: int | None) -> tuple[optuna.Study, SearchSpace, bool]:
+    """Write a new study's space, sampler, seed and id; ``created`` last, so that a study
+    holding it is whole. A half-made one (its creator stopped) is finished the same way."""
+    if space is None:
+        raise StudyError(f"study {study.study_name!r} was never set up (its creator stopped "
+                         "first): give its space (--preset or --space) to set it up")
+    sampler_name = sampler or space.study.sampler
+    seed_value = space.study.seed if seed is None else seed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(OBJECTIVES))
     for key, value in {"format": rec.FORMAT, "space": space.source, "space_name": space.name,
                        "sampler": sampler_name, "seed": seed_value, "uid": uuid.uuid4().hex,
-                       "created": time.time()}.items():  # "created" last: the study is whole
+                       "created": time.time()}.items():
         study.set_user_attr(key, value)
+    study.sampler = make_sampler(space, sampler_name, seed_value, len(study.trials))
     return study, space, False
 
 
