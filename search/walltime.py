@@ -84,9 +84,10 @@ def summary_line(s: Summary) -> str:
 def trial_lines(t: WallTime) -> list[str]:
     """The ``wall time`` section of ``diffnas status --trial``."""
     spent = ", ".join(f"{_name(p)} {v:.2f}" for p, v in t.phases().items())
-    return [f"{t.wall_s:.1f} s ({t.mode or '?'} start), overhead {t.overhead_s:.1f} s "
-            f"({100 * t.overhead_s / t.wall_s if t.wall_s else 0:.0f}%): {spent}",
-            f"worker idle before it: {t.queued_s:.1f} s"]
+    share = 100 * t.overhead_s / t.wall_s if t.wall_s else 0.0
+    head = (f"{t.wall_s:.1f} s ({t.mode or '?'} start), overhead {t.overhead_s:.1f} s "
+            f"({share:.0f}%): {spent}")
+    return [head, f"worker idle before it: {t.queued_s:.1f} s"]
 
 
 def table(s: Summary) -> str:
@@ -95,10 +96,10 @@ def table(s: Summary) -> str:
             for p, v in s.phases.items()]
     workers = [f"| worker {w.worker} ({w.mode}) | start {w.actor_start_s:.1f} s, latency "
                f"table {w.table_s:.1f} s | |" for w in s.workers]
+    shares = (f"trials: {s.trials}; overhead share (all but train and fid): "
+              f"{100 * s.overhead_share:.1f}%; worker busy share: {100 * s.busy_share:.1f}% "
+              f"({s.worker_count} workers x {s.study_wall_s:.0f} s)")
     return "\n".join(["| phase | mean s / trial | share of trial wall |", "|---|---|---|",
                       *rows, f"| **trial wall** | {s.wall_s / s.trials:.2f} | 100% |",
                       f"| idle between trials | {s.queued_s / s.trials:.2f} | |", *workers,
-                      "", f"trials: {s.trials}; overhead share (all but train and fid): "
-                      f"{100 * s.overhead_share:.1f}%; worker busy share: "
-                      f"{100 * s.busy_share:.1f}% ({s.worker_count} workers x "
-                      f"{s.study_wall_s:.0f} s)"])
+                      "", shares])

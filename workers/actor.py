@@ -180,7 +180,7 @@ def _finished(outcome: TrialOutcome, name: str, entered: float, sent_at: float,
 def _process_started() -> float:
     """When this process started (epoch seconds)."""
     # psutil comes with ray; imported here because the trial processes import this package
-    import psutil
+    import psutil  # type: ignore[import-untyped]
 
     return float(psutil.Process().create_time())
 

@@ -77,5 +77,5 @@ class PhaseClock:
 
     def walltime(self, **fields: Any) -> WallTime:
         """The phases so far as a :class:`WallTime` (``wall_s`` their sum)."""
-        phases = {f"{k}_s": v for k, v in self.seconds.items()}
+        phases: dict[str, Any] = {f"{k}_s": v for k, v in self.seconds.items()}
         return WallTime(**phases, wall_s=sum(phases.values()), **fields)

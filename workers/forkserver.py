@@ -33,6 +33,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
 from typing import IO, Any
 
+import numpy as np
+
 from workers.process import Launcher, Spawn, child_env
 from workers.records import DataPayload
 
@@ -62,7 +64,7 @@ def payload_digest(data: DataPayload) -> str:
     h = hashlib.blake2b(data.name.encode(), digest_size=16)
     for array in (data.train, data.val, data.real):
         h.update(repr((array.shape, array.dtype.str)).encode())
-        h.update(memoryview(array).cast("B") if array.flags.c_contiguous else array.tobytes())
+        h.update(np.ascontiguousarray(array).data)
     h.update(data.feature_net)
     return h.hexdigest()
 

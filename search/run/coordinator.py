@@ -30,8 +30,8 @@ from search.run.pool import Death, Reports, Result, Worker, WorkerPool
 from search.run.progress import Progress, RunningTrial, Silent, Snapshot
 from search.run.stages import InvalidSpaceError
 from search.space import SearchSpace
-from search.storage import study as st
 from search.storage import record as rec
+from search.storage import study as st
 from search.storage.lease import Lease
 from workers.records import LATENCY_TARGET, Decision, Event, EventKind
 
