@@ -283,12 +283,12 @@ def tell(ctx: Context, flight: Flight, state: TrialState, reason: str,
          feasible: bool | None = None) -> None:
     """Write the finished record (and the flat headline numbers), then tell Optuna."""
     start = time.perf_counter()
+    if outcome is not None and outcome.walltime is not None:  # up to now: within wall_s below
+        written_s = time.perf_counter() - flight.result_at  # the coordinator's part of it
+        rec.write(flight.trial, outcome.walltime.plus(write_s=written_s))
     finished = _finished(ctx, flight, reason, outcome, files,
                          feasible if ctx.limits else None)
     rec.write(flight.trial, finished)
-    if outcome is not None and outcome.walltime is not None:
-        written_s = time.perf_counter() - flight.result_at  # the coordinator's part of it
-        rec.write(flight.trial, outcome.walltime.plus(write_s=written_s))
     if values is not None:
         rec.write(flight.trial, rec.headline(values, finished, rec.lineage_of(flight.trial).parent))
     ctx.study.tell(flight.trial, values=values, state=state)
