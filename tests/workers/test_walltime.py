@@ -102,3 +102,21 @@ def test_an_unknown_start_mode_is_named(monkeypatch):
         default_launcher()
     monkeypatch.setenv(START_ENV, "spawn")
     assert default_launcher().mode == "spawn"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the warm process is Linux's")
+def test_a_dead_warm_process_crashes_its_trial_and_the_next_starts_a_new_one(smoke, server):
+    payload, request = smoke
+
+    def kill_warm_at_measured(kind, payload_, needs):
+        if kind is EventKind.MEASURED:
+            os.kill(server._proc.pid, signal.SIGKILL)
+        return Decision()
+
+    crashed = run_in_child(request, payload, kill_warm_at_measured, launcher=server)
+    assert crashed.status is Outcome.CRASHED and "SIGKILL" in crashed.reason
+    dead = server._proc  # forgotten (None) once its end was seen
+    assert dead is None or dead.poll() is not None
+    after = run_in_child(request, payload, _answer, launcher=server)
+    assert after.status is Outcome.COMPLETED, after.reason
+    assert server._proc is not dead and server._proc.poll() is None
