@@ -169,8 +169,8 @@ class _Progress:
         fields.setdefault("constraint_values", self.constraint_values())
         return TrialOutcome(self.request.number, self.request.attempt, status, reason,
                             measurement=self.measurement, rungs=tuple(self.rungs),
-                            device=self.device,
-                            timings=self.timings, walltime=self.clock.walltime(), **fields)
+                            device=self.device, timings=self.timings,
+                            walltime=self.clock.walltime(), **fields)
 
 
 def _run(request: TrialRequest, data: DataPayload, ask: Ask, done: _Progress) -> TrialOutcome:
