@@ -21,7 +21,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import pareto
+from search import pareto, walltime
 from search.derived.points import companion, source
 from search.space import SearchSpace
 from search.storage import lease
@@ -94,7 +94,8 @@ def eta_s(study: optuna.Study) -> float | None:
 
 
 def status_text(study: optuna.Study) -> str:
-    """Trials by state, per-worker throughput and device, ETA, and every failure or prune."""
+    """Trials by state, where the wall time went (:mod:`search.walltime`), per-worker
+    throughput and device, ETA, and every failure or prune."""
     trials = study.get_trials(deepcopy=False)
     states = collections.Counter(t.state for t in trials if st.is_finished(t))
     running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -117,6 +118,9 @@ def status_text(study: optuna.Study) -> str:
         note = (f"derived points (distill, compress, schedule): {len(extra.trials)}; "
                 f"see diffnas pareto {study.study_name}")
         lines[-1:] = [note, ""]
+    spent = walltime.summarize(study)
+    if spent is not None:
+        lines[-1:] = [walltime.summary_line(spent), ""]
     stats = worker_stats(trials)
     if stats:
         lines += [_table(["worker", "trials", "busy s", "trials/h", "device"],
@@ -139,7 +143,8 @@ def _wall(trial: FrozenTrial) -> float | None:
 
 
 def trial_text(study: optuna.Study, label: int | str) -> str:
-    """One trial in sections: head, decisions, rungs, attempts, result and timings, lineage.
+    """One trial in sections: head, decisions, rungs, attempts, result, timings, wall time
+    (:mod:`search.walltime`), lineage.
 
     ``label`` is a trial number, or ``d<n>`` for a derived point (:mod:`search.derived.points`).
 
@@ -150,6 +155,7 @@ def trial_text(study: optuna.Study, label: int | str) -> str:
     sections = {"": _head_lines(str(label), r), "decisions": _decision_lines(r),
                 "rungs": _rung_lines(r), "attempts": _attempt_lines(r),
                 "result": _result_lines(r), "timings": _timing_lines(r),
+                "wall time": walltime.trial_lines(r.walltime) if r.walltime else [],
                 "lineage": _lineage_lines(r.lineage)}
     out = []
     for title, lines in sections.items():

@@ -18,10 +18,14 @@ step_budget    ``dict``           measured: the schedule a latency target chose
 inheritance    ``dict``           measured: how the weights started (fresh, inherited)
 rungs          :class:`Rung` list  rungs: the quality proxy and the pruner's answer
 attempts       :class:`Attempt`    each attempt: worker, status, start and end
+walltime       ``WallTime``       finish: where the last attempt's wall time went
 (several)      :class:`Finished`   finish: quality, timings, artifacts, device, reason
 (several)      :class:`Lineage`    mutation, adaptation and re-queue links
 derived        :class:`Derived`    a derived point (distilled, compressed, tuned)
 =============  =================  ==================================================
+
+A worker's own costs (its start, its latency table; :class:`WorkerTime`) are stored once per
+worker on the study, under ``worker_walltime:<worker>``.
 
 The headline numbers are also stored flat (:class:`Headline`: scalars only), so that
 optuna-dashboard can sort and filter trials by them.
@@ -39,7 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from engine.config import Config, ScheduleConfig
 from search.pruning.base import Cost
-from workers.records import OBJECTIVES, Decision, Measurement
+from workers.records import OBJECTIVES, Decision, Measurement, WallTime
 
 FORMAT = 2
 """Study format: 2 adds the flat headline attributes; format 1 studies read unchanged."""
@@ -60,6 +64,8 @@ PARENT, MUTATION = "parent", "mutation"
 ADAPTATION, ADAPTED_INTO = "adaptation", "adapted_into"
 REQUEUED, REQUEUED_FROM = "requeued", "requeued_from"
 DERIVED = "derived"
+WALLTIME = "walltime"
+WORKER_TIME = "worker_walltime:"  # + worker name: a study user attribute
 PREDICTED = "predicted_latency"  # format 1 only: now part of the pre-screen record
 
 
@@ -367,6 +373,7 @@ class TrialRecord:
     lineage: Lineage = Lineage()
     derived: Derived | None = None
     predicted: Mapping[str, Any] | None = None  # format 1's separate prediction
+    walltime: WallTime | None = None  # absent in records stored before it existed
 
     @property
     def config(self) -> Config | None:
@@ -416,7 +423,7 @@ class Headline:
 
 
 Record = (Prescreen | Measured | Conversion | Rungs | Attempts | StepBudget | Inheritance
-          | Finished | Lineage | AdaptedInto | Derived | Headline | Config)
+          | Finished | Lineage | AdaptedInto | Derived | Headline | Config | WallTime)
 
 
 def attrs(*records: Record) -> dict[str, Any]:
@@ -430,6 +437,8 @@ def attrs(*records: Record) -> dict[str, Any]:
 def _attrs(rec: Record) -> dict[str, Any]:
     if isinstance(rec, Config):
         return {CONFIG: rec.to_dict()}
+    if isinstance(rec, WallTime):
+        return {WALLTIME: dataclasses.asdict(rec)}
     if isinstance(rec, (Rungs, Attempts)):
         return {rec.KEY: [r.to_doc() for r in rec.items]}
     if isinstance(rec, (StepBudget, Inheritance)):
@@ -481,7 +490,42 @@ def read(trial: FrozenTrial) -> TrialRecord:
         rungs=tuple(Rung.from_doc(r) for r in a.get(RUNGS, ())),
         attempts=tuple(Attempt.from_doc(r) for r in a.get(ATTEMPTS, ())),
         finished=Finished(**{name: a[key] for name, key in Finished.KEYS.items() if key in a}),
-        lineage=read_lineage(a), derived=_maybe(Derived, a.get(DERIVED)), predicted=a.get(PREDICTED))
+        lineage=read_lineage(a), derived=_maybe(Derived, a.get(DERIVED)), predicted=a.get(PREDICTED),
+        walltime=read_walltime(a.get(WALLTIME)))
+
+
+def read_walltime(doc: Mapping[str, Any] | None) -> WallTime | None:
+    """A stored :class:`workers.records.WallTime` (keys it does not know are dropped)."""
+    if doc is None:
+        return None
+    names = {f.name for f in fields(WallTime)}
+    return WallTime(**{k: v for k, v in doc.items() if k in names})
+
+
+@dataclass(frozen=True)
+class WorkerTime:
+    """A worker's own costs, once per worker: ``started_at`` (its process start, epoch
+    seconds), ``actor_start_s`` (from then to ready), ``table_s`` (building or loading its
+    latency table) and ``mode`` (``spawn`` or ``fork``: how it starts trial processes)."""
+
+    worker: str
+    started_at: float = 0.0
+    actor_start_s: float = 0.0
+    table_s: float = 0.0
+    mode: str = ""
+
+
+def write_worker(study: optuna.Study, worker: WorkerTime) -> None:
+    """Store ``worker``'s costs on the study (the coordinator, when the worker is ready)."""
+    doc = dataclasses.asdict(worker)
+    study.set_user_attr(WORKER_TIME + doc.pop("worker"), doc)
+
+
+def read_workers(study: optuna.Study) -> list[WorkerTime]:
+    """Every worker's stored costs, by name."""
+    names = {f.name for f in fields(WorkerTime)}
+    return [WorkerTime(key[len(WORKER_TIME):], **{k: v for k, v in doc.items() if k in names})
+            for key, doc in sorted(study.user_attrs.items()) if key.startswith(WORKER_TIME)]
 
 
 def read_lineage(a: Mapping[str, Any]) -> Lineage:
