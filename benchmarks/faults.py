@@ -8,7 +8,7 @@ check that the study is still whole; then feed the CLI bad input and check each 
 **Kills.** Each round runs a ``smoke`` study (embedded Ray, ``--workers 2``) in its own
 process and kills one of its parts with SIGKILL after a random delay: the coordinator
 (the ``diffnas search`` process), a worker actor (``ray::DeviceWorker``), a trial process
-(``python -m workers.trial``) or the embedded cluster's raylet. It then runs the same
+(forked by the worker's warm process, or ``python -m workers.trial``) or the embedded cluster's raylet. It then runs the same
 command again until it exits 0 (the resume) and checks the invariants against the
 storage:
 
@@ -113,9 +113,21 @@ def find_target(proc: subprocess.Popen[bytes], target: str) -> psutil.Process | 
             return child
         if target == "actor" and line.startswith("ray::DeviceWorker"):
             return child
-        if target == "trial" and "workers.trial" in line:
+        if target == "trial" and _is_trial(child, line):
             return child
     return None
+
+
+def _is_trial(proc: psutil.Process, line: str) -> bool:
+    """A trial process: spawned (``python -m workers.trial``), or forked by its worker's
+    warm process (``workers.forkserver``), whose children carry the same command line."""
+    if "workers.trial" in line:
+        return True
+    try:
+        parent = " ".join(proc.parent().cmdline()) if proc.parent() else ""
+    except psutil.Error:
+        return False
+    return "workers.forkserver" in line and "workers.forkserver" in parent
 
 
 def reap(pids: set[int]) -> None:
