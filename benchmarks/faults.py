@@ -258,7 +258,7 @@ def bad_inputs(work: Path) -> list[tuple[str, list[str]]]:
         corrupt.write_bytes(bytes(data))
     search = ["search", "--preset", "smoke", "--results", str(work), "--storage", db]
     return [
-        ("missing dataset", [*search[:3], "--space", str(_space_with(files, "nodata.toml",
+        ("missing dataset", ["search", "--space", str(_space_with(files, "nodata.toml",
                              'dataset = "digits"', f'dataset = "{files}/nothing"')),
                              *search[3:], "--study", "bad-data"]),
         ("space file missing", ["search", "--space", str(files / "nope.toml"), *search[3:]]),
