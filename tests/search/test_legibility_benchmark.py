@@ -22,7 +22,7 @@ def _bench(*args):
 
 def test_scores_the_front_trial_of_lowest_fid(tiny_search, results, storage, tmp_path):
     _, study = tiny_search("leg", {"study": {"trials": "3", "startup_trials": "3"},
-                                   "train": {"steps": "20"}})
+                                   "train": {"steps": "20", "learning_rate": "{ float = [1e-3, 3e-3], log = true }"}})
     front = report.front(study, st.stored_space(study))
     on = np.flatnonzero(front.on_front)
     best = front.labels[on[np.argmin(front.points[on, 0])]]

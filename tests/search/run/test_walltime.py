@@ -11,7 +11,8 @@ from workers.records import WALL_PHASES, WallTime
 
 
 def test_a_search_stores_the_breakdown_and_status_shows_it(tiny_search):
-    _, study = tiny_search("spent", {"study": {"trials": "1"}, "train": {"steps": "20"}})
+    _, study = tiny_search("spent", {"study": {"trials": "1"},
+                                     "train": {"steps": "20", "learning_rate": "{ float = [1e-3, 3e-3], log = true }"}})
     [trial] = study.get_trials()
     r = rec.read(trial)
     assert r.state is TrialState.COMPLETE and r.walltime is not None

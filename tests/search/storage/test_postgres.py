@@ -91,7 +91,7 @@ def _verbs(study, trial, storage, results, out):
 def test_a_tiny_search_runs_on_postgresql_and_the_verbs_read_it(
         ray_cluster, tiny_search, pg_storage, postgres_server, results, tmp_path, capsys):
     _, password = postgres_server
-    result, study = tiny_search("pgtiny", {"train": {"steps": "20"}})
+    result, study = tiny_search("pgtiny", {"train": {"steps": "20", "learning_rate": "{ float = [1e-3, 3e-3], log = true }"}})
     assert result.finished == 2 and len(study.trials) == 2
     assert password not in repr(result) and st.redact(pg_storage) in repr(result)
     hint = report.dashboard_command(result.storage, results / "artifacts")
