@@ -12,6 +12,8 @@ from PIL import Image
 from search import report
 from search.storage import study as st
 
+LEARNING_RATE = "{ float = [1e-3, 3e-3], log = true }"  # a space must search something
+
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "legibility.py"
 
 
@@ -22,7 +24,7 @@ def _bench(*args):
 
 def test_scores_the_front_trial_of_lowest_fid(tiny_search, results, storage, tmp_path):
     _, study = tiny_search("leg", {"study": {"trials": "3", "startup_trials": "3"},
-                                   "train": {"steps": "20", "learning_rate": "{ float = [1e-3, 3e-3], log = true }"}})
+                                   "train": {"steps": "20", "learning_rate": LEARNING_RATE}})
     front = report.front(study, st.stored_space(study))
     on = np.flatnonzero(front.on_front)
     best = front.labels[on[np.argmin(front.points[on, 0])]]

@@ -9,10 +9,12 @@ from search import report, walltime
 from search.storage import record as rec
 from workers.records import WALL_PHASES, WallTime
 
+LEARNING_RATE = "{ float = [1e-3, 3e-3], log = true }"  # a space must search something
+
 
 def test_a_search_stores_the_breakdown_and_status_shows_it(tiny_search):
     _, study = tiny_search("spent", {"study": {"trials": "1"},
-                                     "train": {"steps": "20", "learning_rate": "{ float = [1e-3, 3e-3], log = true }"}})
+                                     "train": {"steps": "20", "learning_rate": LEARNING_RATE}})
     [trial] = study.get_trials()
     r = rec.read(trial)
     assert r.state is TrialState.COMPLETE and r.walltime is not None

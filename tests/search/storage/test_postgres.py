@@ -18,6 +18,8 @@ from search.space import load_space
 from search.storage import record as rec
 from search.storage import study as st
 
+LEARNING_RATE = "{ float = [1e-3, 3e-3], log = true }"  # a space must search something
+
 ROOT = Path(__file__).resolve().parents[3]
 FINISHED = rec.Finished(reason="", feasible=True, worker="w1", node={"id": "n", "host": "h"},
                         quality={"fid": 3.25, "fid_floor": 0.5}, timings={"wall_s": 8.0},
@@ -91,7 +93,8 @@ def _verbs(study, trial, storage, results, out):
 def test_a_tiny_search_runs_on_postgresql_and_the_verbs_read_it(
         ray_cluster, tiny_search, pg_storage, postgres_server, results, tmp_path, capsys):
     _, password = postgres_server
-    result, study = tiny_search("pgtiny", {"train": {"steps": "20", "learning_rate": "{ float = [1e-3, 3e-3], log = true }"}})
+    result, study = tiny_search("pgtiny", {"train": {"steps": "20",
+                                                     "learning_rate": LEARNING_RATE}})
     assert result.finished == 2 and len(study.trials) == 2
     assert password not in repr(result) and st.redact(pg_storage) in repr(result)
     hint = report.dashboard_command(result.storage, results / "artifacts")
