@@ -168,12 +168,20 @@ class Host:
         return found
 
     def running_trial(self) -> bool:
-        """A trial's child process (``python -m workers.trial``) runs here."""
-        for pid in self.pids():
+        """A trial process runs here: spawned (``python -m workers.trial``), or forked by
+        its worker's warm process (``workers.forkserver``, whose children share its command
+        line)."""
+        pids = set(self.pids())
+        for pid in pids:
             try:
-                if b"workers.trial" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                line = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if b"workers.trial" in line:
                     return True
-            except OSError:
+                parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                if b"workers.forkserver" in line and parent in pids and (
+                        b"workers.forkserver" in Path(f"/proc/{parent}/cmdline").read_bytes()):
+                    return True
+            except (OSError, ValueError, IndexError):
                 continue
         return False
 
