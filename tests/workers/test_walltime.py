@@ -84,7 +84,9 @@ def test_forked_trials_share_one_warm_process_and_a_killed_one_fails_alone(smoke
                          launcher=server)
     _check_breakdown(after, time.time() - start, "fork")
     assert server._proc.pid == warm and pids[0] != pids[1]
-    assert after.timings["cpu_s"] < after.walltime.wall_s  # its own CPU, not the warm one's
+    # Its own CPU time, not the warm process's imports too: a forked child's clock starts
+    # at the fork, and at most two threads compute (MLX's CPU stream and this one).
+    assert after.timings["cpu_s"] < 2 * after.walltime.wall_s
 
 
 def test_the_warm_process_gets_the_data_once(smoke, server):

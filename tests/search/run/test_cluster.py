@@ -114,7 +114,10 @@ def test_the_embedded_cluster_listens_on_loopback_only(embedded):
     "raylet", pytest.param("gcs_server", marks=pytest.mark.slow)])
 def test_a_dead_raylet_or_gcs_is_one_line(embedded, process):
     _named(embedded.pid, process).send_signal(signal.SIGKILL)
-    _, err = embedded.communicate(timeout=60)
+    # Not communicate(): it closes stdin, which ends the script (exit 0) before the watch
+    # has seen the death.
+    embedded.wait(timeout=60)
+    err = embedded.stderr.read()
     lines = err.strip().splitlines()
     assert embedded.returncode == EXIT_LOST, err
     what = "this node's raylet" if process == "raylet" else "the Ray cluster's GCS"
