@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from search.cli import main
-from search.space import load_space
 from search.storage import study as st
 
 SEARCHED = "[unet]\nbase_width = { choice = [8, 16] }\n"
@@ -36,13 +35,6 @@ def _refused(result, *fragments):
 
 def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture()
-def existing(results, storage):
-    """A results folder whose storage holds one study, ``smoke``; returns the db path."""
-    st.open_study(st.open_storage(storage, create=True), "smoke", load_space("smoke"))
-    return results / "diffnas.db"
 
 
 @pytest.fixture()
