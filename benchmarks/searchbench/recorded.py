@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from search.pruning.base import Cost, constraint_values
+from search.pruning.base import Cost, constraint_values, proxy_group
 from search.space import Param, SearchSpace, load_space
 from workers.records import OBJECTIVES, Measurement, RungReport
 
@@ -95,11 +95,17 @@ def read_rows(path: Path) -> tuple[list[Row], bool]:
     return rows, synthetic
 
 
+def _grouped(row: Row, space: SearchSpace) -> Row:
+    """``row`` with the proxy group in its cost, as the coordinator's stage 0 fills it in."""
+    cost = replace(row.cost, proxy_group=proxy_group(space.decode(row.params)))
+    return replace(row, cost=cost)
+
+
 class Table:
     """The rows of one table on one frozen space, with nearest-config lookup."""
 
     def __init__(self, rows: list[Row], space: SearchSpace, synthetic: bool = False) -> None:
-        self.rows = sorted(rows, key=lambda r: r.id)
+        self.rows = sorted((_grouped(r, space) for r in rows), key=lambda r: r.id)
         self.space = space
         self.synthetic = synthetic
         self.limits = space.constraints.limits()

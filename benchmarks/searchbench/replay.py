@@ -119,21 +119,26 @@ def seconds_to(doc: dict[str, Any], arm: str, level: float) -> float:
 
 
 def verdict(doc: dict[str, Any]) -> str:
-    """The issue's target for mo-asha against every peer present."""
+    """The issue's target for mo-asha against every peer present, with the margin of each
+    criterion (positive: met by that much; negative: missed by that much)."""
     peers = [a for a in doc["arms"] if a in PEERS]
     if "mo-asha" not in doc["arms"] or not peers:
         return "Target: needs mo-asha and at least one peer arm."
-    ahead = all(at(doc, "mo-asha", "mean", f) > at(doc, p, "mean", f)
-                for p in peers for f in FRACTIONS)
-    apart = all(at(doc, "mo-asha", "low", 0.5) > at(doc, p, "high", 0.5) for p in peers)
+    leads = {f: min((at(doc, "mo-asha", "mean", f) - at(doc, p, "mean", f), p) for p in peers)
+             for f in FRACTIONS}
+    gap, rival = min((at(doc, "mo-asha", "low", 0.5) - at(doc, p, "high", 0.5), p)
+                     for p in peers)
     best = max(peers, key=lambda p: at(doc, p, "mean", 1.0))
     need = seconds_to(doc, "mo-asha", at(doc, best, "mean", 1.0)) / doc["budget"]
     share = ("never within the budget" if math.isinf(need)
              else f"with {need:.0%} of its device-seconds")
+    ahead = all(lead > 0 for lead, _ in leads.values())
+    margins = ", ".join(f"{f:.0%}: {lead:+.4g} over {p}" for f, (lead, p) in leads.items())
     return (f"Target (issue 15): mo-asha ahead of every peer at 25/50/100% of the budget: "
-            f"{'yes' if ahead else 'no'}; 95% intervals apart from every peer's at 50%: "
-            f"{'yes' if apart else 'no'}; reaches the best peer's ({best}) final HV {share} "
-            f"(target: with <= 60%): {'yes' if need <= 0.6 else 'no'}.")
+            f"{'yes' if ahead else 'no'} (smallest lead {margins}); 95% intervals apart "
+            f"from every peer's at 50%: {'yes' if gap > 0 else 'no'} (mo-asha's lower end "
+            f"{gap:+.4g} from {rival}'s upper end); reaches the best peer's ({best}) final HV "
+            f"{share} (target: with <= 60%): {'yes' if need <= 0.6 else 'no'}.")
 
 
 def markdown(doc: dict[str, Any], command: str, wall_s: float) -> str:

@@ -28,6 +28,7 @@ from typing import Protocol
 
 from optuna.trial import FrozenTrial
 
+from engine.config import Config
 from search.space import SearchSpace
 from workers.records import Decision, Measurement, RungReport
 
@@ -37,7 +38,8 @@ class Cost:
     """Stage-0 numbers, computed without device time (``train_steps``: 0 if unknown).
 
     ``predicted_latency_ms`` is the sampling latency predicted on ``target_device`` (None:
-    no latency table could predict it).
+    no latency table could predict it). ``proxy_group`` names the trials whose validation
+    losses compare (:func:`proxy_group`; empty: compare with every trial).
     """
 
     params: int
@@ -45,6 +47,23 @@ class Cost:
     train_steps: int = 0
     predicted_latency_ms: float | None = None
     target_device: str = ""
+    proxy_group: str = ""
+
+
+PROXY_BLIND = ("prediction", "beta_schedule", "sampler")
+"""The schedule fields that set the validation loss's scale or that it cannot see."""
+
+
+def proxy_group(config: Config) -> str:
+    """The trials whose validation losses rank their final quality: those that share the
+    prediction target, the noise schedule and the sampler.
+
+    An eps loss and a v loss differ in scale (v's is about twice eps's on ``digits``, yet v
+    trials reach the lower FID), the noise schedule weights the loss differently, and the
+    sampler decides the FID without touching the loss. Across these, a lower loss says
+    nothing about a lower FID.
+    """
+    return "/".join(str(getattr(config.schedule, name)) for name in PROXY_BLIND)
 
 
 class Pruner(Protocol):

@@ -21,10 +21,16 @@ dominance decides. The rule prunes a subset of what plain MO-ASHA prunes.
 The ranking functions are pure numpy on minimised ``(n, m)`` points; the pruner converts
 its objectives to "lower is better" once, with its direction vector.
 
-The proxy is the worker's validation loss, which compares trials only when they share the
-prediction target and the noise schedule (an x0 loss is not an eps loss): in a space that
-searches ``schedule.prediction`` or ``schedule.beta_schedule``, the rungs rank losses of
-different scales.
+Proxy groups: the proxy is the worker's validation loss, which compares trials only when
+they share the prediction target and the noise schedule (a v loss is not an eps loss), and
+which cannot see the sampler that decides much of the FID. A rung therefore ranks a trial
+only among the trials of its proxy group (:func:`search.pruning.base.proxy_group`: same
+prediction, beta schedule and sampler). On the recorded search benchmark the validation
+loss ranks the final FID backwards across groups (v trials have the higher loss and the
+lower FID) and forwards within many of them.
+
+Sampler: on that benchmark MO-ASHA goes with NSGA-II (``[study] sampler = "nsga2"``); see
+``benchmarks/searchbench/replay.md`` for how it compares with TPE.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import numpy as np
 from optuna.trial import FrozenTrial
 
 from search import pareto
-from search.pruning.base import ConstraintPruner, Cost, stage1_values
+from search.pruning.base import ConstraintPruner, Cost, proxy_group, stage1_values
 from search.space import SearchSpace
 from search.storage import record as rec
 from workers.records import Decision, Measurement, RungReport
@@ -162,9 +168,10 @@ class MoAshaPruner:
     """Constraint stages 0 and 1, optional stage-1 dominance, then MO-ASHA at each rung.
 
     History: ``proxies[step][number]`` is the proxy a trial reported at a rung (its latest
-    attempt's), and ``costs[number]`` its latest measured ``(latency, memory)``; a rung's
-    vectors are built from both when it is ranked, so a restored pruner (from the trials'
-    ``rungs`` and ``measurement`` attributes) ranks exactly as the live one did.
+    attempt's), ``costs[number]`` its latest measured ``(latency, memory)`` and
+    ``groups[number]`` its proxy group; a rung's vectors are built from these when it is
+    ranked, so a restored pruner (from the trials' ``rungs``, ``measurement`` and config
+    attributes) ranks exactly as the live one did.
 
     Args:
         space: its ``[rungs]`` give ``min_steps`` (b) and ``eta``; its ``[constraints]``
@@ -173,6 +180,8 @@ class MoAshaPruner:
         tiebreak: within a front, ``crowding`` distance or ``hypervolume`` contribution.
         one_rung_ahead: judge a dominated trial with its proxy one rung ahead (the default);
             ``False`` is plain MO-ASHA (every dominated trial outside the top 1/eta stops).
+        by_group: rank a rung within the trial's proxy group (the default); ``False``
+            ranks every trial at the rung together.
 
     Raises:
         ValueError: ``min_steps`` is 0 (no rungs), or a bad direction or tiebreak.
@@ -182,7 +191,7 @@ class MoAshaPruner:
 
     def __init__(self, space: SearchSpace, directions: Sequence[str] = ("minimize",) * 3,
                  tiebreak: str = "crowding", prune_dominated: bool | None = None,
-                 one_rung_ahead: bool = True) -> None:
+                 one_rung_ahead: bool = True, by_group: bool = True) -> None:
         if space.rungs.min_steps <= 0:
             raise ValueError("pruner mo-asha needs rungs: set [rungs] min_steps > 0")
         if len(directions) != len(OBJECTIVES) or set(directions) - {"minimize", "maximize"}:
@@ -195,18 +204,22 @@ class MoAshaPruner:
         self.maximize = tuple(d == "maximize" for d in directions)
         self.tiebreak = tiebreak
         self.one_rung_ahead = one_rung_ahead
+        self.by_group = by_group
         self.prune_dominated = (space.study.prune_dominated if prune_dominated is None
                                 else prune_dominated)
         self.proxies: dict[int, dict[int, float]] = {}
         self.costs: dict[int, tuple[float, float]] = {}
         self.totals: dict[int, int] = {}
+        self.groups: dict[int, str] = {}
 
     # -- history ---------------------------------------------------------------------
 
     def restore(self, trials: Sequence[FrozenTrial]) -> None:
         """Rebuild the rung history from every stored trial that reported to it."""
-        self.proxies, self.costs = {}, {}
+        self.proxies, self.costs, self.groups = {}, {}, {}
         for t in map(rec.read, trials):
+            if t.config is not None:
+                self.groups[t.number] = proxy_group(t.config)
             if t.measured is not None:
                 self.costs[t.number] = (t.measured.latency_ms, t.measured.memory_mb(self.memory))
             for rung in t.rungs:
@@ -226,9 +239,11 @@ class MoAshaPruner:
         current = {n: sign * v for n, v in self.proxies.get(step, {}).items()}
         return rung_gain(current, {n: sign * v for n, v in self.proxies[later[0]].items()})
 
-    def table(self, step: int) -> tuple[list[int], np.ndarray]:
-        """Trial numbers at rung ``step`` and their minimised vectors ``(n, 3)``."""
-        numbers = sorted(n for n in self.proxies.get(step, {}) if n in self.costs)
+    def table(self, step: int, group: str | None = None) -> tuple[list[int], np.ndarray]:
+        """Trial numbers at rung ``step`` (of proxy group ``group``, unless None) and their
+        minimised vectors ``(n, 3)``."""
+        numbers = sorted(n for n in self.proxies.get(step, {}) if n in self.costs
+                         and (group is None or self.groups.get(n, "") == group))
         rows = [(self.proxies[step][n], *self.costs[n]) for n in numbers]
         values = np.array(rows, float).reshape(-1, len(OBJECTIVES))
         return numbers, pareto.to_minimize(values, self.maximize)
@@ -237,6 +252,7 @@ class MoAshaPruner:
 
     def prescreen(self, number: int, cost: Cost) -> Decision:
         self.totals[number] = cost.train_steps
+        self.groups[number] = cost.proxy_group
         return self.constraints.prescreen(number, cost)
 
     def on_measured(self, number: int, measurement: Measurement) -> Decision:
@@ -255,13 +271,17 @@ class MoAshaPruner:
         if not math.isfinite(rung.val_loss):
             return Decision(False, f"mo-asha step {rung.step}: non-finite proxy {rung.val_loss}")
         self._record(number, rung.step, rung.val_loss)
-        numbers, points = self.table(rung.step)
+        numbers, points = self.table(rung.step, self._group(number))
         verdict = judge(points, numbers.index(number), self.eta, self.tiebreak,
                         self.gain(rung.step))
         if self._last(number, rung.step):
             return Decision(True, f"mo-asha step {rung.step}: last rung, evaluation follows "
                                   f"({verdict.position + 1} of {verdict.n} here)")
         return Decision(verdict.proceed, self._explain(rung.step, verdict, numbers))
+
+    def _group(self, number: int) -> str | None:
+        """Whom ``number`` is ranked against: its proxy group, or everyone (None)."""
+        return self.groups.get(number, "") if self.by_group else None
 
     def _last(self, number: int, step: int) -> bool:
         """The end of training: the full budget is spent, only evaluation remains."""
@@ -294,11 +314,12 @@ class MoAshaPruner:
 
     def _best_case(self, number: int) -> Decision:
         """Stage-1 dominance: the measured costs with the best proxy of the highest rung."""
-        steps = [s for s in self.proxies if self.table(s)[0]]
+        group = self._group(number)
+        steps = [s for s in self.proxies if self.table(s, group)[0]]
         if not steps:
             return Decision()
         step = max(steps)
-        numbers, points = self.table(step)
+        numbers, points = self.table(step, group)
         lat, mem = self.costs[number]
         best = pareto.to_minimize(np.array([0.0, lat, mem]), self.maximize)
         best[0] = points[:, 0].min()

@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from engine.config import Config
 from engine.model.cost import flops, param_count
-from search.pruning.base import Cost, constraint_values, stage0_values, stage1_values
+from search.pruning.base import Cost, constraint_values, proxy_group, stage0_values, stage1_values
 from search.run.pipeline import Context, Current, Flight, Phase
 from search.run.pool import Worker
 from search.storage import artifacts
@@ -82,7 +82,7 @@ def prescreen(ctx: Context, trial: optuna.Trial, config: Config, start: float
     rec.write(trial, config)
     cost = ctx.hooks.on_asked(ctx, trial, config,
                               Cost(param_count(config.unet), flops(config.unet),
-                                   config.train.steps))
+                                   config.train.steps, proxy_group=proxy_group(config)))
     flight = Flight(trial, config, cost)
     flight.overhead_s += time.perf_counter() - start
     decision = ctx.pruner.prescreen(trial.number, cost)
