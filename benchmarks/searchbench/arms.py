@@ -48,8 +48,8 @@ DIFFNAS = ("constraints", "mo-asha")
 ARMS = (*PEERS, *DIFFNAS)
 NEEDS_PEER_LIBRARY = ("mmp-sh", "mmp-median", "syne-moasha")
 SAMPLER = {"nsga2": "nsga2", "random": "random", "mo-asha": "nsga2"}
-"""Each Optuna arm's sampler (the others: TPE). MO-ASHA's is NSGA-II: with the constraint
-stages it meets the target on this table, with TPE it does not (``replay.md``)."""
+"""Each Optuna arm's sampler (the others: TPE). MO-ASHA's is NSGA-II: with it mo-asha leads
+every peer on the recorded table; with TPE it ties ``constraints`` (``replay.md``)."""
 METRICS = ("val_loss", "latency_ms", "memory_mb")
 """What a peer pruner sees at each rung: the vector MO-ASHA ranks."""
 
