@@ -4,6 +4,7 @@ trial, stops it where the arm's pruner stops it, and reads stored trials back.""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,17 @@ def test_live_trial_stops_where_the_pruner_stops(tmp_path: Path, data: DataPaylo
     again.nearest(PARAMS)
     assert (again.trained, again.reused) == (0, 1), "a stored trial is read back on resume"
     assert again.rows[0].cpu_measured == row.cpu_measured
+
+
+def test_trial_processes_import_no_optuna_or_search() -> None:
+    """A live trial's process re-imports confirm.py (spawn): it must cost what a recorded
+    trial's start-up did, so confirm.py imports what record.py imports."""
+    code = (f"import sys; sys.path.insert(0, {str(BENCH)!r}); import confirm; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'ray', 'optuna', 'sqlalchemy', 'search'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_confirm_names_a_missing_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]
