@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Record the table: every planned config trained to its full budget as a real trial.
 
-  python benchmarks/searchbench/record.py [--configs benchmarks/searchbench/configs.json]
-      [--out benchmarks/searchbench/results.jsonl] [--jobs N] [--limit K]
+  python benchmarks/searchbench/record.py [--bench main|heldout]
+      [--configs benchmarks/searchbench/configs.json]
+      [--out benchmarks/searchbench/results.jsonl] [--jobs N] [--limit K] [--longest-first]
+
+``--bench heldout`` reads heldout/configs.json and appends to heldout/results.jsonl (the
+held-out space); ``--configs``/``--out`` override either benchmark's files.
 
 Each config of configs.json (plan.py) runs through ``workers.trial.run_trial`` -- the
 trial body of a real search -- in a fresh process of its own, with an ask callback that
@@ -40,8 +44,10 @@ import json
 import multiprocessing
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
+from multiprocessing.connection import Connection
 from typing import Any
 
 from engine.data.datasets import load_dataset
@@ -51,6 +57,9 @@ from workers.trial import DEVICE, run_trial
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path.home() / ".cache" / "diffnas"
+BENCHES = {"main": (HERE / "configs.json", HERE / "results.jsonl"),
+           "heldout": (HERE / "heldout" / "configs.json", HERE / "heldout" / "results.jsonl")}
+"""Each benchmark's plan and table (plan.py's ``--bench``)."""
 
 
 class PlanError(ValueError):
@@ -93,6 +102,15 @@ def recorded_ids(path: Path, space_sha256: str) -> set[int]:
     return ids
 
 
+def work_estimate(entry: dict[str, Any], evaluate: dict[str, Any]) -> float:
+    """A config's relative compute, for ordering only: forward FLOPs times the images it
+    trains on plus the network evaluations of its FID samples."""
+    config = entry["config"]
+    train = int(config["train"]["steps"]) * int(config["train"]["batch_size"])
+    sample = int(evaluate["fid_samples"]) * int(config["schedule"]["steps"])
+    return float(entry["cost"]["flops"]) * (3 * train + sample)
+
+
 def payload(data: dict[str, Any], cache: Path) -> DataPayload:
     """The dataset and feature network every trial gets, as a search ships them."""
     dataset = load_dataset(data["dataset"], image_size=int(data["image_size"]))
@@ -117,20 +135,55 @@ def request_for(entry: dict[str, Any], evaluate: dict[str, Any]) -> TrialRequest
                         memory=str(evaluate["memory"]), eval_seed=int(evaluate["seed"]))
 
 
-def record_one(entry: dict[str, Any], plan: dict[str, Any], data: DataPayload) -> dict[str, Any]:
-    """Run one config to its full budget in this process; its table row."""
+Decide = Callable[[EventKind, Any, float], Decision]
+"""Answers a trial's report, given the process's CPU time when it reported."""
+
+
+def record_one(entry: dict[str, Any], plan: dict[str, Any], data: DataPayload,
+               decide: Decide | None = None) -> dict[str, Any]:
+    """Run one config in this process; its table row.
+
+    Args:
+        entry: the planned config.
+        plan: the plan document (evaluation settings and limits).
+        data: the study's data.
+        decide: answers each report (confirm.py's live trials); without it, every answer is
+            continue and the config trains to its full budget.
+    """
     start_cpu, start_wall = time.process_time(), time.perf_counter()
     marks: dict[str, Any] = {"rungs": {}}
 
     def ask(kind: EventKind, report: Any) -> Decision:
+        cpu_s = time.process_time()
         if kind is EventKind.MEASURED:
-            marks["measured"] = time.process_time()
+            marks["measured"] = cpu_s
         elif kind is EventKind.RUNG:
-            marks["rungs"][report.step] = time.process_time()
-        return Decision()
+            marks["rungs"][report.step] = cpu_s
+        return Decision() if decide is None else decide(kind, report, cpu_s)
 
     outcome = run_trial(request_for(entry, plan["evaluate"]), data, ask)
     return row(entry, plan, outcome, start_cpu, marks, time.perf_counter() - start_wall)
+
+
+def _decide_over(conn: Connection) -> Decide:
+    """A live trial's answers: each report goes over ``conn``, the answer comes back."""
+    def decide(kind: EventKind, report: Any, cpu_s: float) -> Decision:
+        conn.send(("event", kind, report, cpu_s))
+        answer = conn.recv()
+        assert isinstance(answer, Decision)
+        return answer
+    return decide
+
+
+def live_trial(conn: Connection, entry: dict[str, Any], plan: dict[str, Any],
+               data: DataPayload, lock_dir: str | None = None) -> None:
+    """One config in this fresh process, each report answered over ``conn`` (live.py's
+    side asks the arm's pruner); sends ``("done", row)`` at the end. ``lock_dir``: a
+    device lock of its own (a study pinned to a core of its own)."""
+    if lock_dir is not None:
+        DEVICE.folder = Path(lock_dir)
+    conn.send(("done", record_one(entry, plan, data, _decide_over(conn))))
+    conn.close()
 
 
 def constraint_values(known: dict[str, float], limits: dict[str, float]) -> dict[str, float]:
@@ -184,12 +237,17 @@ def _child(entry: dict[str, Any], plan: dict[str, Any], data: DataPayload,
 
 
 def record(plan: dict[str, Any], out: Path, jobs: int, limit: int | None,
-           cache: Path = CACHE, core_per_job: bool = False) -> int:
+           cache: Path = CACHE, core_per_job: bool = False, longest_first: bool = False) -> int:
     """Run the configs not yet in ``out`` (at most ``limit``), ``jobs`` at a time, each in a
     fresh process (with ``core_per_job``, pinned to a core of its own); append each row as
-    it finishes. Returns how many were recorded."""
+    it finishes. With ``longest_first``, the costliest by :func:`work_estimate` start first
+    (a shorter run on many cores: no long config is left to start last). Returns how many
+    were recorded."""
     done = recorded_ids(out, plan["space_sha256"])
-    todo = [e for e in plan["configs"] if int(e["id"]) not in done][:limit]
+    todo = [e for e in plan["configs"] if int(e["id"]) not in done]
+    if longest_first:
+        todo.sort(key=lambda e: -work_estimate(e, plan["evaluate"]))
+    todo = todo[:limit]
     print(f"{len(done)} recorded, {len(todo)} to run with {jobs} jobs", flush=True)
     if not todo:
         return 0
@@ -217,15 +275,21 @@ def record(plan: dict[str, Any], out: Path, jobs: int, limit: int | None,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", type=Path, default=HERE / "configs.json")
-    p.add_argument("--out", type=Path, default=HERE / "results.jsonl")
+    p.add_argument("--bench", choices=BENCHES, default="main",
+                   help="the benchmark whose plan and table --configs and --out default to")
+    p.add_argument("--configs", type=Path)
+    p.add_argument("--out", type=Path)
     p.add_argument("--jobs", type=int, default=1, help="trials at once, one process each")
     p.add_argument("--limit", type=int, help="record at most this many more configs")
     p.add_argument("--cache", type=Path, default=CACHE, help="feature network cache")
     p.add_argument("--core-per-job", action="store_true",
                    help="pin each job to a core of its own, with a device lock of its own "
                    "(a machine with more cores than --jobs)")
+    p.add_argument("--longest-first", action="store_true",
+                   help="start the costliest configs (FLOPs x images) first")
     args = p.parse_args(argv)
+    configs, out = BENCHES[args.bench]
+    configs, out = args.configs or configs, args.out or out
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: must be >= 1")
     if args.core_per_job and args.jobs > len(os.sched_getaffinity(0)):
@@ -234,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None and args.limit < 0:
         p.error(f"--limit {args.limit}: must be >= 0")
     try:
-        plan = load_plan(args.configs)
-        record(plan, args.out, args.jobs, args.limit, args.cache, args.core_per_job)
+        plan = load_plan(configs)
+        record(plan, out, args.jobs, args.limit, args.cache, args.core_per_job,
+               args.longest_first)
     except PlanError as err:
         print(f"record: {err}", file=sys.stderr)
         return 2
