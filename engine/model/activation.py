@@ -27,7 +27,8 @@ def tanh(x: mx.array) -> mx.array:
     """``tanh(x)`` as a clamped rational function (no transcendental call)."""
     x = mx.clip(x, -_CLAMP, _CLAMP)
     x2 = x * x
-    p, q = _P[0], _Q[0]
+    p: mx.array | float = _P[0]
+    q: mx.array | float = _Q[0]
     for c in _P[1:]:
         p = p * x2 + c
     for c in _Q[1:]:

@@ -9,7 +9,9 @@ copies dominate a 3x3 conv at these widths. Here, for ``y = conv(x, W)`` with ``
   flattened to (B*Hp*Wp, Cin), tap ``(i, j)`` is a shift by ``o_ij = i*Wp + j`` rows, so
   ``Y[r] = sum_ij X_p[r + o_ij] @ W_ij^T``, ``dW_ij = dY^T @ X_p[. + o_ij]`` and
   ``dX_p[q] = sum_ij dY[q - o_ij] @ W_ij``: k*k GEMMs each, on contiguous row windows,
-  no im2col copy. Rows outside the image (the pad ring) are computed and cropped.
+  no im2col copy. Rows outside the image (the pad ring) are computed and cropped. A
+  small batch (sampling at batch 1) runs its forward by ``mx.conv2d``: there the k*k
+  GEMMs cost more graph nodes than they save work.
 * **strided conv**: forward by ``mx.conv2d``; ``dW = patches(x_p)^T @ dY`` (one GEMM) and
   ``dX`` the stride-1 conv of the zero-dilated ``dY`` with the flipped kernel (the
   transposed conv written as a plain conv, which MLX runs as im2col + GEMM).
@@ -23,8 +25,7 @@ from functools import cache
 import mlx.core as mx
 from mlx import nn
 
-
-_MIN_ROWS = 1024  # padded-grid rows from which the shifted GEMMs beat mx.conv2d forward
+_MIN_ROWS = 1024  # padded-grid rows from which the shifted-GEMM forward is used
 
 
 class Conv2d(nn.Conv2d):
@@ -56,10 +57,10 @@ def conv2d(x: mx.array, w: mx.array, stride: int = 1, padding: int = 0,
     if groups != 1:
         return mx.conv2d(x, w, stride=stride, padding=padding, groups=groups)
     if k == 1 and stride == 1 and padding == 0:
-        return x @ w.reshape(w.shape[0], -1).T
+        return mx.matmul(x, w.reshape(w.shape[0], -1).T)
     if stride == 1 and 2 * padding == k - 1:
-        return _same(k)(x, w)
-    return _strided(stride, padding)(x, w)
+        return _same(k)(x, w)  # type: ignore[no-any-return,return-value]
+    return _strided(stride, padding)(x, w)  # type: ignore[return-value]
 
 
 def _shifted_gemm(rows: mx.array, taps: list[mx.array], shifts: list[int], n: int) -> mx.array:
@@ -72,7 +73,7 @@ def _shifted_gemm(rows: mx.array, taps: list[mx.array], shifts: list[int], n: in
 
 def _padded_rows(x: mx.array, p: int) -> mx.array:
     """``x`` zero-padded by ``p`` on both spatial sides, as rows (B*Hp*Wp, C)."""
-    return mx.pad(x, ((0, 0), (p, p), (p, p), (0, 0))).reshape(-1, x.shape[-1])
+    return mx.pad(x, [(0, 0), (p, p), (p, p), (0, 0)]).reshape(-1, x.shape[-1])
 
 
 @cache
@@ -93,7 +94,7 @@ def _same(k: int) -> mx.custom_function:
         rows = _padded_rows(x, p)
         n = rows.shape[0] - shifts[-1]  # output rows whose every tap lies inside x_p
         y = _shifted_gemm(rows, [w[:, i, j, :].T for i in range(k) for j in range(k)], shifts, n)
-        y = mx.pad(y, ((0, shifts[-1]), (0, 0))).reshape(b, hp, wp, cout)
+        y = mx.pad(y, [(0, shifts[-1]), (0, 0)]).reshape(b, hp, wp, cout)
         return y[:, :h, :wd, :]
 
     @conv.vjp
@@ -105,10 +106,10 @@ def _same(k: int) -> mx.custom_function:
         rows, last = _padded_rows(x, p), shifts[-1]
         n = rows.shape[0] - last
         # dY on the padded grid (zero on the ring), as rows: (B*Hp*Wp, Cout)
-        dy_rows = mx.pad(dy, ((0, 0), (0, 2 * p), (0, 2 * p), (0, 0))).reshape(-1, cout)
+        dy_rows = mx.pad(dy, [(0, 0), (0, 2 * p), (0, 2 * p), (0, 0)]).reshape(-1, cout)
         dy_t = dy_rows[:n].T
         dw = mx.stack([dy_t @ rows[s:s + n] for s in shifts], axis=1).reshape(cout, k, k, cin)
-        dy_rows = mx.pad(dy_rows, ((last, 0), (0, 0)))
+        dy_rows = mx.pad(dy_rows, [(last, 0), (0, 0)])
         dx = _shifted_gemm(dy_rows, [w[:, i, j, :] for i in range(k) for j in range(k)],
                            [last - s for s in shifts], rows.shape[0])
         return dx.reshape(b, hp, wp, cin)[:, p:p + h, p:p + wd, :], dw
@@ -130,7 +131,7 @@ def _strided(stride: int, padding: int) -> mx.custom_function:
         x, w = primals
         (b, h, wd, cin), (cout, k) = x.shape, w.shape[:2]
         ho, wo = dy.shape[1:3]
-        xp = mx.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        xp = mx.pad(x, [(0, 0), (padding, padding), (padding, padding), (0, 0)])
         hp, wp = xp.shape[1:3]
         # patches (B*Ho*Wo, k*k*Cin), in the (i, j, c) order of W's trailing axes
         patches = mx.as_strided(xp, (b, ho, wo, k, k, cin),
@@ -141,8 +142,8 @@ def _strided(stride: int, padding: int) -> mx.custom_function:
         # cut or zero-extended to H + padding rows, k - 1 - padding zeros before, flipped W.
         dyd = _dilate(dy, stride)[:, :h + padding, :wd + padding]
         q = k - 1 - padding
-        dyd = mx.pad(dyd, ((0, 0), (q, h + padding - dyd.shape[1]),
-                           (q, wd + padding - dyd.shape[2]), (0, 0)))
+        dyd = mx.pad(dyd, [(0, 0), (q, h + padding - dyd.shape[1]),
+                           (q, wd + padding - dyd.shape[2]), (0, 0)])
         return mx.conv2d(dyd, w[:, ::-1, ::-1, :].transpose(3, 1, 2, 0)), dw
 
     return conv

@@ -9,8 +9,8 @@ the channels of a group, ``eps`` inside the root) reduce over axes (1, 3) in pla
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
-from typing import Callable
 
 import mlx.core as mx
 from mlx import nn
