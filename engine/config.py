@@ -3,11 +3,18 @@
 Every config is a frozen dataclass that validates itself on construction and
 round-trips through JSON: configs cross process boundaries and live in the study
 storage. A bad value raises ``ValueError`` naming the field and the value.
+
+Types are exact: a bool is not an int, a float with a fractional part is not an int, and
+a string is not a sequence. Ranges are capped by :data:`LIMITS`, bounds that a U-Net search
+on Apple Silicon (at most 512 px, a few hundred channels, days of training) never reaches;
+a value past one is a typo, not a candidate.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,22 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "adaptive")
 SPACINGS = ("uniform", "quadratic", "karras", "trailing", "explicit", "optimized")
 DTYPES = ("float32", "bfloat16", "float16")
 
+# Upper bounds of the integer fields (inclusive). Stable Diffusion's U-Net, far larger than
+# anything searched here, has base width 320, multipliers up to 4, 2 res blocks and
+# widths up to 1280.
+LIMITS = {
+    "base_width": 1024,  # the width of level 0
+    "width_mult": 16,  # each of width_mults
+    "levels": 8,  # len(width_mults): 512 px halves to 4 px after 7 downsamplings
+    "width": 4096,  # base_width * multiplier, every level
+    "num_res_blocks": 8,
+    "head_dim": 1024,
+    "time_emb_dim": 4096,
+    "sample_steps": 4000,  # ScheduleConfig.steps: DDPM's own schedule has 1000
+    "train_steps": 10_000_000,  # TrainConfig.steps, warmup_steps, eval_every
+    "batch_size": 4096,
+}
+
 
 def _fail(owner: str, name: str, value: Any, why: str) -> None:
     raise ValueError(f"{owner}.{name}={value!r}: {why}")
@@ -33,6 +56,55 @@ def _check(cond: bool, owner: str, name: str, value: Any, why: str) -> None:
 
 def _choice(owner: str, name: str, value: Any, options: tuple[str, ...]) -> None:
     _check(value in options, owner, name, value, f"must be one of {', '.join(options)}")
+
+
+def _in(owner: str, name: str, value: Any, low: float, high: float) -> None:
+    _check(low <= value <= high, owner, name, value, f"must be in [{low:g}, {high:g}]")
+
+
+def _exact(owner: str, name: str, kind: str, value: Any) -> Any:
+    """``value`` as the field type ``kind`` (``int``, ``float``, ``str``, ``bool`` or
+    ``tuple[int, ...]``/``tuple[float, ...]``), or ``ValueError`` naming the field."""
+    if kind.startswith("tuple["):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ValueError(f"{owner}.{name}: expected a list, got {value!r}")
+        item = kind.removeprefix("tuple[").split(",")[0]
+        return tuple(_scalar(owner, f"{name}[{i}]", item, v) for i, v in enumerate(value))
+    return _scalar(owner, name, kind, value)
+
+
+def _scalar(owner: str, name: str, kind: str, value: Any) -> Any:
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "str" and isinstance(value, str):
+        return value
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind == "float" and number and math.isfinite(float(value)):
+        return float(value)
+    if kind == "int" and number and math.isfinite(float(value)) and float(value).is_integer():
+        return int(value)
+    expected = {"int": "int", "float": "a finite number", "str": "str",
+                "bool": "true or false"}[kind]
+    raise ValueError(f"{owner}.{name}: expected {expected}, got {value!r}")
+
+
+def field_value(kind: type, name: str, value: Any) -> Any:
+    """``value`` as the type of field ``name`` of the config class ``kind`` (exactly: see
+    the module docstring), e.g. ``field_value(TrainConfig, "steps", 10.0) == 10``.
+
+    Raises:
+        ValueError: ``value`` has another type, naming the field and the value.
+    """
+    types = {f.name: str(f.type) for f in fields(kind)}
+    return _exact(kind.__name__, name, types[name], value)
+
+
+def _typed(config: Any) -> None:
+    """Check every field's type exactly and store it normalised (``10.0`` -> ``10``)."""
+    owner = type(config).__name__
+    for f in fields(config):
+        value = _exact(owner, f.name, str(f.type), getattr(config, f.name))
+        object.__setattr__(config, f.name, value)
 
 
 @dataclass(frozen=True)
@@ -60,27 +132,31 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         o = "UNetConfig"
-        object.__setattr__(self, "width_mults", tuple(int(m) for m in self.width_mults))
-        object.__setattr__(self, "attn_levels", tuple(int(a) for a in self.attn_levels))
-        _check(4 <= self.image_size <= 512, o, "image_size", self.image_size, "must be in [4, 512]")
+        _typed(self)
+        _in(o, "image_size", self.image_size, 4, 512)
         _check(self.channels in (1, 3, 4), o, "channels", self.channels, "must be 1, 3 or 4")
-        _check(self.base_width >= 4, o, "base_width", self.base_width, "must be >= 4")
-        _check(len(self.width_mults) >= 1, o, "width_mults", self.width_mults, "needs >= 1 level")
-        _check(all(m >= 1 for m in self.width_mults), o, "width_mults", self.width_mults,
-               "multipliers must be >= 1")
+        _in(o, "base_width", self.base_width, 4, LIMITS["base_width"])
+        _check(1 <= len(self.width_mults) <= LIMITS["levels"], o, "width_mults",
+               self.width_mults, f"needs 1 to {LIMITS['levels']} levels")
+        _check(all(1 <= m <= LIMITS["width_mult"] for m in self.width_mults), o, "width_mults",
+               self.width_mults, f"multipliers must be in [1, {LIMITS['width_mult']}]")
+        _check(max(self.widths) <= LIMITS["width"], o, "width_mults", self.width_mults,
+               f"widest level {max(self.widths)} is over {LIMITS['width']} channels")
         downs = len(self.width_mults) - 1
         _check(self.image_size % (2**downs) == 0, o, "image_size", self.image_size,
                f"must be divisible by 2**{downs} for {len(self.width_mults)} levels")
-        _check(self.num_res_blocks >= 1, o, "num_res_blocks", self.num_res_blocks, "must be >= 1")
+        _in(o, "num_res_blocks", self.num_res_blocks, 1, LIMITS["num_res_blocks"])
         _check(all(0 <= a < len(self.width_mults) for a in self.attn_levels), o, "attn_levels",
                self.attn_levels, f"levels must be in [0, {len(self.width_mults) - 1}]")
-        _check(self.head_dim >= 1, o, "head_dim", self.head_dim, "must be >= 1")
+        _in(o, "head_dim", self.head_dim, 1, LIMITS["head_dim"])
+        _check(self.norm_groups >= 1, o, "norm_groups", self.norm_groups, "must be >= 1")
         _choice(o, "norm", self.norm, NORMS)
         _choice(o, "activation", self.activation, ACTIVATIONS)
         _choice(o, "resample", self.resample, RESAMPLES)
         _check(0.0 <= self.dropout < 1.0, o, "dropout", self.dropout, "must be in [0, 1)")
-        _check(self.time_emb_dim >= 4 and self.time_emb_dim % 2 == 0, o, "time_emb_dim",
-               self.time_emb_dim, "must be even and >= 4")
+        _check(4 <= self.time_emb_dim <= LIMITS["time_emb_dim"] and self.time_emb_dim % 2 == 0,
+               o, "time_emb_dim", self.time_emb_dim,
+               f"must be even and in [4, {LIMITS['time_emb_dim']}]")
         for width in self.widths:
             _check(width % self.norm_groups == 0, o, "norm_groups", self.norm_groups,
                    f"must divide every level width (width {width})")
@@ -115,12 +191,12 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         o = "ScheduleConfig"
-        object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
+        _typed(self)
         _choice(o, "beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _choice(o, "prediction", self.prediction, PREDICTIONS)
         _choice(o, "sampler", self.sampler, SAMPLERS)
         _choice(o, "spacing", self.spacing, SPACINGS)
-        _check(1 <= self.steps <= 4000, o, "steps", self.steps, "must be in [1, 4000]")
+        _in(o, "steps", self.steps, 1, LIMITS["sample_steps"])
         _check(0.0 <= self.eta <= 1.0, o, "eta", self.eta, "must be in [0, 1]")
         _check(self.tolerance > 0.0, o, "tolerance", self.tolerance, "must be > 0")
         _check(self.sampler != "adaptive" or self.steps >= 3, o, "steps", self.steps,
@@ -155,14 +231,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         o = "TrainConfig"
-        _check(self.steps >= 1, o, "steps", self.steps, "must be >= 1")
-        _check(self.batch_size >= 1, o, "batch_size", self.batch_size, "must be >= 1")
+        _typed(self)
+        _in(o, "steps", self.steps, 1, LIMITS["train_steps"])
+        _in(o, "batch_size", self.batch_size, 1, LIMITS["batch_size"])
         _check(self.learning_rate > 0.0, o, "learning_rate", self.learning_rate, "must be > 0")
-        _check(self.warmup_steps >= 0, o, "warmup_steps", self.warmup_steps, "must be >= 0")
+        _in(o, "warmup_steps", self.warmup_steps, 0, LIMITS["train_steps"])
         _check(self.weight_decay >= 0.0, o, "weight_decay", self.weight_decay, "must be >= 0")
         _check(0.0 <= self.ema_decay < 1.0, o, "ema_decay", self.ema_decay, "must be in [0, 1)")
         _check(self.grad_clip >= 0.0, o, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
-        _check(self.eval_every >= 1, o, "eval_every", self.eval_every, "must be >= 1")
+        _in(o, "eval_every", self.eval_every, 1, LIMITS["train_steps"])
+        _check(self.seed >= 0, o, "seed", self.seed, "must be >= 0")
         _choice(o, "dtype", self.dtype, DTYPES)
 
 

@@ -20,6 +20,7 @@ from engine.io.checkpoint import save_checkpoint
 from engine.measure import measure, sample_images
 from engine.model.unet import UNet
 from engine.quality.features import feature_network_for
+from engine.quality.metrics import check_real_count
 from engine.training.train import Callback, EvalPoint, init_state, train
 
 GRID_IMAGES = 64
@@ -67,7 +68,12 @@ def run(config: Config, dataset: Dataset, out: Path, settings: QualityEval = Qua
 
     Returns:
         The metrics written to ``metrics.json``.
+
+    Raises:
+        ValueError: ``dataset`` holds fewer than twice ``settings.n`` images (before
+            anything is written).
     """
+    check_real_count(settings.n, len(dataset), "QualityEval.n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(config.to_json())
     train_set, val_set = dataset.split(0.1, config.train.seed)

@@ -1,10 +1,11 @@
 """The measurement protocol: how every number reported about a model is taken.
 
-- Latency: the whole sampling loop at batch 1, warmed up, the median of at least 5 runs,
-  timed between two runs of a fixed reference workload; a round the reference says was
-  disturbed by another process is taken again after a pause, and clean rounds are pooled
-  until the median's 95% confidence interval is within +-5%; a latency that never got a
-  clean round is marked ``disturbed`` (:func:`engine.device.bench.steady_call`).
+- Latency: the whole sampling loop at batch 1, warmed up, the median of at least 5
+  samples (each at least 25 ms of back-to-back runs), each timed between two probes of a
+  fixed reference workload; a sample a probe says was disturbed by another process is set
+  aside, and clean samples are pooled, in rounds, until the median's 95% confidence
+  interval is within +-5%; a latency that never got enough clean samples is marked
+  ``disturbed`` (:func:`engine.device.bench.steady_call`).
 - Memory: the peak while sampling at batch 1, and while training at the config's batch size.
 - Quality: FID, KID, precision and recall of ``n`` samples drawn from ``seed``, on the
   feature network's features, next to the real-vs-real floors at the same ``n``; the first
@@ -91,21 +92,24 @@ def draw(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, size: in
 # -- latency and memory ------------------------------------------------------------------
 
 
-def measure_latency(model: nn.Module, config: Config, runs: int = 5) -> LatencyStat:
+def measure_latency(model: nn.Module, config: Config, runs: int = 5, pin: bool = True
+                    ) -> LatencyStat:
     """Latency of the whole sampling loop at batch 1, steady against other processes.
 
     Args:
         model: the network to sample.
         config: its config; the schedule sets the sampler and steps.
-        runs: runs per round (at least 5).
+        runs: samples per round (at least 5).
+        pin: keep the process on one core while timing (``benchmarks/steady_latency.py``
+            compares without).
 
     Returns:
-        The median of the pooled clean rounds (at least ``runs`` samples), with the rounds,
-        the disturbed rounds, the reference ratio and the median's confidence interval.
+        The median of the pooled clean samples (at least ``runs``), with the rounds, the
+        disturbed rounds, the reference ratio and the median's confidence interval.
     """
     u = config.unet
     return steady_call(lambda: generate(model, config.schedule, 1, 0, u.image_size, u.channels),
-                       runs)
+                       runs, pin=pin)
 
 
 @dataclass(frozen=True)

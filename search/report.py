@@ -16,13 +16,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import pareto
+from search import pareto, walltime
 from search.derived.points import companion, source
 from search.space import SearchSpace
 from search.storage import lease
@@ -95,7 +94,8 @@ def eta_s(study: optuna.Study) -> float | None:
 
 
 def status_text(study: optuna.Study) -> str:
-    """Trials by state, per-worker throughput and device, ETA, and every failure or prune."""
+    """Trials by state, where the wall time went (:mod:`search.walltime`), per-worker
+    throughput and device, ETA, and every failure or prune."""
     trials = study.get_trials(deepcopy=False)
     states = collections.Counter(t.state for t in trials if st.is_finished(t))
     running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -118,13 +118,17 @@ def status_text(study: optuna.Study) -> str:
         note = (f"derived points (distill, compress, schedule): {len(extra.trials)}; "
                 f"see diffnas pareto {study.study_name}")
         lines[-1:] = [note, ""]
+    spent = walltime.summarize(study)
+    if spent is not None:
+        lines[-1:] = [walltime.summary_line(spent), ""]
     stats = worker_stats(trials)
     if stats:
         lines += [_table(["worker", "trials", "busy s", "trials/h", "device"],
                          [[w.name, w.trials, round(w.busy_s, 1), round(w.per_hour, 1), w.device]
                           for w in stats]), ""]
     rows = [[r.number, r.state.name, *(_values(t)), r.finished.worker or "-", _wall(t),
-             r.reason] for r, t in zip(records, trials)]
+             "; ".join(n for n in (r.reason, disturbed_note(r)) if n)]
+            for r, t in zip(records, trials)]
     lines.append(_table(["trial", "state", *OBJECTIVES, "worker", "wall s", "reason"], rows))
     return "\n".join(lines)
 
@@ -139,7 +143,8 @@ def _wall(trial: FrozenTrial) -> float | None:
 
 
 def trial_text(study: optuna.Study, label: int | str) -> str:
-    """One trial in sections: head, decisions, rungs, attempts, result and timings, lineage.
+    """One trial in sections: head, decisions, rungs, attempts, result, timings, wall time
+    (:mod:`search.walltime`), lineage.
 
     ``label`` is a trial number, or ``d<n>`` for a derived point (:mod:`search.derived.points`).
 
@@ -150,6 +155,7 @@ def trial_text(study: optuna.Study, label: int | str) -> str:
     sections = {"": _head_lines(str(label), r), "decisions": _decision_lines(r),
                 "rungs": _rung_lines(r), "attempts": _attempt_lines(r),
                 "result": _result_lines(r), "timings": _timing_lines(r),
+                "wall time": walltime.trial_lines(r.walltime) if r.walltime else [],
                 "lineage": _lineage_lines(r.lineage)}
     out = []
     for title, lines in sections.items():
@@ -202,7 +208,8 @@ def record_doc(r: rec.TrialRecord) -> dict[str, Any]:
 
 
 def _head_lines(label: str, r: rec.TrialRecord) -> list[str]:
-    lines = [f"trial {label}: {r.state.name}" + (f" -- {r.reason}" if r.reason else "")]
+    notes = "; ".join(n for n in (r.reason, disturbed_note(r)) if n)
+    lines = [f"trial {label}: {r.state.name}" + (f" -- {notes}" if notes else "")]
     if r.derived is not None:
         detail = {k: v for k, v in r.derived.detail.items()  # scalars: the tables stay in --json
                   if k != "what" and not isinstance(v, (Mapping, list, tuple))}
@@ -231,6 +238,7 @@ def _decision_lines(r: rec.TrialRecord) -> list[str]:
                                f"latency {m.latency_ms:.4g} ms (spread {m.latency_spread:.1%}"
                                f"{runs}), memory train {m.train_mb:.4g} MB, sample "
                                f"{m.sample_mb:.4g} MB, {m.seconds:.1f} s"))
+        lines += _trust_lines(m)
     if (c := r.conversion) is not None:
         ratio = f" (x{c.ratio:.3g})" if c.ratio is not None else ""
         lines.append(_decision("conversion", "", "", f"{c.measured_ms:.4g} ms on "
@@ -240,6 +248,36 @@ def _decision_lines(r: rec.TrialRecord) -> list[str]:
         if held is not None:
             lines.append(_decision(name, "", "", _inline(held.doc)))
     return lines
+
+
+def _trust_lines(m: rec.Measured) -> list[str]:
+    """How far the latency can be trusted: the steady protocol's interval, rounds and
+    reference ratio, then each attempt when a disturbed latency was measured again."""
+    lines = [_decision("latency", "", "", _trust(m.latency_ms, m.latency_ci, m.latency_rounds,
+                                                 m.disturbed_rounds, m.reference_ratio,
+                                                 m.disturbed))]
+    for i, a in enumerate(m.latency_attempts):
+        lines.append(_decision(f"  attempt {i + 1}", "", "", f"{a.get('at', '?')}: " + _trust(
+            a["latency_ms"], a["latency_ci"], a["latency_rounds"], a["disturbed_rounds"],
+            a["reference_ratio"], a["disturbed"]) + f", {a.get('seconds', 0.0):.1f} s"))
+    return lines
+
+
+def _trust(ms: float, ci: float, rounds: int, disturbed_rounds: int, ratio: float,
+           disturbed: bool) -> str:
+    mark = "DISTURBED (too few clean samples) " if disturbed else ""
+    return (f"{mark}{ms:.4g} ms +-{ci:.1%} (95% CI of the median), {rounds} rounds "
+            f"({disturbed_rounds} disturbed), reference x{ratio:.3g}")
+
+
+def disturbed_note(r: rec.TrialRecord) -> str:
+    """``latency disturbed (reference x1.8)`` for a trial whose latency had too few clean
+    samples, even when measured again; empty otherwise."""
+    m = r.measured
+    if m is None or not m.disturbed:
+        return ""
+    again = ", also when re-measured" if m.latency_attempts else ""
+    return f"latency disturbed (reference x{m.reference_ratio:.3g}{again})"
 
 
 def _decision(stage: str, answer: str, reason: str, evidence: str) -> str:
@@ -409,22 +447,14 @@ def _summary(r: rec.TrialRecord) -> str:
 # -- optuna-dashboard --------------------------------------------------------------------
 
 
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (``postgresql://user:***@host/db``)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
-
-
 def dashboard_command(storage: str, artifacts: Path) -> str:
     """A ``uvx optuna-dashboard`` command that works pasted from any folder: local files as
-    absolute paths, each argument shell-quoted, any password in the URL redacted."""
+    absolute paths, each argument shell-quoted, any password in the URL redacted; a
+    PostgreSQL URL brings its driver into uvx's throwaway environment."""
+    driver = ["--with", "psycopg[binary]"] if storage.startswith("postgresql") else []
     if storage.startswith("sqlite:///") and storage != "sqlite:///:memory:":
         storage = f"sqlite:///{Path(storage.removeprefix('sqlite:///')).resolve()}"
     elif storage.startswith("journal:"):  # the dashboard takes a journal file by its path
         storage = str(Path(storage.removeprefix("journal:").removeprefix("//")).resolve())
-    return shlex.join(["uvx", "optuna-dashboard", redact(storage), "--artifact-dir",
+    return shlex.join(["uvx", *driver, "optuna-dashboard", st.redact(storage), "--artifact-dir",
                        str(Path(artifacts).resolve())])

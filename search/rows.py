@@ -58,8 +58,14 @@ ROW_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
                      "a trial")),
     "reason": ({"type": "string"}, ("why it was pruned, failed or is infeasible (may be "
                "empty)")),
+    "latency_disturbed": ({"type": ["boolean", "null"]}, ("the latency had too few clean "
+                          "samples, even when measured again (another process took the CPU); "
+                          "null: not measured. Optional: absent from older documents")),
 }
 """Each row's fields: JSON Schema of the value, and its meaning (the README's table)."""
+
+OPTIONAL_ROW_FIELDS = frozenset({"latency_disturbed"})
+"""Row fields added after version 1: not required, so that older documents still validate."""
 
 DOC_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "schema_version": ({"const": SCHEMA_VERSION}, "this schema's version"),
@@ -83,7 +89,7 @@ SCHEMA: dict[str, Any] = {
     "properties": {name: spec for name, (spec, _) in DOC_FIELDS.items()},
     "$defs": {"row": {
         "type": "object",
-        "required": list(ROW_FIELDS),
+        "required": [name for name in ROW_FIELDS if name not in OPTIONAL_ROW_FIELDS],
         "properties": {name: spec for name, (spec, _) in ROW_FIELDS.items()},
     }},
 }
@@ -127,7 +133,8 @@ def _row(label: str, trial: FrozenTrial, on_front: bool) -> dict[str, Any]:
             "device_class": r.finished.device_class or None,
             "artifacts": dict(r.finished.artifacts or {}),
             "derived_from": r.derived.source if r.derived is not None else None,
-            "reason": r.reason}
+            "reason": r.reason,
+            "latency_disturbed": r.measured.disturbed if r.measured is not None else None}
 
 
 def document(study: optuna.Study, result: Front, everything: bool = False) -> dict[str, Any]:

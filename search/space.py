@@ -29,7 +29,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
+from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig, field_value
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 CONFIG_SECTIONS: dict[str, type] = {"unet": UNetConfig, "schedule": ScheduleConfig,
@@ -362,17 +362,23 @@ def resolve(spec: str | Path) -> Path:
 
 
 def load_space(spec: str | Path) -> SearchSpace:
-    """Read and validate a space file or preset.
+    """Read and validate a space file or preset; it must search at least one value.
 
     Raises:
-        SpaceError: naming the file, line, table and key of the first problem.
+        SpaceError: naming the file, line, table and key of the first problem, or the file
+            when it searches nothing (an empty file, only settings tables, only fixed values).
     """
     path = resolve(spec)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise SpaceError(f"{path}: cannot read space file ({err})") from None
-    return parse_space(text, name=path.stem, origin=str(path))
+    space = parse_space(text, name=path.stem, origin=str(path))
+    if not any(p.searched for p in space.params):  # else: one default config, trained N times
+        raise SpaceError(f"{path}: searches nothing: give at least one value in [unet], "
+                         "[schedule] or [train] as { choice = [...] }, { int = [low, high] } "
+                         "or { float = [low, high] } (examples: search/presets/)")
+    return space
 
 
 def parse_space(text: str, name: str = "space", origin: str = "<space>") -> SearchSpace:
@@ -470,7 +476,9 @@ def _params(section: str, body: dict[str, Any], where: _Locator) -> list[Param]:
             extra = " (set it in [data])" if key in DATA_FIELDS and section == "unet" else ""
             raise SpaceError(f"{loc}[{section}] unknown key {key!r}{extra or _hint(key, names)}")
         try:
-            out.append(_param(f"{section}.{key}", value))
+            param = _param(f"{section}.{key}", value)
+            _check_type(CONFIG_SECTIONS[section], key, param)
+            out.append(param)
         except ValueError as err:
             raise SpaceError(f"{loc}[{section}] {key}: {err}") from None
     return out
@@ -513,6 +521,19 @@ def _range(name: str, kind: str, value: dict[str, Any]) -> Param:
         raise ValueError("step must be a positive number and cannot be combined with log")
     return Param(name, kind, low=float(low), high=float(high), log=log,
                  step=None if step is None else float(step))
+
+
+def _check_type(kind: type, key: str, p: Param) -> None:
+    """Every value ``p`` can take has the field's exact type (ranges: their bounds)."""
+    if p.kind == "float" and str(next(f.type for f in fields(kind) if f.name == key)) == "int":
+        raise ValueError("a float range on an integer field; use { int = [low, high] }")
+    bounds = [int(p.low), int(p.high)] if p.kind == "int" else [p.low, p.high]
+    values = {"fixed": [p.value], "choice": list(p.choices)}.get(p.kind, bounds)
+    for value in values:
+        try:
+            field_value(kind, key, value)
+        except ValueError as err:
+            raise ValueError(f"{'' if p.kind == 'fixed' else f'value {value!r}: '}{err}") from None
 
 
 def _check_decodable(space: SearchSpace, where: _Locator) -> None:

@@ -17,6 +17,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from workers.forkserver import default_launcher
 from workers.process import run_in_child
 from workers.records import (
     DataPayload,
@@ -59,6 +60,7 @@ class DeviceWorker:
 
     def __init__(self, name: str = "") -> None:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self._launcher = default_launcher()
         self._profile = device_profile()
         self._events: queue.Queue[Event] = queue.Queue()
         self._answers: dict[tuple[int, int, int], queue.Queue[Decision]] = {}
@@ -66,10 +68,20 @@ class DeviceWorker:
         self._running: dict[str, Any] | None = None
         self._seq = 0
         self._table_dir = ""
+        started_at = _process_started()
+        self._walltime = {"started_at": started_at,
+                          "actor_start_s": max(0.0, time.time() - started_at),
+                          "table_s": 0.0, "mode": self._launcher.mode}
+        self._idle_since = time.perf_counter()
 
     def profile(self) -> dict[str, Any]:
-        """Device profile; also the readiness probe the coordinator waits on."""
-        return {**self._profile, "worker": self.name}
+        """Device profile; also the readiness probe the coordinator waits on.
+
+        ``walltime``: this worker's own costs, ``started_at`` (its process start, epoch
+        seconds), ``actor_start_s`` (from then to ready), ``table_s`` (its latency table) and
+        ``mode`` (how it starts trial processes).
+        """
+        return {**self._profile, "worker": self.name, "walltime": dict(self._walltime)}
 
     def prepare(self, setup: WorkerSetup) -> dict[str, Any]:
         """Build or load this device class's latency table, before the first trial.
@@ -78,8 +90,11 @@ class DeviceWorker:
             The profile plus ``latency_table`` (a table dict, or None with
             ``latency_error`` saying why); the readiness probe when a study keeps tables.
         """
+        start = time.perf_counter()
         table, self._table_dir, error = build_in_child(
             list(setup.calibration), setup.cache_dir, self._profile["device_class"])
+        self._walltime["table_s"] = time.perf_counter() - start
+        self._idle_since = time.perf_counter()
         return {**self.profile(), "latency_table": table, "latency_error": error}
 
     def current(self) -> dict[str, Any] | None:
@@ -90,6 +105,7 @@ class DeviceWorker:
         """Run one attempt in a child process; blocks until it ends."""
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(f"worker {self.name} is already running a trial")
+        entered, queued_s = time.time(), time.perf_counter() - self._idle_since
         try:
             self._seq = 0
             self._running = {"number": request.number, "attempt": request.attempt,
@@ -97,10 +113,12 @@ class DeviceWorker:
             request = replace(request, device_class=self._profile["device_class"],
                               table_dir=self._table_dir)
             outcome = run_in_child(request, data, lambda k, p, n: self._relay(request, k, p, n),
-                                   on_start=lambda pid: self._started(request, pid))
-            return _with_worker(outcome, self.name)
+                                   on_start=lambda pid: self._started(request, pid),
+                                   launcher=self._launcher)
+            return _finished(outcome, self.name, entered, request.sent_at, queued_s)
         finally:
             self._running = None
+            self._idle_since = time.perf_counter()
             self._lock.release()
 
     def next_events(self, timeout_s: float = 1.0) -> list[Event]:
@@ -147,8 +165,24 @@ class DeviceWorker:
         return event
 
 
-def _with_worker(outcome: TrialOutcome, name: str) -> TrialOutcome:
-    return replace(outcome, worker=name)
+def _finished(outcome: TrialOutcome, name: str, entered: float, sent_at: float,
+              queued_s: float) -> TrialOutcome:
+    """The outcome with this worker's name, and its wall time with the dispatch (from the
+    coordinator's send to this call: Ray's call and the data's arrival) and the idle time
+    before it."""
+    walltime = outcome.walltime
+    if walltime is not None:
+        dispatch_s = max(0.0, entered - sent_at) if sent_at else 0.0  # clocks of two hosts
+        walltime = replace(walltime.plus(transfer_s=dispatch_s), queued_s=queued_s)
+    return replace(outcome, worker=name, walltime=walltime)
+
+
+def _process_started() -> float:
+    """When this process started (epoch seconds)."""
+    # psutil comes with ray; imported here because the trial processes import this package
+    import psutil  # type: ignore[import-untyped]
+
+    return float(psutil.Process().create_time())
 
 
 def start_worker(name: str, namespace: str | None = None, max_concurrency: int = 4) -> Any:

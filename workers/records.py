@@ -7,7 +7,7 @@ than this package and ``engine`` to read them. Each is written once and never ed
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -84,6 +84,7 @@ class TrialRequest:
     # trial adds its measured latency ("" when the worker keeps no table).
     device_class: str = ""
     table_dir: str = ""
+    sent_at: float = 0.0  # time.time() when the coordinator dispatched it (WallTime)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -97,6 +98,13 @@ class Measurement:
     ``budget`` is set under a latency target: the measured cost of one network evaluation
     and of the sampler around it, the schedule chosen from them, and why. ``start`` says
     how the weights began: ``{"status": "fresh"}``, or inherited from a parent trial.
+
+    The latency's trust, from the steady protocol (``engine.device.bench.LatencyStat``):
+    ``latency_ci`` (relative half-width of the median's 95% interval), ``latency_rounds``,
+    ``disturbed_rounds``, ``reference_ratio`` and ``disturbed`` (too few clean samples:
+    another process kept taking the CPU). A disturbed latency is measured again at the end of
+    the trial; ``latency_attempts`` then holds both (:func:`latency_attempt` documents) and
+    the fields above are those of the one kept.
     """
 
     latency_ms: float
@@ -107,11 +115,28 @@ class Measurement:
     seconds: float
     budget: dict[str, Any] | None = None
     start: dict[str, Any] = field(default_factory=lambda: {"status": "fresh"})
+    latency_ci: float = 0.0
+    latency_rounds: int = 1
+    disturbed_rounds: int = 0
+    reference_ratio: float = 1.0
+    disturbed: bool = False
+    latency_attempts: tuple[dict[str, Any], ...] = ()
 
     def memory_mb(self, which: str) -> float:
         """The memory objective: ``sample``, ``train`` or ``max`` of the two."""
         return {"sample": self.sample_mb, "train": self.train_mb,
                 "max": max(self.sample_mb, self.train_mb)}[which]
+
+
+LATENCY_TRUST = ("latency_ms", "latency_spread", "latency_ci", "latency_rounds",
+                 "disturbed_rounds", "reference_ratio", "disturbed")
+"""The fields of one latency measurement, as a :class:`Measurement` and its attempts name them."""
+
+
+def latency_attempt(m: Measurement, at: str, seconds: float) -> dict[str, Any]:
+    """One latency measurement of ``m`` as an entry of ``latency_attempts``: its
+    :data:`LATENCY_TRUST` fields, when it was taken (``at``) and how long it took (s)."""
+    return {**{name: getattr(m, name) for name in LATENCY_TRUST}, "at": at, "seconds": seconds}
 
 
 @dataclass(frozen=True)
@@ -169,6 +194,64 @@ class Outcome(enum.Enum):
     CRASHED = "crashed"  # the process died (signal, exit code) or the worker did: retried
 
 
+WALL_PHASES = ("start_s", "transfer_s", "train_s", "validate_s", "features_s", "fid_s",
+               "table_s", "latency_s", "write_s", "idle_s", "other_s")
+"""Where an attempt's wall time went, in seconds (:class:`WallTime`)."""
+
+
+@dataclass(frozen=True)
+class WallTime:
+    """Where one attempt's wall time went, phase by phase (seconds, ``time.perf_counter``).
+
+    ``start_s``: from the worker's launch call to the first line of the trial process
+    (interpreter start and imports, or a fork of the warm process); ``transfer_s``: the
+    request and data reaching the trial process; ``train_s``: training steps;
+    ``validate_s``: the validation loss at rungs; ``features_s``: loading and running the
+    feature network for FID/KID; ``fid_s``: sampling the FID images; ``table_s``: adding the
+    latency to the worker's table; ``latency_s``: latency and memory measurements;
+    ``write_s``: packaging the artifacts, sending them back and the coordinator's writing
+    them; ``idle_s``: waiting for the coordinator's answers and for the device lock;
+    ``other_s``: the rest (building the model, the coordinator's dispatch). They add up to
+    ``wall_s``, the attempt from dispatch to its record. ``queued_s`` is the worker's idle
+    time before the attempt (not part of ``wall_s``); ``mode`` how the trial process started
+    (``spawn`` or ``fork``: :mod:`workers.forkserver`).
+    """
+
+    start_s: float = 0.0
+    transfer_s: float = 0.0
+    train_s: float = 0.0
+    validate_s: float = 0.0
+    features_s: float = 0.0
+    fid_s: float = 0.0
+    table_s: float = 0.0
+    latency_s: float = 0.0
+    write_s: float = 0.0
+    idle_s: float = 0.0
+    other_s: float = 0.0
+    wall_s: float = 0.0
+    queued_s: float = 0.0
+    mode: str = ""
+
+    def phases(self) -> dict[str, float]:
+        """``{phase: seconds}`` in :data:`WALL_PHASES` order."""
+        return {name: getattr(self, name) for name in WALL_PHASES}
+
+    @property
+    def overhead_s(self) -> float:
+        """Everything but training steps and FID sampling: the fixed cost of a trial."""
+        return self.wall_s - self.train_s - self.fid_s
+
+    def plus(self, **seconds: float) -> WallTime:
+        """This breakdown with ``seconds`` added to the named phases (and to ``wall_s``)."""
+        added = {k: getattr(self, k) + v for k, v in seconds.items()}
+        return replace(self, **added, wall_s=self.wall_s + sum(seconds.values()))
+
+    def closed(self, wall_s: float) -> WallTime:
+        """This breakdown over a measured ``wall_s``: what no phase claimed goes to ``other_s``."""
+        claimed = sum(v for k, v in self.phases().items() if k != "other_s")
+        return replace(self, wall_s=wall_s, other_s=max(0.0, wall_s - claimed))
+
+
 @dataclass(frozen=True)
 class TrialOutcome:
     """What one attempt produced. ``artifacts`` maps relative paths to file bytes.
@@ -193,3 +276,4 @@ class TrialOutcome:
     exit_code: int | None = None
     constraint_values: dict[str, float] = field(default_factory=dict)
     latency_table: dict[str, Any] | None = None  # the worker's table, with this trial added
+    walltime: WallTime | None = None  # None: the process died before it could say

@@ -2,7 +2,9 @@
 
 Measure latency and peak memory, train in rungs (reporting each to the coordinator and
 obeying its continue/prune answer), evaluate FID/KID, draw a sample grid and save the
-checkpoint. Everything goes back as a :class:`TrialOutcome` with the files as bytes.
+checkpoint. A latency the steady protocol marked disturbed is measured once more after the
+evaluation, and both attempts are reported. Everything goes back as a
+:class:`TrialOutcome` with the files as bytes.
 
 The child talks to its parent over one inherited socket (a multiprocessing
 ``Connection``): ``("run", TrialRequest, DataPayload)`` and ``("decision", Decision)``
@@ -22,7 +24,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -40,17 +42,21 @@ from engine.device.memory import MemoryBudgetExceeded, check_peak, enforce_limit
 from engine.io.checkpoint import save_checkpoint
 from engine.measure import (
     BudgetFit,
+    LatencyStat,
     LatencyTargetInfeasible,
     QualityResult,
-    evaluate,
     fit_step_budget,
     measure_cost,
+    measure_latency,
+    sample_images,
 )
 from engine.model.cost import flops, param_count
 from engine.model.morph import inherit, inherited_state
 from engine.model.unet import UNet
 from engine.quality.features import FeatureNetwork
+from engine.quality.metrics import evaluate_quality
 from engine.training.train import TrainingDiverged, TrainState, init_state, train, validation_loss
+from workers.clock import PhaseClock
 from workers.device_lock import DeviceLock, DeviceLockTimeout
 from workers.records import (
     LATENCY_TARGET,
@@ -63,6 +69,7 @@ from workers.records import (
     RungReport,
     TrialOutcome,
     TrialRequest,
+    latency_attempt,
 )
 from workers.table import observe_trial
 
@@ -73,14 +80,23 @@ DEVICE = DeviceLock()
 """This machine's device: shared while computing, exclusive while timing a measurement."""
 
 
-def run_trial(request: TrialRequest, data: DataPayload, ask: Ask) -> TrialOutcome:
+def run_trial(request: TrialRequest, data: DataPayload, ask: Ask,
+              clock: PhaseClock | None = None) -> TrialOutcome:
     """Run one attempt of one trial; candidate errors become FAILED outcomes, not exceptions.
 
     A candidate that cannot meet a limit the worker enforces ends at once as PRUNED, with
     its constraint value: under a memory limit (``request.memory_limit_mb``) its predicted
     or measured peak, under a latency target one step's latency.
+
+    Args:
+        request: the attempt.
+        data: the study's data.
+        ask: sends a report and blocks for the coordinator's answer (timed as idle).
+        clock: where the phases are timed (started by the caller, which timed the start and
+            the transfer); a new one when omitted.
     """
-    done = _Progress(request)
+    done = _Progress(request, clock or PhaseClock(DEVICE))
+    ask = done.timed(ask)
     try:
         return _run(request, data, ask, done)
     except MemoryBudgetExceeded as err:
@@ -90,25 +106,26 @@ def run_trial(request: TrialRequest, data: DataPayload, ask: Ask) -> TrialOutcom
         return done.outcome(Outcome.PRUNED, f"latency target: {err}",
                             constraint_values={LATENCY_TARGET: err.floor_ms})
     except TrainingDiverged as err:
-        return _failed(request, f"diverged: {err}")
+        return _failed(done, f"diverged: {err}")
     except DeviceLockTimeout as err:  # the machine's fault, not the candidate's: retried
         return TrialOutcome(request.number, request.attempt, Outcome.CRASHED, reason=str(err))
     except Exception as err:  # noqa: BLE001 (the candidate's own error: FAILED, no retry)
         tail = traceback.format_exc(limit=-3)
-        return _failed(request, f"{type(err).__name__}: {err}", {"traceback": tail})
+        return _failed(done, f"{type(err).__name__}: {err}", {"traceback": tail})
 
 
-def _failed(request: TrialRequest, reason: str, metrics: dict[str, Any] | None = None
+def _failed(done: _Progress, reason: str, metrics: dict[str, Any] | None = None
             ) -> TrialOutcome:
-    return TrialOutcome(request.number, request.attempt, Outcome.FAILED, reason=reason,
-                        metrics=metrics or {})
+    return TrialOutcome(done.request.number, done.request.attempt, Outcome.FAILED,
+                        reason=reason, metrics=metrics or {}, walltime=done.clock.walltime())
 
 
 class _Progress:
     """What an attempt has produced so far, so that any stage can end it with an outcome."""
 
-    def __init__(self, request: TrialRequest) -> None:
+    def __init__(self, request: TrialRequest, clock: PhaseClock) -> None:
         self.request = request
+        self.clock = clock
         self.measurement: Measurement | None = None
         self.rungs: list[RungReport] = []
         self.device: dict[str, Any] = {}
@@ -137,12 +154,23 @@ class _Progress:
         self.timings["cpu_s"] = time.process_time()
         self.timings["device_wait_s"] = DEVICE.waited_s
 
+    def timed(self, ask: Ask) -> Ask:
+        """``ask`` with its round trip to the coordinator timed as idle."""
+        def timed_ask(kind: EventKind, payload: Any) -> Decision:
+            start = time.perf_counter()
+            try:
+                return ask(kind, payload)
+            finally:
+                self.clock.add("idle", time.perf_counter() - start)
+        return timed_ask
+
     def outcome(self, status: Outcome, reason: str = "", **fields: Any) -> TrialOutcome:
         self.stamp()
         fields.setdefault("constraint_values", self.constraint_values())
         return TrialOutcome(self.request.number, self.request.attempt, status, reason,
                             measurement=self.measurement, rungs=tuple(self.rungs),
-                            device=self.device, timings=self.timings, **fields)
+                            device=self.device, timings=self.timings,
+                            walltime=self.clock.walltime(), **fields)
 
 
 def _run(request: TrialRequest, data: DataPayload, ask: Ask, done: _Progress) -> TrialOutcome:
@@ -155,10 +183,10 @@ def _run(request: TrialRequest, data: DataPayload, ask: Ask, done: _Progress) ->
 def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Config,
             done: _Progress) -> TrialOutcome:
     """Measure, train in rungs, evaluate: each stage reports and obeys the answer."""
-    started = time.perf_counter()
+    started, clock = time.perf_counter(), done.clock
     state, rungs, start = _initial_state(config, request)
     fit = None
-    with DEVICE.exclusive():
+    with clock.phase("latency"), DEVICE.exclusive():
         if request.latency_target_ms is not None:
             fit = fit_step_budget(state.model, config, request.latency_target_ms,
                                   request.latency_runs)
@@ -172,16 +200,17 @@ def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Config,
     if not decision.proceed:
         return done.outcome(Outcome.PRUNED, decision.reason)
     train_start = time.perf_counter()
+    guard = clock.step_guard(lambda: len(state.history))
     for rung in rungs:
-        train(state, data.train, data.val, until=rung, callback=_stop_if_orphaned,
-              guard=DEVICE.shared)
-        with DEVICE.shared():
+        train(state, data.train, data.val, until=rung, callback=_stop_if_orphaned, guard=guard)
+        with clock.shared("validate"):
             done.rungs.append(_rung_report(state, data, time.perf_counter() - train_start))
         done.check_memory(f"training to step {rung}")
         decision = ask(EventKind.RUNG, done.rungs[-1])
         if not decision.proceed:
             done.timings["train_s"] = time.perf_counter() - train_start
-            files = _checkpoint_files(state) if decision.keep_weights else {}
+            with clock.phase("write"):
+                files = _checkpoint_files(state) if decision.keep_weights else {}
             return done.outcome(Outcome.PRUNED, decision.reason, artifacts=files)
     done.timings["train_s"] = time.perf_counter() - train_start
     return _complete(state, config, data, request, done, started)
@@ -193,24 +222,31 @@ def _complete(state: TrainState, config: Config, data: DataPayload, request: Tri
     assert done.measurement is not None
     measurement = done.measurement
     eval_start = time.perf_counter()
-    with DEVICE.shared():
-        quality = _evaluate(state, config, data, request)
+    quality = _evaluate(state, config, data, request, done.clock)
     done.check_memory("evaluation")
     done.timings["eval_s"] = time.perf_counter() - eval_start
+    if measurement.disturbed:
+        remeasure_start = time.perf_counter()
+        with done.clock.phase("latency"), DEVICE.exclusive():
+            measurement = done.measurement = _remeasure(state.model, config,
+                                                        request.latency_runs, measurement)
+        done.timings["remeasure_s"] = time.perf_counter() - remeasure_start
     values = {"fid": quality.record.fid, "latency_ms": measurement.latency_ms,
               "peak_mem_mb": measurement.memory_mb(request.memory)}
     metrics = _metrics(request, config, values, measurement, quality.to_dict(), done.rungs,
                        done.device)
-    artifacts = {"samples.png": grid_png(quality.grid), **_checkpoint_files(state)}
+    with done.clock.phase("write"):
+        artifacts = {"samples.png": grid_png(quality.grid), **_checkpoint_files(state)}
     table = None
     if request.table_dir:
-        with DEVICE.exclusive():
+        with done.clock.phase("table"), DEVICE.exclusive():
             table = observe_trial(state.model, config, request.table_dir,
                                   request.device_class, measurement.latency_ms)
     done.timings["total_s"] = time.perf_counter() - started
     done.stamp()
     metrics["timings"] = done.timings
-    artifacts["metrics.json"] = json.dumps(metrics, indent=2).encode()
+    with done.clock.phase("write"):
+        artifacts["metrics.json"] = json.dumps(metrics, indent=2).encode()
     return done.outcome(Outcome.COMPLETED, values=values, metrics=metrics, artifacts=artifacts,
                         latency_table=table)
 
@@ -271,15 +307,47 @@ def _measure(model: UNet, config: Config, runs: int, fit: BudgetFit | None,
     seconds = cost.seconds + (fit.seconds if fit is not None else 0.0)
     return Measurement(stat.median_ms, stat.spread, stat.samples_ms, memory.train_mb,
                        memory.sample_mb, seconds, fit.to_dict() if fit is not None else None,
-                       start)
+                       start, **_trust(stat))
 
 
-def _evaluate(state: TrainState, config: Config, data: DataPayload, request: TrialRequest
-              ) -> QualityResult:
-    """FID/KID of the EMA model on the shipped feature network, with the grid's samples."""
-    net = FeatureNetwork.from_bytes(data.feature_net)
-    return evaluate(state.ema_model(), config, data.real, net, request.fid_samples,
-                    request.eval_seed, request.grid_images)
+def _trust(stat: LatencyStat) -> dict[str, Any]:
+    """The :class:`Measurement` fields that say how far its latency can be trusted."""
+    return {"latency_ci": stat.ci, "latency_rounds": stat.rounds,
+            "disturbed_rounds": stat.disturbed_rounds, "reference_ratio": stat.reference_ratio,
+            "disturbed": stat.disturbed}
+
+
+def _remeasure(model: UNet, config: Config, runs: int, first: Measurement) -> Measurement:
+    """A disturbed latency taken again at the end of the trial, minutes after the first.
+
+    Returns:
+        ``first`` with both attempts in ``latency_attempts`` and the latency of the one
+        kept: the second if it was clean, else the less disturbed of the two (the one whose
+        reference ratio is nearer 1), still marked ``disturbed``.
+    """
+    start = time.perf_counter()
+    stat = measure_latency(model, config, runs)
+    second = replace(first, latency_ms=stat.median_ms, latency_spread=stat.spread,
+                     latency_samples_ms=stat.samples_ms, **_trust(stat))
+    seconds = time.perf_counter() - start
+    kept = second if not second.disturbed or (
+        abs(second.reference_ratio - 1) <= abs(first.reference_ratio - 1)) else first
+    attempts = (latency_attempt(first, "before training", first.seconds),
+                latency_attempt(second, "after evaluation", seconds))
+    return replace(kept, latency_attempts=attempts)
+
+
+def _evaluate(state: TrainState, config: Config, data: DataPayload, request: TrialRequest,
+              clock: PhaseClock) -> QualityResult:
+    """FID/KID of the EMA model on the shipped feature network, with the grid's samples
+    (:func:`engine.measure.evaluate`, its two halves timed apart)."""
+    n, seed = request.fid_samples, request.eval_seed
+    with clock.shared("fid"):
+        fake = sample_images(state.ema_model(), config, n, seed)
+    with clock.shared("features"):
+        net = FeatureNetwork.from_bytes(data.feature_net)
+        record = evaluate_quality(fake, data.real, net, n, seed)
+    return QualityResult(record, fake[:request.grid_images])
 
 
 def _metrics(request: TrialRequest, config: Config, values: dict[str, float],
@@ -308,6 +376,8 @@ _PARENT = os.getppid()
 
 def _die_with_parent() -> None:
     """Exit when the worker dies, so that a retried trial never runs twice at once."""
+    global _PARENT
+    _PARENT = os.getppid()  # a fork of the warm process has a new parent
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -337,16 +407,39 @@ class _Channel:
         return decision
 
 
-def main(argv: list[str]) -> int:
-    """Entry point of the child: ``python -m workers.trial FD``."""
+def serve(conn: Connection, launched_at: float, mode: str,
+          data: DataPayload | None = None) -> int:
+    """Run the one trial that comes over ``conn`` and send its outcome back.
+
+    Args:
+        conn: the pipe to the worker.
+        launched_at: ``time.time()`` when the worker launched this process.
+        mode: how it started (``spawn``, or ``fork`` of the warm process).
+        data: the study's data when this process already holds it (forked); else it comes
+            with the request.
+    """
+    clock = PhaseClock(DEVICE)
+    clock.add("start", time.time() - launched_at)
     _die_with_parent()
-    conn = Connection(int(argv[0]))
-    tag, request, data = conn.recv()
+    start = time.perf_counter()
+    tag, request, sent = conn.recv()
     assert tag == "run", tag
-    outcome = run_trial(request, data, _Channel(conn).ask)
-    conn.send(("done", outcome))
+    clock.add("transfer", time.perf_counter() - start)
+    payload = sent if sent is not None else data
+    assert payload is not None, "no data came with the request"
+    outcome = run_trial(request, payload, _Channel(conn).ask, clock)
+    if outcome.walltime is not None:
+        closed = outcome.walltime.closed(time.time() - launched_at)
+        outcome = replace(outcome, walltime=replace(closed, mode=mode))
+    conn.send(("done", outcome, time.time()))
     conn.close()
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of the child: ``python -m workers.trial FD [LAUNCHED_AT]``."""
+    launched_at = float(argv[1]) if len(argv) > 1 else time.time()
+    return serve(Connection(int(argv[0])), launched_at, "spawn")
 
 
 if __name__ == "__main__":

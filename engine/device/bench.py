@@ -7,15 +7,20 @@ between ``mx.reset_peak_memory()`` and ``mx.get_peak_memory()``. Every record ca
 the device fingerprint.
 
 A latency that has to hold on a busy machine (a trial's objective) is taken by
-:func:`steady_call`: a fixed reference workload is timed right before and right after each
-round; a round whose reference strays from its calibrated value by more than
-:data:`REFERENCE_TOLERANCE` was disturbed (another process took the CPU), is set aside and
-taken again after a pause; clean rounds are pooled until the 95% confidence interval of
-the median is within :data:`TARGET_CI`, up to :data:`MAX_ROUNDS`.
+:func:`steady_call`: each timed sample (the call run back to back for at least
+:data:`MIN_WINDOW_MS`, per call) sits between two probes of a fixed reference workload
+(interleaved: probe, sample, probe, sample, ..., probe); a sample whose probes stray from
+the reference's calibrated time by more than :data:`REFERENCE_TOLERANCE` was disturbed
+(another process took the CPU) and is set aside; a round with a disturbed sample is
+followed by a pause; clean samples are pooled until the 95% confidence interval of their
+median is within :data:`TARGET_CI`, up to :data:`MAX_ROUNDS` rounds. While it times, the
+process collects no garbage and its threads stay on one core.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -25,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,9 @@ disturbed."""
 TARGET_CI = 0.05
 """Clean rounds are pooled until the median's 95% confidence interval is within +-5%."""
 MAX_ROUNDS = 6
+MIN_WINDOW_MS = 25.0
+"""A timed sample runs the call back to back for at least this long: one sampling run of a
+small model takes a few ms, where a scheduler tick or a timer read is a large share."""
 PAUSES_S = (0.1, 0.2, 0.5, 1.0, 1.0)
 """Waits before taking a disturbed round again: a short burst passes, a long one is recorded
 as disturbed. At most 2.8 s in all: a trial pays these on every measurement, and longer
@@ -102,10 +110,10 @@ class LatencyStat:
 
     Set by :func:`steady_call` (defaults: a plain :func:`time_call`): ``ci``, the relative
     half-width of the median's 95% confidence interval; ``rounds``, the rounds timed;
-    ``disturbed_rounds``, those set aside because the reference workload strayed;
-    ``reference_ratio``, the reference's time beside the kept samples over its calibrated
-    time (the one furthest from 1); ``disturbed``, no round was clean, so the samples are
-    those of the least disturbed round.
+    ``disturbed_rounds``, those with a sample set aside because a reference probe beside it
+    strayed; ``reference_ratio``, the reference's time beside the kept samples over its
+    calibrated time (the one furthest from 1); ``disturbed``, too few samples were clean,
+    so the samples are the least disturbed ones.
     """
 
     median_ms: float
@@ -173,13 +181,16 @@ def _reference_workload() -> Callable[[], None]:
 class Reference:
     """The reference workload and its calibrated time on this machine.
 
-    The calibration is the 25th percentile of the last :attr:`KEEP` processes' calibrations
-    (each the fastest of three medians), kept in ``store`` (a JSON file in the temp folder,
-    one per device fingerprint), so that a process that starts under load still compares
-    with the machine's usual time.
+    The calibration is the 25th percentile of the last :attr:`KEEP` values in ``store`` (a
+    JSON file in the temp folder, one per device fingerprint): each process's own
+    calibration (the fastest of three medians of 5 probes), and the median probe of each
+    round that found the machine no slower than calibrated (:meth:`learn`). So a process
+    that starts under load still compares with the machine's usual time, and a calibration
+    taken under load is corrected by the quieter rounds after it, while a CPU hog, however
+    long it runs, never raises it.
     """
 
-    KEEP = 32
+    KEEP = 64
 
     def __init__(self, store: Path | None = None, workload: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
@@ -188,32 +199,63 @@ class Reference:
         self.clock = clock
         self._calibrated: float | None = None
 
-    def ms(self) -> float:
-        """The reference's time now: the median of 5 runs after one warm-up (ms)."""
-        return time_call(self.run, runs=5, retries=0, clock=self.clock).median_ms
-
     @property
     def calibrated_ms(self) -> float:
-        """The reference's usual time on this machine (ms); calibrated on first use."""
+        """The reference's usual time on this machine (ms); calibrated on first use, in the
+        probes' own terms (:meth:`probe`: the faster of two runs), so that a probe on a
+        quiet machine reads 1."""
         if self._calibrated is None:
-            own = min(self.ms() for _ in range(3))
-            history = (_read_json(self.store) + [own])[-self.KEEP:]
-            _write_json(self.store, history)
-            self._calibrated = float(np.percentile(history, 25))
+            self.run()
+            self._remember(min(float(np.median([self.probe() for _ in range(5)]))
+                               for _ in range(3)))
+        assert self._calibrated is not None
         return self._calibrated
 
-    def ratio(self) -> float:
-        """The reference's time now over its calibrated time."""
-        return self.ms() / self.calibrated_ms
+    def _remember(self, ms: float) -> None:
+        history = (_read_json(self.store) + [ms])[-self.KEEP:]
+        _write_json(self.store, history)
+        self._calibrated = float(np.percentile(history, 25))
+
+    def probe(self) -> float:
+        """A quick look at the machine between two timed samples: the faster of two runs of
+        the reference (ms; one run alone strays on a quiet machine)."""
+        return min(_once(self.run, self.clock) for _ in range(2))
+
+    def learn(self, probes_ms: list[float]) -> None:
+        """Add the median of a round's probes to the history when it is within
+        :data:`REFERENCE_TOLERANCE` of the calibration or faster (see the class docstring)."""
+        median = float(np.median(probes_ms))
+        if median <= self.calibrated_ms * (1 + REFERENCE_TOLERANCE):
+            self._remember(median)
 
 
-REFERENCE_VERSION = 2
-"""Part of the calibration store's name: a changed workload must not meet old times."""
+def _once(fn: Callable[[], Any], clock: Callable[[], float]) -> float:
+    start = clock()
+    fn()
+    return (clock() - start) * 1e3
+
+
+def window_ms(fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter,
+              min_ms: float = MIN_WINDOW_MS) -> float:
+    """Time per call of ``fn`` run back to back until at least ``min_ms`` have passed."""
+    start, count = clock(), 0
+    while True:
+        fn()
+        count += 1
+        elapsed = (clock() - start) * 1e3
+        if elapsed >= min_ms:
+            return elapsed / count
+
+
+REFERENCE_VERSION = 3
+"""Part of the calibration store's name: a changed workload or statistic (3: the probe's,
+the faster of two runs) must not meet old times."""
 
 
 def _reference_store() -> Path:
     fp = device_fingerprint()
-    key = hashlib.sha256(json.dumps([REFERENCE_VERSION, fp["chip"], fp["backend"], fp["blas"],
+    blas = fp["blas"].split(" (")[0]  # the library, not its path: every checkout shares it
+    key = hashlib.sha256(json.dumps([REFERENCE_VERSION, fp["chip"], fp["backend"], blas,
                                      fp["mlx"]]).encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"diffnas-reference-{key}.json"
 
@@ -238,49 +280,126 @@ def _write_json(path: Path, values: list[float]) -> None:
 _REFERENCE: Reference | None = None
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One timed sample and the reference probes on either side of it (ms)."""
+
+    ms: float
+    before_ms: float
+    after_ms: float
+
+    def ratio(self, calibrated_ms: float) -> float:
+        """The probe furthest from the calibration, over it: how disturbed the machine
+        looked around the sample."""
+        return max(self.before_ms / calibrated_ms, self.after_ms / calibrated_ms,
+                   key=lambda r: abs(r - 1))
+
+    def clean(self, calibrated_ms: float) -> bool:
+        """Both probes within :data:`REFERENCE_TOLERANCE` of the calibration."""
+        return abs(self.ratio(calibrated_ms) - 1) <= REFERENCE_TOLERANCE
+
+
 def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | None = None,
                 pause: Callable[[float], None] = time.sleep,
-                clock: Callable[[], float] = time.perf_counter) -> LatencyStat:
-    """:func:`time_call` between two timings of the reference workload, taken again while
-    the reference says the machine was disturbed, pooled until the median is within
-    :data:`TARGET_CI` (see the module docstring).
+                clock: Callable[[], float] = time.perf_counter, pin: bool = True
+                ) -> LatencyStat:
+    """Samples of ``fn`` interleaved with probes of the reference workload, in rounds until
+    the clean ones pin the median down (see the module docstring).
 
     Args:
         fn: the call to time; it must ``mx.eval`` its result.
-        runs: runs per round (at least 5).
+        runs: samples per round (at least 5).
         reference: the reference workload (default: this process's, calibrated once).
-        pause: how to wait before a disturbed round is taken again.
+        pause: how to wait after a round with a disturbed sample.
         clock: the clock ``fn`` is timed on (the reference keeps its own).
+        pin: keep the process's threads on the core it runs on while timing (Linux).
 
     Returns:
-        The pooled clean samples' :class:`LatencyStat`, or the least disturbed round's with
-        ``disturbed`` set when no round was clean.
+        :func:`decide` of every sample taken.
     """
     reference = reference or _process_reference()
-    clean: list[float] = []
-    kept = 1.0
-    # The least disturbed round: (deviation, reference ratio, samples).
-    least: tuple[float, float, tuple[float, ...]] = (math.inf, 1.0, ())
-    rounds = disturbed = 0
-    while rounds < MAX_ROUNDS:
-        rounds += 1
-        before = reference.ratio()
-        stat = time_call(fn, runs, retries=0, clock=clock)
-        ratio = max(before, reference.ratio(), key=lambda r: abs(r - 1))
-        if abs(ratio - 1) > REFERENCE_TOLERANCE:
-            disturbed += 1
-            least = min(least, (abs(ratio - 1), ratio, stat.samples_ms))
-            if rounds < MAX_ROUNDS:
-                pause(PAUSES_S[min(disturbed, len(PAUSES_S)) - 1])
-            continue
-        clean.extend(stat.samples_ms)
-        kept = max(kept, ratio, key=lambda r: abs(r - 1))
-        if median_ci(clean) <= TARGET_CI:
-            break
-    samples = clean or list(least[2])
+    calibrated = reference.calibrated_ms  # first, unpinned: as every process calibrates
+    taken: list[list[Sample]] = []
+    with _held_still(pin):
+        while len(taken) < MAX_ROUNDS:
+            fn()  # warm-up: compile and first touch stay out of the samples
+            taken.append(_round(fn, max(runs, 5), reference, clock))
+            reference.learn([p for s in taken[-1] for p in (s.before_ms, s.after_ms)])
+            calibrated = reference.calibrated_ms
+            stat = decide(taken, calibrated, runs)
+            if not stat.disturbed and stat.ci <= TARGET_CI:
+                break
+            if len(taken) < MAX_ROUNDS and not all(s.clean(calibrated) for s in taken[-1]):
+                pause(PAUSES_S[min(stat.disturbed_rounds, len(PAUSES_S)) - 1])
+    return stat
+
+
+def _round(fn: Callable[[], Any], runs: int, reference: Reference,
+           clock: Callable[[], float]) -> list[Sample]:
+    """``runs`` samples, each between two probes (a probe serves the samples on both sides)."""
+    probes = [reference.probe()]
+    times = []
+    for _ in range(runs):
+        times.append(window_ms(fn, clock))
+        probes.append(reference.probe())
+    return [Sample(ms, probes[i], probes[i + 1]) for i, ms in enumerate(times)]
+
+
+def decide(rounds: list[list[Sample]], calibrated_ms: float, runs: int = 5) -> LatencyStat:
+    """The latency that the samples taken in ``rounds`` support (pure: nothing is timed).
+
+    A sample is clean when both probes beside it are within :data:`REFERENCE_TOLERANCE` of
+    ``calibrated_ms``. With at least ``runs`` clean samples, the latency is their median.
+    With fewer, the machine never held still long enough: the ``runs`` least disturbed
+    samples give the latency, marked ``disturbed``.
+
+    Returns:
+        The :class:`LatencyStat`; ``disturbed_rounds`` counts rounds with a disturbed sample
+        and ``reference_ratio`` is the probe furthest from 1 beside the samples kept.
+    """
+    every = [s for r in rounds for s in r]
+    clean = [s for s in every if s.clean(calibrated_ms)]
+    disturbed = len(clean) < runs
+    kept = sorted(every, key=lambda s: abs(s.ratio(calibrated_ms) - 1))[:runs] if disturbed \
+        else clean
+    samples = [s.ms for s in kept]
     q1, med, q3 = np.percentile(samples, [25, 50, 75])
+    ratio = max((s.ratio(calibrated_ms) for s in kept), key=lambda r: abs(r - 1))
     return LatencyStat(float(med), float((q3 - q1) / med), tuple(samples), median_ci(samples),
-                       rounds, disturbed, kept if clean else least[1], not clean)
+                       len(rounds), sum(not all(s.clean(calibrated_ms) for s in r)
+                                        for r in rounds), ratio, disturbed)
+
+
+@contextlib.contextmanager
+def _held_still(pin: bool) -> Iterator[None]:
+    """No garbage collection pass inside a timed sample, and (``pin``, Linux) every thread
+    of the process on the core the caller runs on, so that none migrates mid-sample."""
+    collecting = gc.isenabled()
+    gc.disable()
+    masks = _pin_threads() if pin else {}
+    try:
+        yield
+    finally:
+        for tid, mask in masks.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, mask)
+        if collecting:
+            gc.enable()
+
+
+def _pin_threads() -> dict[int, set[int]]:
+    """Pin every thread (MLX computes on its own) to this thread's core; their old masks."""
+    try:
+        core = int(Path("/proc/thread-self/stat").read_text().rsplit(")", 1)[1].split()[36])
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except (OSError, ValueError, IndexError):
+        return {}  # not Linux: macOS keeps its own scheduling
+    masks = {}
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            masks[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, {core})
+    return masks
 
 
 def _process_reference() -> Reference:

@@ -125,6 +125,23 @@ class FeatureNetwork:
         """Return the argmax class ``(N,)`` of NHWC images in [-1, 1]."""
         return self._map(images, batch_size, self.model).argmax(axis=1)
 
+    def probabilities(self, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        """Class probabilities (softmax of the logits) of NHWC images in [-1, 1].
+
+        Args:
+            images: ``(N, H, W, in_channels)`` images; any square size.
+            batch_size: Images per forward pass, bounding memory.
+
+        Returns:
+            ``(N, num_classes)`` float64, each row summing to 1.
+
+        Raises:
+            ValueError: If the images are not NHWC with ``in_channels`` channels.
+        """
+        logits = self._map(images, batch_size, self.model)
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return np.asarray(shifted / shifted.sum(axis=1, keepdims=True))
+
     def _map(
         self, images: np.ndarray, batch_size: int, fn: Callable[[mx.array], mx.array]
     ) -> np.ndarray:

@@ -192,6 +192,24 @@ def _check_pair(a: np.ndarray, b: np.ndarray, minimum: int) -> tuple[np.ndarray,
     return a, b
 
 
+def check_real_count(n: int, available: int, what: str) -> None:
+    """Refuse an evaluation of ``n`` samples against ``available`` real images before any
+    training: :func:`evaluate_quality` draws two disjoint real sets of ``n``.
+
+    Args:
+        n: the sample count.
+        available: the real images there are.
+        what: what names ``n`` to the user, e.g. ``[evaluate] fid_samples``.
+
+    Raises:
+        ValueError: ``available < 2 * n``, naming both numbers.
+    """
+    if available < 2 * n:
+        raise ValueError(f"{what} = {n} needs {2 * n} real images (two disjoint sets of {n}: "
+                         f"the scores and the real-vs-real floor), but the dataset has "
+                         f"{available}: lower {what} to at most {available // 2}")
+
+
 def evaluate_quality(
     generated: np.ndarray,
     real: np.ndarray,
@@ -220,7 +238,7 @@ def evaluate_quality(
     """
     if n < 4:
         raise ValueError(f"n must be >= 4, got {n}")
-    if len(real) < 2 * n or len(generated) < n:
+    if len(real) < 2 * n or len(generated) < n:  # check_real_count says it before training
         raise ValueError(
             f"need >= {2 * n} real and >= {n} generated images, got {len(real)} and {len(generated)}"
         )

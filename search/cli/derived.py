@@ -11,7 +11,14 @@ import argparse
 import sys
 from typing import Any
 
-from search.cli.common import open_study, storage_args
+from search.cli.common import (
+    non_negative_int,
+    number,
+    open_study,
+    positive_float,
+    positive_int,
+    storage_args,
+)
 from search.derived import points as dv
 from search.derived.operations import compress_trial, distill_trial, schedule_trial
 
@@ -34,8 +41,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _percent(text: str) -> float:
     """``5%`` or ``0.05`` -> 0.05."""
     try:
-        value = float(text.removesuffix("%")) / (100.0 if text.endswith("%") else 1.0)
-    except ValueError:
+        value = number(text.removesuffix("%")) / (100.0 if text.endswith("%") else 1.0)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"not a fraction or percentage: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
@@ -62,16 +69,6 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 # -- the parser --------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return value
-
-
 def register(subparsers: Any) -> None:
     """Add ``distill``, ``compress`` and ``schedule`` to ``subparsers``."""
     def common(p: argparse.ArgumentParser) -> None:
@@ -83,14 +80,14 @@ def register(subparsers: Any) -> None:
                               "student joins the Pareto front")
     common(p)
     p.add_argument("--method", choices=["progressive", "consistency"], default="progressive")
-    p.add_argument("--steps", type=_positive_int, default=4, help="target sampling steps")
-    p.add_argument("--teacher-steps", type=_positive_int, default=64,
+    p.add_argument("--steps", type=positive_int, default=4, help="target sampling steps")
+    p.add_argument("--teacher-steps", type=positive_int, default=64,
                    help="the teacher's DDIM steps (progressive: steps x a power of 2)")
-    p.add_argument("--max-fid-ratio", type=float, default=1.10,
+    p.add_argument("--max-fid-ratio", type=positive_float, default=1.10,
                    help="quality gate: a stage passes at FID <= this x the previous stage's")
-    p.add_argument("--retries", type=int, default=2, help="retries of a failing stage")
-    p.add_argument("--train-steps", type=_positive_int, help="training steps per stage")
-    p.add_argument("--batch-size", type=_positive_int, help="training batch per stage")
+    p.add_argument("--retries", type=non_negative_int, default=2, help="retries of a failing stage")
+    p.add_argument("--train-steps", type=positive_int, help="training steps per stage")
+    p.add_argument("--batch-size", type=positive_int, help="training batch per stage")
     p.set_defaults(func=_cmd_distill)
 
     p = subparsers.add_parser("compress", help="compress a trial within an FID tolerance; the "
@@ -100,17 +97,17 @@ def register(subparsers: Any) -> None:
                    help="largest accepted FID increase, e.g. 5%% (default) or 0.05")
     p.add_argument("--methods", help="comma-separated subset of prune,quantize,cast (default: "
                    "all, mild to aggressive)")
-    p.add_argument("--finetune-steps", type=int, default=100,
+    p.add_argument("--finetune-steps", type=non_negative_int, default=100,
                    help="training steps after each pruning level")
     p.set_defaults(func=_cmd_compress)
 
     p = subparsers.add_parser("schedule", help="optimise a trial's timestep schedule for K "
                               "steps; the tuned model joins the Pareto front")
     common(p)
-    p.add_argument("--steps", type=_positive_int, required=True, help="sampling steps K")
+    p.add_argument("--steps", type=positive_int, required=True, help="sampling steps K")
     p.add_argument("--sampler", help="sampler to tune for (default: the trial's)")
-    p.add_argument("--seconds", type=float, default=60.0, help="optimiser time limit")
-    p.add_argument("--seed", type=int, default=0, help="noise and optimiser seed")
-    p.add_argument("--batch", type=_positive_int, default=64, help="validation noise batch")
+    p.add_argument("--seconds", type=positive_float, default=60.0, help="optimiser time limit")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="noise and optimiser seed")
+    p.add_argument("--batch", type=positive_int, default=64, help="validation noise batch")
     p.set_defaults(func=_cmd_schedule)
 

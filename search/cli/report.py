@@ -9,9 +9,12 @@ from typing import Any
 
 from search.cli.common import open_study, storage_args
 from search.html import write_report
+from search.storage import paths
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        paths.check_file(args.out, "--out")
     study = open_study(args)
     started = time.perf_counter()
     out = write_report(study, args.results, args.out or args.results / args.study / "report.html")

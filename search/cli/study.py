@@ -8,31 +8,44 @@ parses nothing itself and delegates to the ``search`` modules. User errors are
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import workers  # noqa: F401  (Ray's environment defaults, before ray is imported)
 from search import plot, report, rows
-from search.cli.common import open_study, storage_args
+from search.cli.common import (
+    non_negative_int,
+    number,
+    open_study,
+    positive_float,
+    positive_int,
+    storage_args,
+)
 from search.derived.operations import distill_front
 from search.derived.points import companion, source
 from search.run import progress
+from search.storage import paths
 from search.storage import study as st
 from search.storage.artifacts import export_trial
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from search.run.runner import SearchOptions, run_search  # loads Ray: the reports need not
+    from search.run.cluster import native_output_to  # loads Ray: the reports need not
+    from search.run.runner import SearchOptions, run_search
 
     options = SearchOptions(
         space=args.space or args.preset, study=args.study, storage=args.storage,
         results=args.results, trials=args.trials, workers=args.workers, address=args.address,
-        sampler=args.sampler, seed=args.seed, pruner=args.pruner, max_retries=args.max_retries,
-        timeout_s=args.timeout, max_latency_ms=args.max_latency_ms)
+        insecure=args.insecure, sampler=args.sampler, seed=args.seed, pruner=args.pruner,
+        max_retries=args.max_retries, timeout_s=args.timeout,
+        max_latency_ms=args.max_latency_ms)
     if options.space is None and options.study is None:
         options = SearchOptions(**{**options.__dict__, "space": "demo"})
-    result = run_search(options, progress.for_stream(sys.stderr))
+    with native_output_to(_ray_log()):  # Ray's C++ warnings and dumps
+        result = run_search(options, progress.for_stream(sys.stderr))
     study = st.load_existing(st.open_storage(result.storage, create=False), result.study)
     front = report.front(study, st.stored_space(study))
     png = plot.plot_front(front, result.results / result.study / "pareto.png", result.study)
@@ -63,6 +76,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:
+    if args.plot is not None:
+        paths.check_file(args.plot, "--plot")
     study = open_study(args)
     front = report.front(study, st.stored_space(study), args.reference)
     if args.json or args.csv:  # machine-readable: nothing else on stdout
@@ -79,6 +94,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    paths.check_dir(args.out, "--out")
     study = open_study(args)
     src = source(study, str(args.trial))  # a trial (3) or a derived point (d0)
     holder = companion(study) if src.label.startswith("d") else study
@@ -91,17 +107,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_workers(args: argparse.Namespace) -> int:
     from search.run.pool import workers_text  # loads Ray: the reports need not
 
-    print(workers_text(args.address))
+    print(workers_text(args.address, args.insecure))
     return 0
+
+
+def _ray_log() -> Path:
+    """Where Ray's own output of this process goes: beside Ray's session logs."""
+    return Path(tempfile.gettempdir()) / "ray" / f"diffnas-search-{os.getpid()}.log"
 
 
 def _reference(text: str) -> tuple[float, ...]:
     try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not numbers: {text!r}") from None
+        values = tuple(number(v) for v in text.split(","))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"not finite numbers: {text!r}") from None
     if len(values) != 3:
         raise argparse.ArgumentTypeError("needs 3 values: fid,latency_ms,peak_mem_mb")
+    if min(values) <= 0:  # every objective is positive; a point at or below 0 bounds nothing
+        raise argparse.ArgumentTypeError(f"values must be > 0, got {text!r}")
     return values
 
 
@@ -114,24 +137,28 @@ def register(subparsers: Any) -> None:
     p.add_argument("--study", help="study name (default: the space's name); an existing "
                    "study is resumed")
     storage_args(p)
-    p.add_argument("--trials", type=int, help="target count of finished trials")
-    p.add_argument("--workers", type=int, help="at most this many workers (embedded Ray: "
-                   "this many; default one per core, one on a Mac)")
-    p.add_argument("--address", help="join this Ray cluster (ray start --head) instead of "
-                   "starting one")
+    p.add_argument("--trials", type=positive_int, help="target count of finished trials")
+    p.add_argument("--workers", type=positive_int, help="at most this many workers "
+                   "(embedded Ray: this many; default one per core, one on a Mac)")
+    p.add_argument("--address", help="join this Ray cluster (HOST:PORT of `ray start --head`) "
+                   "instead of starting one on loopback; it must require token "
+                   "authentication (README, 'A cluster of machines')")
+    p.add_argument("--insecure", action="store_true", help="with --address: join a cluster "
+                   "that does not require token authentication")
     p.add_argument("--sampler", choices=["tpe", "nsga2"], help="new studies only")
-    p.add_argument("--seed", type=int, help="sampler seed (new studies only)")
+    p.add_argument("--seed", type=non_negative_int, help="sampler seed (new studies only)")
     p.add_argument("--pruner", help="none | constraints | mo-asha (default: the space's "
                    "[study] pruner); may differ on resume")
-    p.add_argument("--max-retries", type=int, default=2,
+    p.add_argument("--max-retries", type=non_negative_int, default=2,
                    help="retries of a trial whose process or worker died")
-    p.add_argument("--timeout", type=float, help="seconds; then stop asking for new trials")
-    p.add_argument("--distill-front", type=int, default=0, metavar="K",
+    p.add_argument("--timeout", type=positive_float,
+                   help="seconds; then stop asking for new trials")
+    p.add_argument("--distill-front", type=non_negative_int, default=0, metavar="K",
                    help="when the search ends, distil the K non-dominated trials of lowest "
                    "FID (see diffnas distill)")
     p.add_argument("--distill-method", choices=["progressive", "consistency"],
                    default="progressive", help="with --distill-front (default: progressive)")
-    p.add_argument("--distill-steps", type=int, default=4,
+    p.add_argument("--distill-steps", type=positive_int, default=4,
                    help="with --distill-front: target sampling steps (default: 4)")
     p.add_argument("--max-latency-ms", type=float,
                    help="sampling latency target (ms per image, batch 1): each trial's worker "
@@ -172,5 +199,8 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_cmd_export)
 
     p = subparsers.add_parser("workers", help="connected workers and their device profiles")
-    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    p.add_argument("--address", default="auto", help="Ray cluster address HOST:PORT "
+                   "(default: auto, the cluster `ray start` runs on this machine)")
+    p.add_argument("--insecure", action="store_true",
+                   help="join a cluster that does not require token authentication")
     p.set_defaults(func=_cmd_workers)

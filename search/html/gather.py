@@ -79,7 +79,8 @@ def _row(trial: FrozenTrial, label: str, front: report.Front, study: str,
         else False, "params": dict(r.params), "fid_floor": (f.quality or {}).get("fid_floor"),
         "quality": dict(f.quality or {}), "device_class": f.device_class or None,
         "worker": f.worker or None, "wall_s": (f.timings or {}).get("wall_s"),
-        "reason": r.reason, "lineage": lineage(r),
+        "reason": "; ".join(n for n in (r.reason, report.disturbed_note(r)) if n),
+        "lineage": lineage(r),
         "thumb": _thumb(r, label, study, results)}
 
 

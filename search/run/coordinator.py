@@ -30,6 +30,7 @@ from search.run.pool import Death, Reports, Result, Worker, WorkerPool
 from search.run.progress import Progress, RunningTrial, Silent, Snapshot
 from search.run.stages import InvalidSpaceError
 from search.space import SearchSpace
+from search.storage import record as rec
 from search.storage import study as st
 from search.storage.lease import Lease
 from workers.records import LATENCY_TARGET, Decision, Event, EventKind
@@ -71,6 +72,7 @@ class Coordinator:
         self._messages: list[str] = []
         self._summary: tuple[int, tuple[collections.Counter[TrialState], int, float]] | None
         self._summary = None
+        self._recorded: set[str] = set()  # workers whose own costs are stored
 
     @property
     def tally(self) -> Tally:
@@ -94,6 +96,7 @@ class Coordinator:
                 if self.lease is not None:
                     self.lease.renew()
                 self.pool.refresh()
+                self._record_workers()
                 if self.ctx.hooks.ready(self.ctx):
                     self._fill()
                 for completion in self.pool.wait(0.5):
@@ -106,6 +109,14 @@ class Coordinator:
             raise
         self._show()
         return self.tally
+
+    def _record_workers(self) -> None:
+        """Store each new worker's own costs (its start and latency table) on the study."""
+        for worker in self.pool.workers.values():
+            doc = worker.profile.get("walltime")
+            if worker.name not in self._recorded and doc is not None:
+                rec.write_worker(self.study, rec.WorkerTime(worker.name, **doc))
+                self._recorded.add(worker.name)
 
     def _may_ask(self) -> bool:
         if self.deadline is not None and time.time() >= self.deadline:

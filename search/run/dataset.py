@@ -11,13 +11,14 @@ from pathlib import Path
 
 from engine.data.datasets import load_dataset
 from engine.quality.features import feature_network_for
+from engine.quality.metrics import check_real_count
 from search.run.progress import setup_step
 from search.space import DataSettings
 from workers.records import DataPayload
 
 
-def build_payload(settings: DataSettings, cache_dir: Path,
-                  progress: object = None) -> DataPayload:
+def build_payload(settings: DataSettings, cache_dir: Path, progress: object = None,
+                  fid_samples: int | None = None) -> DataPayload:
     """Load the dataset, split train/val, and pack the feature network for FID/KID.
 
     Args:
@@ -25,12 +26,17 @@ def build_payload(settings: DataSettings, cache_dir: Path,
         cache_dir: where trained feature networks are cached.
         progress: shows each step as it runs (:func:`search.run.progress.setup_step`):
             loading the data, and training a feature network when none is cached.
+        fid_samples: the space's ``[evaluate] fid_samples``; the dataset must hold twice
+            as many images (checked here, not after every trial has trained).
 
     Raises:
-        ValueError: a missing or corrupt dataset (``engine.data.datasets.DatasetError``), with the path.
+        ValueError: a missing or corrupt dataset (``engine.data.datasets.DatasetError``), with the path;
+            or one too small for ``fid_samples``, naming both numbers.
     """
     with setup_step(progress, f"loading dataset {settings.dataset} at {settings.image_size} px"):
         dataset = load_dataset(settings.dataset, image_size=settings.image_size)
+    if fid_samples is not None:
+        check_real_count(fid_samples, len(dataset), "[evaluate] fid_samples")
     train, val = dataset.split(settings.val_fraction, settings.split_seed)
     what = (f"training the FID feature network for {dataset.name} at {dataset.image_size} px "
             f"(once; cached in {cache_dir})")

@@ -68,6 +68,7 @@ class Flight:
     conversion: rec.Conversion | None = None  # how that latency was converted
     avoid: frozenset[str] = frozenset()  # workers a retry should not go back to
     overhead_s: float = 0.0  # coordinator time spent on this trial
+    result_at: float = 0.0  # time.perf_counter() when the attempt's outcome arrived
 
     @property
     def number(self) -> int:

@@ -2,7 +2,8 @@
 
 The pool starts an actor for every free unit of :data:`workers.RESOURCE` in the cluster
 (so a node that joins mid-study gets work), keeps one long-poll for reports outstanding
-per actor, and turns a dead actor into a :class:`Death` for its trial. It is the only
+per actor, and turns a dead actor into a :class:`Death` for its trial. With
+:mod:`search.run.cluster` (how a cluster is started, joined and watched) it is the only
 module of ``search`` that talks to Ray.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorAlreadyExistsError, RayActorError, RayError
 
+from search.run.cluster import check_cluster, loopback_only
 from workers.actor import RESOURCE, start_worker
 from workers.records import Decision, Event, Outcome, TrialOutcome, TrialRequest, WorkerSetup
 
@@ -86,27 +88,55 @@ def local_worker_count() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-def connect(address: str | None, workers: int | None) -> bool:
-    """Join the cluster at ``address``, or start an embedded one; returns whether we started it.
+def connect(address: str | None, workers: int | None, insecure: bool = False) -> bool:
+    """Join the cluster at ``address`` once :func:`~search.run.cluster.check_cluster` lets
+    us, or start an embedded one; returns whether we connected (``False``: this process
+    already was).
+
+    Args:
+        address: ``HOST:PORT`` of a head's GCS, ``"auto"`` (the one on this machine), or
+            ``None`` for an embedded cluster.
+        workers: device units of an embedded cluster (default :func:`local_worker_count`).
+        insecure: join a cluster that does not require token authentication.
 
     Raises:
-        ValueError: the address cannot be reached.
+        ValueError: the cluster cannot be reached or joined, or refuses us (one line).
+    """
+    if ray.is_initialized():
+        return False
+    return start_ray(check_cluster(address, insecure) if address else None, workers)
+
+
+def start_ray(gcs: str | None, workers: int | None) -> bool:
+    """Join the checked cluster at ``gcs``, or start an embedded one that listens on
+    loopback only; returns whether we connected (``False``: this process already was).
+
+    Raises:
+        ValueError: ``ray.init`` failed to join ``gcs``, or the embedded cluster did not
+            start (a raylet that died or missed Ray's start-up limit).
     """
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False,
                               "include_dashboard": False}
-    if address:
+    if gcs:
         try:
-            ray.init(address=address, **kwargs)
+            ray.init(address=gcs, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            raise ValueError(f"cannot join the Ray cluster at {address}: {err}") from None
+            raise ValueError(f"cannot join the Ray cluster at {gcs}: {err}") from None
         return True
     n = workers or local_worker_count()
     # address="local": always a new embedded cluster, even when another Ray instance runs
     # on this machine (or RAY_ADDRESS points at one); without --address we never join one.
-    ray.init(address="local", num_cpus=max(n, os.cpu_count() or 1), resources={RESOURCE: n},
-             **kwargs)
+    try:
+        with loopback_only():
+            ray.init(address="local", num_cpus=max(n, os.cpu_count() or 1),
+                     resources={RESOURCE: n}, **kwargs)
+    except Exception as err:  # noqa: BLE001 (Ray raises a bare Exception when a node dies
+        ray.shutdown()        # or misses its start-up limit on a loaded machine)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"the embedded Ray cluster did not start: {first} (nothing was "
+                         "run; the same command resumes)") from None
     return True
 
 
@@ -285,13 +315,14 @@ def device_nodes() -> list[dict[str, Any]]:
             for n in ray.nodes() if n.get("Alive")]
 
 
-def workers_text(address: str | None) -> str:
+def workers_text(address: str | None, insecure: bool = False) -> str:
     """The ``diffnas workers`` report: device units per node, and each running worker.
 
     Raises:
-        ValueError: no Ray cluster at ``address``.
+        ValueError: no Ray cluster at ``address``, or one we may not join (see
+            :func:`connect`).
     """
-    started = connect(address or "auto", None)
+    started = connect(address or "auto", None, insecure)
     try:
         nodes, running = device_nodes(), list_workers()
     finally:

@@ -11,10 +11,12 @@ This is what ``diffnas search`` calls; a notebook can call it too::
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +28,12 @@ from search import pareto
 from search.hooks.hardware import worker_setup
 from search.pruning.base import Pruner
 from search.pruning.registry import make_pruner
+from search.run.cluster import EXIT_LOST, Watch, check_cluster
 from search.run.coordinator import Coordinator, Tally
 from search.run.dataset import build_payload
 from search.run.progress import Progress, Silent, setup_step
 from search.space import SearchSpace, load_space
-from search.storage import artifacts, lease
+from search.storage import artifacts, lease, paths
 from search.storage import study as st
 from workers.actor import RESOURCE
 from workers.records import DataPayload
@@ -47,12 +50,16 @@ class SearchOptions:
     trials: int | None = None  # target count of finished trials (counts earlier runs)
     workers: int | None = None  # at most this many workers (embedded: this many)
     address: str | None = None  # join this Ray cluster instead of starting one
+    insecure: bool = False  # join a cluster that does not require token authentication
     sampler: str | None = None  # tpe | nsga2 (new studies only)
     seed: int | None = None  # new studies only
     pruner: str | None = None  # none | constraints | mo-asha (default: the space's)
     max_retries: int = 2  # retries of a trial whose process or worker died
     timeout_s: float | None = None  # stop asking for new trials after this long
     max_latency_ms: float | None = None  # each trial samples with the most steps that fit
+
+    def __repr__(self) -> str:
+        return _redacted_repr(self)
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,19 @@ class SearchResult:
     overhead_s: tuple[float, ...] = field(default=())
     durations_s: tuple[float, ...] = field(default=())
 
+    def __repr__(self) -> str:
+        return _redacted_repr(self)
+
+
+def _redacted_repr(record: SearchOptions | SearchResult) -> str:
+    """The dataclass repr, with any password in the storage URL shown as ``***`` (a
+    notebook prints options and results)."""
+    shown = {f.name: getattr(record, f.name) for f in fields(record)}
+    if shown["storage"] is not None:
+        shown["storage"] = st.redact(shown["storage"])
+    body = ", ".join(f"{name}={value!r}" for name, value in shown.items())
+    return f"{type(record).__name__}({body})"
+
 
 def run_search(options: SearchOptions, progress: Progress | None = None) -> SearchResult:
     """Create or resume a study and run trials until its target count has finished.
@@ -84,9 +104,11 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
         StudyError: bad storage URL or study name, unknown study without a space,
             mismatched space, a damaged storage, another coordinator holding the study, or
             a results folder that belongs to another study.
-        ValueError: no device workers in the cluster, or a bad dataset.
+        ValueError: no device workers in the cluster, a cluster that cannot be reached or
+            joined safely (before the storage is opened), or a bad dataset.
     """
     start = time.time()
+    _check_options(options)
     space = load_space(options.space) if options.space is not None else None
     name = options.study or (space.name if space else None)
     if name is None:
@@ -94,6 +116,9 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
     st.check_name(name)
     results = Path(options.results)
     payload = _checked_inputs(space, options, results, progress) if space else None
+    # A cluster we cannot join fails here, in seconds, and leaves no study behind; an
+    # embedded one starts after the storage is opened (a storage error need not wait).
+    gcs = check_cluster(options.address, options.insecure) if options.address else None
     url = options.storage or st.default_storage(results)
     with _storage_errors(url):
         storage = st.open_storage(url, create=space is not None)
@@ -105,7 +130,7 @@ def run_search(options: SearchOptions, progress: Progress | None = None) -> Sear
         held = lease.acquire(study)  # before anything else writes: one coordinator a study
         try:
             run = Run(storage, results, artifacts.claim(results, study), held)
-            requeued, target, tally = _search(study, space, options, run, payload,
+            requeued, target, tally = _search(study, space, options, run, payload, gcs,
                                               progress or Silent())
         finally:
             held.release()
@@ -129,40 +154,65 @@ def _storage_errors(url: str) -> Iterator[None]:
     try:
         yield
     except (optuna.exceptions.StorageInternalError, SQLAlchemyError) as err:
-        raise st.StudyError(f"storage {url} failed: {str(err).splitlines()[0]}") from None
+        raise st.StudyError(st.failure("storage {url} failed", url, err)) from None
 
 
 def _search(study: optuna.Study, space: SearchSpace, options: SearchOptions, run: Run,
-            payload: DataPayload | None, progress: Progress
+            payload: DataPayload | None, gcs: str | None, progress: Progress
             ) -> tuple[tuple[int, ...], int, Tally | None]:
     """Recover the stale trials, then run until the target; returns (requeued, target,
     tally)."""
     pruner = make_pruner(options.pruner or space.study.pruner, space)
     requeued = tuple(st.recover_stale(study, run.storage))
-    target = options.trials or space.study.trials
+    target = space.study.trials if options.trials is None else options.trials
     study.set_user_attr("target", target)
     study.set_user_attr("pruner", pruner.name)  # the latest run's; each decision names its own
     if st.finished_count(study) >= target:
         return requeued, target, None
     assert payload is not None
-    return requeued, target, _run(study, space, options, run, payload, pruner, target,
-                                  progress)
+    return requeued, target, _run(study, space, options, run, payload, gcs, pruner,
+                                  target, progress)
+
+
+def _check_options(options: SearchOptions) -> None:
+    """Refuse option values no search can use, before anything is read or written.
+
+    Raises:
+        ValueError: naming the option (its CLI flag) and the value.
+    """
+    bad = [(flag, value, why) for flag, value, ok, why in (
+        ("--trials", options.trials, options.trials is None or options.trials >= 1, ">= 1"),
+        ("--workers", options.workers, options.workers is None or options.workers >= 1,
+         ">= 1"),
+        ("--max-retries", options.max_retries, options.max_retries >= 0, ">= 0"),
+        ("--timeout", options.timeout_s, options.timeout_s is None or options.timeout_s > 0,
+         "> 0"),
+        ("--seed", options.seed, options.seed is None or options.seed >= 0, ">= 0"),
+        ("--max-latency-ms", options.max_latency_ms,
+         options.max_latency_ms is None or options.max_latency_ms > 0, "> 0"),
+    ) if not ok]
+    if bad:
+        flag, value, why = bad[0]
+        raise ValueError(f"{flag}: must be {why}, got {value:g}")
+    paths.check_dir(Path(options.results), "--results")
+    if options.storage is not None:
+        st.check_local_path(options.storage)
 
 
 def _checked_inputs(space: SearchSpace, options: SearchOptions, results: Path,
                     progress: Progress | None) -> DataPayload:
     """Validate the options and load the dataset before the storage is touched."""
     make_pruner(options.pruner or space.study.pruner, space)
-    if options.max_latency_ms is not None and not options.max_latency_ms > 0:
-        raise ValueError(f"--max-latency-ms: must be > 0, got {options.max_latency_ms:g}")
-    return build_payload(space.data, results / "feature-nets", progress)
+    return build_payload(space.data, results / "feature-nets", progress,
+                         fid_samples=space.evaluate.fid_samples)
 
 
 def _run(study: optuna.Study, space: SearchSpace, options: SearchOptions, run: Run,
-         payload: DataPayload, pruner: Pruner, target: int, progress: Progress) -> Tally:
+         payload: DataPayload, gcs: str | None, pruner: Pruner, target: int,
+         progress: Progress) -> Tally:
     import ray
 
-    from search.run.pool import WorkerPool, connect
+    from search.run.pool import WorkerPool, start_ray
 
     results = run.results
     for partial in run.folder.glob("*.partial"):
@@ -170,8 +220,9 @@ def _run(study: optuna.Study, space: SearchSpace, options: SearchOptions, run: R
     joining = f"joining the Ray cluster at {options.address}" if options.address else (
         "starting Ray (embedded)")
     with setup_step(progress, joining):
-        started = connect(options.address, options.workers)
+        started = start_ray(gcs, options.workers)
     run.held.renew(force=True)  # starting Ray can take a while
+    watch = Watch.start(Abandon(run.held), remote=gcs is not None) if started else None
     pool = None
     try:
         if not ray.cluster_resources().get(RESOURCE):
@@ -187,11 +238,32 @@ def _run(study: optuna.Study, space: SearchSpace, options: SearchOptions, run: R
                                   options.max_latency_ms, run.held)
         return coordinator.run()
     finally:
+        if watch is not None:
+            watch.stop()
         progress.close()
         if pool is not None:
             pool.shutdown()
         if started:
             ray.shutdown()
+
+
+class Abandon:
+    """What a cluster that dies under the search does to it: one line on stderr, the lease
+    released (so the same command resumes at once, from any host), and exit status
+    :data:`~search.run.cluster.EXIT_LOST`. It runs on the watch's thread: the main thread
+    is stuck in Ray, and Ray would soon end the process with a log dump itself."""
+
+    def __init__(self, held: lease.Lease | None = None) -> None:
+        self.held = held
+
+    def __call__(self, what: str) -> None:
+        lead = "\n" if sys.stderr.isatty() else ""  # below a live progress line
+        print(f"{lead}diffnas: error: {what}; run the same command again to resume the "
+              "study", file=sys.stderr, flush=True)
+        if self.held is not None:
+            with contextlib.suppress(Exception):  # a storage that failed too: it times out
+                self.held.release()
+        os._exit(EXIT_LOST)
 
 
 def _result(study: optuna.Study, space: SearchSpace, url: str, results: Path, resumed: bool,

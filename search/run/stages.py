@@ -118,7 +118,8 @@ def dispatch(ctx: Context, flight: Flight, worker: Worker) -> None:
                            latency_runs=ev.latency_runs, memory=ev.memory, eval_seed=ev.seed,
                            memory_limit_mb=ctx.space.constraints.max_trial_memory_mb,
                            latency_target_ms=ctx.latency_target_ms)
-    ctx.pool.dispatch(worker, ctx.hooks.on_dispatch(ctx, flight, worker, request), ctx.data_ref)
+    request = replace(ctx.hooks.on_dispatch(ctx, flight, worker, request), sent_at=time.time())
+    ctx.pool.dispatch(worker, request, ctx.data_ref)
     flight.current, flight.phase = Current(worker.name, time.time()), Phase.STARTING
     flight.overhead_s += time.perf_counter() - start
 
@@ -165,6 +166,7 @@ def on_rung(ctx: Context, flight: Flight, rung: RungReport) -> Decision:
 
 def on_result(ctx: Context, flight: Flight, outcome: TrialOutcome) -> None:
     """An attempt ended: complete it, retry a crash, or stop it (PRUNED or FAIL)."""
+    flight.result_at = time.perf_counter()
     worker = ctx.pool.find(outcome.worker)
     ctx.hooks.on_result(ctx, flight, outcome, worker)
     _end_attempt(flight, outcome.status.value, outcome.reason, outcome.worker)
@@ -215,10 +217,23 @@ def complete(ctx: Context, flight: Flight, outcome: TrialOutcome) -> None:
         tell(ctx, flight, TrialState.FAIL, f"non-finite objective values {values}",
              outcome=outcome, feasible=_constrain(ctx, flight, outcome))
         return
+    _remeasured(flight, outcome)
     files = _keep_artifacts(ctx, flight, outcome)
     feasible = _constrain(ctx, flight, outcome)
     flight.overhead_s += time.perf_counter() - start
     tell(ctx, flight, TrialState.COMPLETE, "", values, outcome, files, feasible)
+
+
+def _remeasured(flight: Flight, outcome: TrialOutcome) -> None:
+    """A disturbed latency the worker measured again at the end: the measured record is
+    written again with both attempts, and the constraints see the kept latency."""
+    m = outcome.measurement
+    stored = flight.trial.user_attrs.get(rec.MEASURED)
+    if m is None or not m.latency_attempts or stored is None:
+        return
+    scale = _target_value(flight, "latency_ms", 1.0)
+    flight.measurement = replace(m, latency_ms=m.latency_ms * scale)
+    rec.write(flight.trial, rec.remeasured(rec.Measured.from_doc(stored), m, scale))
 
 
 def stop(ctx: Context, flight: Flight, outcome: TrialOutcome) -> None:
@@ -268,6 +283,9 @@ def tell(ctx: Context, flight: Flight, state: TrialState, reason: str,
          feasible: bool | None = None) -> None:
     """Write the finished record (and the flat headline numbers), then tell Optuna."""
     start = time.perf_counter()
+    if outcome is not None and outcome.walltime is not None:  # up to now: within wall_s below
+        written_s = time.perf_counter() - flight.result_at  # the coordinator's part of it
+        rec.write(flight.trial, outcome.walltime.plus(write_s=written_s))
     finished = _finished(ctx, flight, reason, outcome, files,
                          feasible if ctx.limits else None)
     rec.write(flight.trial, finished)

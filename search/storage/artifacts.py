@@ -18,6 +18,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from search.storage import record as rec
+from search.storage.paths import check_dir
 from search.storage.study import StudyError, check_name, identity
 
 ARTIFACT_DIR = "artifacts"
@@ -123,7 +124,9 @@ def export_trial(study: optuna.Study, number: int, out: Path) -> Path:
 
     Raises:
         StudyError: no such trial, no artifacts (not COMPLETE), or files missing on disk.
+        PathError: ``out`` is a file, or under one.
     """
+    check_dir(out, "export folder")
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if number not in trials:
         raise StudyError(f"study {study.study_name!r} has no trial {number}")

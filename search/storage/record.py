@@ -11,16 +11,21 @@ key            record             stage
 =============  =================  ==================================================
 config         ``Config``         asked: the decoded candidate
 cost           :class:`Prescreen`  pre-screen: parameters, FLOPs, predicted latency
-measurement    :class:`Measured`   measured: latency (target-device terms), memory
+measurement    :class:`Measured`   measured: latency (target-device terms), memory;
+                                  again at the end if the latency was re-measured
 latency        :class:`Conversion` measured: where the latency was measured, its ratio
 step_budget    ``dict``           measured: the schedule a latency target chose
 inheritance    ``dict``           measured: how the weights started (fresh, inherited)
 rungs          :class:`Rung` list  rungs: the quality proxy and the pruner's answer
 attempts       :class:`Attempt`    each attempt: worker, status, start and end
+walltime       ``WallTime``       finish: where the last attempt's wall time went
 (several)      :class:`Finished`   finish: quality, timings, artifacts, device, reason
 (several)      :class:`Lineage`    mutation, adaptation and re-queue links
 derived        :class:`Derived`    a derived point (distilled, compressed, tuned)
 =============  =================  ==================================================
+
+A worker's own costs (its start, its latency table; :class:`WorkerTime`) are stored once per
+worker on the study, under ``worker_walltime:<worker>``.
 
 The headline numbers are also stored flat (:class:`Headline`: scalars only), so that
 optuna-dashboard can sort and filter trials by them.
@@ -38,7 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from engine.config import Config, ScheduleConfig
 from search.pruning.base import Cost
-from workers.records import OBJECTIVES, Decision, Measurement
+from workers.records import OBJECTIVES, Decision, Measurement, WallTime
 
 FORMAT = 2
 """Study format: 2 adds the flat headline attributes; format 1 studies read unchanged."""
@@ -59,6 +64,8 @@ PARENT, MUTATION = "parent", "mutation"
 ADAPTATION, ADAPTED_INTO = "adaptation", "adapted_into"
 REQUEUED, REQUEUED_FROM = "requeued", "requeued_from"
 DERIVED = "derived"
+WALLTIME = "walltime"
+WORKER_TIME = "worker_walltime:"  # + worker name: a study user attribute
 PREDICTED = "predicted_latency"  # format 1 only: now part of the pre-screen record
 
 
@@ -146,7 +153,13 @@ class Conversion(Doc):
 
 @dataclass(frozen=True)
 class Measured(Doc):
-    """Measured before training: latency in target-device terms, peak memory, the answer."""
+    """Measured before training: latency in target-device terms, peak memory, the answer.
+
+    The latency's trust fields are those of :class:`workers.records.Measurement` (defaults:
+    a record stored before they existed). A trial whose latency was disturbed and measured
+    again at its end has this record written a second time, with ``latency_attempts``
+    (both, in target terms) and the kept attempt's latency (:func:`remeasured`).
+    """
 
     KEY: ClassVar[str] = MEASURED
     latency_ms: float
@@ -160,6 +173,12 @@ class Measured(Doc):
     measured_on: Conversion | None = None
     decision: str = "continue"
     reason: str = ""
+    latency_ci: float = 0.0
+    latency_rounds: int = 1
+    disturbed_rounds: int = 0
+    reference_ratio: float = 1.0
+    disturbed: bool = False
+    latency_attempts: tuple[Mapping[str, Any], ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def memory_mb(self, which: str) -> float:
@@ -354,6 +373,7 @@ class TrialRecord:
     lineage: Lineage = Lineage()
     derived: Derived | None = None
     predicted: Mapping[str, Any] | None = None  # format 1's separate prediction
+    walltime: WallTime | None = None  # absent in records stored before it existed
 
     @property
     def config(self) -> Config | None:
@@ -403,7 +423,7 @@ class Headline:
 
 
 Record = (Prescreen | Measured | Conversion | Rungs | Attempts | StepBudget | Inheritance
-          | Finished | Lineage | AdaptedInto | Derived | Headline | Config)
+          | Finished | Lineage | AdaptedInto | Derived | Headline | Config | WallTime)
 
 
 def attrs(*records: Record) -> dict[str, Any]:
@@ -417,6 +437,8 @@ def attrs(*records: Record) -> dict[str, Any]:
 def _attrs(rec: Record) -> dict[str, Any]:
     if isinstance(rec, Config):
         return {CONFIG: rec.to_dict()}
+    if isinstance(rec, WallTime):
+        return {WALLTIME: dataclasses.asdict(rec)}
     if isinstance(rec, (Rungs, Attempts)):
         return {rec.KEY: [r.to_doc() for r in rec.items]}
     if isinstance(rec, (StepBudget, Inheritance)):
@@ -468,7 +490,42 @@ def read(trial: FrozenTrial) -> TrialRecord:
         rungs=tuple(Rung.from_doc(r) for r in a.get(RUNGS, ())),
         attempts=tuple(Attempt.from_doc(r) for r in a.get(ATTEMPTS, ())),
         finished=Finished(**{name: a[key] for name, key in Finished.KEYS.items() if key in a}),
-        lineage=read_lineage(a), derived=_maybe(Derived, a.get(DERIVED)), predicted=a.get(PREDICTED))
+        lineage=read_lineage(a), derived=_maybe(Derived, a.get(DERIVED)), predicted=a.get(PREDICTED),
+        walltime=read_walltime(a.get(WALLTIME)))
+
+
+def read_walltime(doc: Mapping[str, Any] | None) -> WallTime | None:
+    """A stored :class:`workers.records.WallTime` (keys it does not know are dropped)."""
+    if doc is None:
+        return None
+    names = {f.name for f in fields(WallTime)}
+    return WallTime(**{k: v for k, v in doc.items() if k in names})
+
+
+@dataclass(frozen=True)
+class WorkerTime:
+    """A worker's own costs, once per worker: ``started_at`` (its process start, epoch
+    seconds), ``actor_start_s`` (from then to ready), ``table_s`` (building or loading its
+    latency table) and ``mode`` (``spawn`` or ``fork``: how it starts trial processes)."""
+
+    worker: str
+    started_at: float = 0.0
+    actor_start_s: float = 0.0
+    table_s: float = 0.0
+    mode: str = ""
+
+
+def write_worker(study: optuna.Study, worker: WorkerTime) -> None:
+    """Store ``worker``'s costs on the study (the coordinator, when the worker is ready)."""
+    doc = dataclasses.asdict(worker)
+    study.set_user_attr(WORKER_TIME + doc.pop("worker"), doc)
+
+
+def read_workers(study: optuna.Study) -> list[WorkerTime]:
+    """Every worker's stored costs, by name."""
+    names = {f.name for f in fields(WorkerTime)}
+    return [WorkerTime(key[len(WORKER_TIME):], **{k: v for k, v in doc.items() if k in names})
+            for key, doc in sorted(study.user_attrs.items()) if key.startswith(WORKER_TIME)]
 
 
 def read_lineage(a: Mapping[str, Any]) -> Lineage:
@@ -493,4 +550,22 @@ def measured(m: Measurement, decision: Decision, conversion: Conversion | None) 
     """The measured record of a :class:`workers.records.Measurement` in target terms."""
     return Measured(m.latency_ms, m.latency_spread, tuple(m.latency_samples_ms), m.train_mb,
                     m.sample_mb, m.seconds, m.budget, m.start, conversion, _answer(decision),
-                    decision.reason)
+                    decision.reason, m.latency_ci, m.latency_rounds, m.disturbed_rounds,
+                    m.reference_ratio, m.disturbed, tuple(m.latency_attempts))
+
+
+def remeasured(stored: Measured, m: Measurement, scale: float) -> Measured:
+    """``stored`` with the latency of a trial that measured a disturbed latency again at its
+    end (``m``: the worker's final measurement, on its own device).
+
+    Args:
+        stored: the record written when the trial was first measured (its answer is kept).
+        m: the measurement with both attempts and the kept one's latency.
+        scale: target-device ms per measured ms (the :class:`Conversion`'s ratio, or 1).
+    """
+    attempts = tuple({**a, "latency_ms": a["latency_ms"] * scale} for a in m.latency_attempts)
+    return replace(stored, latency_ms=m.latency_ms * scale, latency_spread=m.latency_spread,
+                   samples_ms=tuple(v * scale for v in m.latency_samples_ms),
+                   latency_ci=m.latency_ci, latency_rounds=m.latency_rounds,
+                   disturbed_rounds=m.disturbed_rounds, reference_ratio=m.reference_ratio,
+                   disturbed=m.disturbed, latency_attempts=attempts)

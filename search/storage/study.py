@@ -24,9 +24,11 @@ from optuna.samplers import BaseSampler, NSGAIISampler, TPESampler
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
-from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.engine import ExceptionContext, make_url
+from sqlalchemy.exc import ArgumentError
 
 from search.space import SearchSpace, parse_space
+from search.storage import paths
 from search.storage import record as rec
 from workers.records import OBJECTIVES
 
@@ -34,6 +36,10 @@ STORAGE_FILE = "diffnas.db"
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 MAX_DEATHS = 2  # coordinator deaths on one parameter set before it fails for good
 STALE = "coordinator stopped mid-trial; params queued again"
+SETUP_WAIT_S = 2.0  # how long a study found without its space may still be mid-creation
+HIDDEN = "***"  # what a password reads as wherever a storage URL is shown
+_USERINFO = re.compile(r"(://[^:/@]*):[^@/]*@")  # scheme://user:password@ (not SQLAlchemy's)
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd)=)[^&#]*")  # libpq takes ?password=
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -69,8 +75,9 @@ def open_storage(url: str, create: bool) -> BaseStorage:
 
     Raises:
         StudyError: the URL is malformed or the storage cannot be reached, in one line.
+        PathError: a SQLite or journal file under a regular file, or at a folder.
     """
-    path = _local_file(url)
+    path = check_local_path(url)
     if path is not None and not create and not path.exists():
         raise StudyError(f"no study storage at {path} (run `diffnas search` first, or pass "
                          "--storage)")
@@ -84,10 +91,70 @@ def open_storage(url: str, create: bool) -> BaseStorage:
 
             return JournalStorage(JournalFileBackend(str(path)))
         storage = optuna.storages.RDBStorage(url)
+    except ImportError as err:
+        raise _driver_error(url, err) from None
     except Exception as err:  # noqa: BLE001 (sqlalchemy, drivers and sockets raise many kinds)
-        raise StudyError(f"cannot open storage {url}: {_first_line(err)}") from None
+        raise StudyError(failure("cannot open storage {url}", url, err)) from None
     event.listen(storage.engine, "handle_error", _one_line(url))
     return storage
+
+
+def redact(url: str) -> str:
+    """``url`` with any password shown as ``***`` (``postgresql://ann:***@db/studies``).
+
+    Every place that prints a storage URL prints this instead: errors, the dashboard hint,
+    a search's result. A URL without a password comes back unchanged.
+    """
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # journal:PATH and other non-SQLAlchemy URLs
+        return _QUERY_SECRET.sub(rf"\1{HIDDEN}", _USERINFO.sub(rf"\1:{HIDDEN}@", url))
+    shown = parsed.render_as_string(hide_password=True) if parsed.password is not None else url
+    return _QUERY_SECRET.sub(rf"\1{HIDDEN}", shown)
+
+
+def failure(what: str, url: str, err: BaseException) -> str:
+    """One line: ``what`` with ``{url}`` filled in redacted, then the error's first line.
+
+    The error's own text loses any password the URL holds too: a driver may quote its
+    connection string.
+    """
+    return f"{what.format(url=redact(url))}: {_hide_secrets(_first_line(err), url)}"
+
+
+def _hide_secrets(text: str, url: str) -> str:
+    secrets = set(re.findall(r"(?i)[?&](?:password|passwd)=([^&#]*)", url))
+    secrets.update(re.findall(r"://[^:/@]*:([^@/]*)@", url))  # as written (percent-encoded)
+    with contextlib.suppress(ArgumentError, ValueError):
+        secrets.add(str(make_url(url).password or ""))
+    for secret in sorted(secrets - {""}, key=len, reverse=True):
+        text = text.replace(secret, HIDDEN)
+    return text
+
+
+def _driver_error(url: str, err: ImportError) -> StudyError:
+    """The one line for a storage whose database driver is not installed.
+
+    Optuna wraps SQLAlchemy's import error: the missing module's name is on the cause.
+    """
+    cause = err.__cause__ if isinstance(err.__cause__, ImportError) else err
+    module = cause.name or "the database driver"
+    if module == "psycopg":
+        fix = "run `uv sync --extra postgres` (or `pip install 'diffnas[postgres]'`)"
+    else:
+        fix = f"install the Python module {module!r} into this environment"
+    return StudyError(f"storage {redact(url)} needs the module {module!r}, which is not "
+                      f"installed: {fix}")
+
+
+def check_local_path(url: str) -> Path | None:
+    """The file of a SQLite or journal ``url`` (``None`` for a server), if it can be one.
+
+    Raises:
+        PathError: the file would be under a regular file, or is a folder.
+    """
+    path = _local_file(url)
+    return None if path is None else paths.check_file(path, "storage")
 
 
 def check_sqlite(path: Path) -> None:
@@ -118,7 +185,7 @@ def _one_line(url: str) -> Any:
         orig = ctx.original_exception
         if isinstance(orig, sqlite3.DatabaseError) and not isinstance(
                 orig, (sqlite3.IntegrityError, sqlite3.OperationalError)):
-            raise StudyError(f"storage {url} failed: {_first_line(orig)}") from None
+            raise StudyError(failure("storage {url} failed", url, orig)) from None
     return hook
 
 
@@ -165,6 +232,9 @@ def _quiet_sampler() -> BaseSampler:
 def stored_space(study: optuna.Study) -> SearchSpace:
     """The search space a study was created with."""
     attrs = study.user_attrs
+    if "space" not in attrs:
+        raise StudyError(f"study {study.study_name!r} was never set up (its creator stopped "
+                         "first): run `diffnas search` with its space to set it up")
     return parse_space(attrs["space"], name=attrs.get("space_name", study.study_name),
                        origin=f"study {study.study_name}")
 
@@ -182,6 +252,8 @@ def open_study(storage: BaseStorage, name: str, space: SearchSpace | None,
     """
     if name in study_names(storage):
         study = load_existing(storage, name)
+        if not _set_up(storage, name):
+            return _finish_setup(study, space, sampler, seed)
         stored = stored_space(study)
         if space is not None and space.fingerprint() != stored.fingerprint():
             raise StudyError(f"study {name!r} was created with a different search space; "
@@ -195,22 +267,44 @@ def open_study(storage: BaseStorage, name: str, space: SearchSpace | None,
     if space is None:
         raise StudyError(f"unknown study {name!r}: give a space (--preset or --space) to "
                          "create it")
-    sampler_name = sampler or space.study.sampler
-    seed_value = space.study.seed if seed is None else seed
     try:
         study = optuna.create_study(storage=storage, study_name=name,
-                                    directions=["minimize"] * len(OBJECTIVES),
-                                    sampler=make_sampler(space, sampler_name, seed_value, 0))
+                                    directions=["minimize"] * len(OBJECTIVES))
     except optuna.exceptions.DuplicatedStudyError:  # another process created it just now
         _wait_created(storage, name)
         return open_study(storage, name, space, sampler, seed)
+    return _finish_setup(study, space, sampler, seed)
+
+
+def _set_up(storage: BaseStorage, name: str) -> bool:
+    """Whether study ``name`` holds its space: a creator that stopped between creating
+    the study and writing its space leaves one without (given a few seconds, in case that
+    creator is writing it right now)."""
+    try:
+        _wait_created(storage, name, timeout_s=SETUP_WAIT_S)
+    except StudyError:
+        pass
+    study_id = storage.get_study_id_from_name(name)
+    return "space" in storage.get_study_user_attrs(study_id)
+
+
+def _finish_setup(study: optuna.Study, space: SearchSpace | None, sampler: str | None,
+                  seed: int | None) -> tuple[optuna.Study, SearchSpace, bool]:
+    """Write a new study's space, sampler, seed and id; ``created`` last, so that a study
+    holding it is whole. A half-made one (its creator stopped) is finished the same way."""
+    if space is None:
+        raise StudyError(f"study {study.study_name!r} was never set up (its creator stopped "
+                         "first): give its space (--preset or --space) to set it up")
+    sampler_name = sampler or space.study.sampler
+    seed_value = space.study.seed if seed is None else seed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(OBJECTIVES))
     for key, value in {"format": rec.FORMAT, "space": space.source, "space_name": space.name,
                        "sampler": sampler_name, "seed": seed_value, "uid": uuid.uuid4().hex,
-                       "created": time.time()}.items():  # "created" last: the study is whole
+                       "created": time.time()}.items():
         study.set_user_attr(key, value)
+    study.sampler = make_sampler(space, sampler_name, seed_value, len(study.trials))
     return study, space, False
 
 

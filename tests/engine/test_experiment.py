@@ -41,3 +41,12 @@ def test_trained_samples_score_far_better_than_noise(trained):
     noise_fid = evaluate_quality(noise, real, digits_feature_network(), 250, 0).fid
     assert metrics["fid"] < noise_fid / 2
     assert metrics["fid_floor"] < metrics["fid"]
+
+
+def test_too_few_images_for_the_sample_count_are_refused_before_training(tmp_path):
+    small = load_dataset(image_size=8)
+    small = type(small)(small.images[:30], None, "thirty")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"QualityEval.n = 16 needs 32 real images.*has 30"):
+        run(TINY, small, out, QualityEval(n=16))
+    assert not out.exists()

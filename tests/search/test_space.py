@@ -83,3 +83,27 @@ def test_invalid_files_name_line_and_key(text, expected):
 def test_missing_file_lists_presets(tmp_path):
     with pytest.raises(SpaceError, match="no such space file or preset.*smoke"):
         load_space(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("text", ["", "[study]\ntrials = 3\n[data]\nimage_size = 8\n",
+                                  "[unet]\nbase_width = 8\n"])
+def test_a_file_that_searches_nothing_is_refused(tmp_path, text):
+    path = tmp_path / "nothing.toml"
+    path.write_text(text)
+    with pytest.raises(SpaceError, match=f"^{path}: searches nothing"):
+        load_space(path)
+    parse_space(text)  # as text (a stored study's, a test's settings), it is no error
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("{ choice = [1e9] }", "base_width: value 1000000000.0: never gives a valid config"),
+    ("{ choice = [8, true] }", "base_width: value True: UNetConfig.base_width: expected int"),
+    ("{ choice = [8, 12.5] }", "base_width: value 12.5: UNetConfig.base_width: expected int"),
+    ("{ float = [8, 16] }", "base_width: a float range on an integer field"),
+    ("{ int = [8, 4096] }", "base_width: value 4096: never gives a valid config"),
+    ('"16"', "base_width: UNetConfig.base_width: expected int, got '16'"),
+])
+def test_searched_values_are_typed_and_sized_like_configs(value, expected):
+    with pytest.raises(SpaceError, match=r"x.toml:2: \[unet\] ") as err:
+        parse_space(f"[unet]\nbase_width = {value}\n", origin="x.toml")
+    assert expected in str(err.value)

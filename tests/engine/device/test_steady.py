@@ -2,11 +2,29 @@
 reference workload that runs slow while the machine is 'disturbed' must make the round be
 taken again after a pause, and a disturbance that never ends must be recorded as such."""
 
+import gc
 import json
+import os
+import subprocess
+import sys
+import time
 
+import mlx.core as mx
+import pytest
 from pytest import approx
 
-from engine.device.bench import MAX_ROUNDS, PAUSES_S, Reference, median_ci, steady_call
+from engine.device import bench
+from engine.device.bench import (
+    MAX_ROUNDS,
+    MIN_WINDOW_MS,
+    PAUSES_S,
+    Reference,
+    Sample,
+    decide,
+    median_ci,
+    steady_call,
+    window_ms,
+)
 
 
 class Clock:
@@ -95,3 +113,94 @@ def test_median_ci_uses_the_order_statistics_of_the_binomial_table():
     samples = [float(v) for v in range(1, 21)]
     assert median_ci(samples) == (15.0 - 6.0) / (2 * 10.5)
     assert median_ci([100.0] * 7) == 0.0
+
+
+def test_a_burst_between_probes_sets_aside_only_the_samples_beside_it():
+    # Probes (ms) around five samples; the third probe ran at 1.5x: a burst that a
+    # before-and-after pair of probes around the whole round would have missed.
+    probes = [10.0, 10.2, 15.0, 9.9, 10.1, 10.0]
+    samples = [50.0, 51.0, 80.0, 49.0, 50.0]
+    rounds = [[Sample(ms, probes[i], probes[i + 1]) for i, ms in enumerate(samples)]]
+    stat = decide(rounds, 10.0, runs=3)
+    assert stat.samples_ms == (50.0, 49.0, 50.0)  # the two samples beside the burst are out
+    assert (stat.rounds, stat.disturbed_rounds, stat.disturbed) == (1, 1, False)
+    assert stat.reference_ratio == approx(1.02)  # the kept samples' furthest probe
+    assert decide(rounds, 10.0, runs=5).disturbed  # 3 clean samples are not 5
+
+
+def test_with_too_few_clean_samples_the_least_disturbed_are_kept_and_marked():
+    rounds = [[Sample(100.0, 20.0, 21.0), Sample(70.0, 13.0, 12.0), Sample(60.0, 12.0, 11.5)]]
+    stat = decide(rounds, 10.0, runs=2)
+    assert stat.disturbed and stat.samples_ms == (60.0, 70.0)
+    assert stat.reference_ratio == approx(1.3)
+
+
+def test_a_probe_faster_than_the_calibration_is_disturbance_too():
+    # A VM whose other core is busy runs faster (benchmarks/measurement.md): not the usual time.
+    assert not Sample(50.0, 7.0, 10.0).clean(10.0)
+    assert Sample(50.0, 9.5, 10.8).clean(10.0)
+
+
+def test_quieter_measurements_correct_a_calibration_taken_under_load(tmp_path):
+    store = tmp_path / "ref.json"
+    store.write_text(json.dumps([30.0]))  # the first process calibrated beside a hog
+    ref = Reference(store, workload=lambda: None)
+    ref._remember(31.0)
+    for _ in range(6):
+        ref.learn([10.0, 10.5, 9.8])
+    assert ref.calibrated_ms < 11.0
+    for _ in range(40):  # a hog that never ends is never learnt as the usual time
+        ref.learn([25.0, 26.0])
+    assert ref.calibrated_ms < 11.0
+
+
+def test_a_short_call_is_timed_over_a_window_of_back_to_back_runs():
+    clock = Clock()
+    calls = []
+
+    def call():
+        calls.append(1)
+        clock.spend(4.0)
+
+    assert window_ms(call, clock) == approx(4.0)
+    assert len(calls) == -(-MIN_WINDOW_MS // 4.0)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_while_timing_no_gc_runs_and_every_thread_stays_on_one_core():
+    before = os.sched_getaffinity(0)
+    seen = []
+    with bench._held_still(pin=True):
+        seen.append((gc.isenabled(), [os.sched_getaffinity(int(t))
+                                      for t in os.listdir("/proc/self/task")]))
+    enabled, masks = seen[0]
+    assert not enabled and gc.isenabled()
+    assert len({frozenset(m) for m in masks}) == 1 and len(masks[0]) == 1
+    assert os.sched_getaffinity(0) == before
+
+
+HOG = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_a_cpu_hog_on_the_measuring_core_is_noticed(tmp_path):
+    """Two real processes spinning on the core the measurement is pinned to: samples are set
+    aside (assert on the protocol's structure, never on milliseconds)."""
+    a = mx.random.normal((96, 96))
+    reference = Reference(tmp_path / "ref.json")
+    mine = os.sched_getaffinity(0)
+    core = min(mine)
+    os.sched_setaffinity(0, {core})
+    try:
+        reference.calibrated_ms  # noqa: B018 (calibrated before the hogs start)
+        hogs = [subprocess.Popen([sys.executable, "-c", HOG, str(core)]) for _ in range(2)]
+        try:
+            time.sleep(0.2)
+            stat = steady_call(lambda: mx.eval(a @ a), 5, reference, pause=lambda s: None)
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+    finally:
+        os.sched_setaffinity(0, mine)
+    assert stat.disturbed_rounds >= 1 and stat.rounds > 1

@@ -11,6 +11,7 @@ from engine.data.datasets import Dataset, load_dataset
 from engine.quality.features import DIGITS_HOLDOUT, FeatureNetwork, digits_feature_network
 from engine.quality.metrics import (
     QualityRecord,
+    check_real_count,
     evaluate_quality,
     fid,
     frechet_distance,
@@ -212,3 +213,13 @@ def test_evaluate_quality_rejects_bad_input(
         evaluate_quality(held.images, train.images[:100], net, n=64)
     with pytest.raises(ValueError, match="shapes differ"):
         evaluate_quality(held.images[:, :8, :8], train.images, net, n=64)
+
+
+def test_check_real_count_refuses_exactly_what_evaluate_quality_would():
+    check_real_count(8, 16, "n")  # two disjoint sets of 8
+    with pytest.raises(ValueError, match=r"^fid_samples = 8 needs 16 real images.*has 15: "
+                                         r"lower fid_samples to at most 7$"):
+        check_real_count(8, 15, "fid_samples")
+    images = np.zeros((15, 4, 4, 1), np.float32)
+    with pytest.raises(ValueError, match="need >= 16 real"):
+        evaluate_quality(images[:8], images, lambda x: x.reshape(len(x), -1), 8)

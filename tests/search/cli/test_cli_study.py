@@ -5,11 +5,8 @@ import hashlib
 import subprocess
 import sys
 
-import pytest
-
 from search.cli.study import register
 from search.space import load_space
-from search.storage import study as st
 
 
 def diffnas(*args, cwd=None):
@@ -26,13 +23,6 @@ def _one_line_error(proc, fragment):
 
 def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture()
-def existing(results, storage):
-    """A results folder whose storage holds one study, ``smoke``; returns the db path."""
-    st.open_study(st.open_storage(storage, create=True), "smoke", load_space("smoke"))
-    return results / "diffnas.db"
 
 
 def test_unknown_study(existing, results):

@@ -19,7 +19,8 @@ TRIALS = 3
 def _start(ray_cluster, results, storage):
     command = [sys.executable, "-m", "search.cli", "search", "--preset", "smoke",
                "--study", "one", "--results", str(results), "--storage", storage,
-               "--address", ray_cluster.address, "--workers", "2", "--trials", str(TRIALS)]
+               "--address", ray_cluster.address, "--insecure", "--workers", "2",
+               "--trials", str(TRIALS)]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 

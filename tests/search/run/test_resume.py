@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 def _command(ray_cluster, results, storage, trials):
     return [sys.executable, "-m", "search.cli", "search", "--preset", "smoke",
             "--study", "crash", "--results", str(results), "--storage", storage,
-            "--address", ray_cluster.address, "--workers", "2", "--trials", str(trials)]
+            "--address", ray_cluster.address, "--insecure", "--workers", "2",
+            "--trials", str(trials)]
 
 
 def _trials(storage):

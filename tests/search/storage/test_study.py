@@ -1,5 +1,6 @@
 """Study storage, create-or-resume and stale-trial recovery, on real Optuna SQLite."""
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -33,6 +34,20 @@ def test_resume_with_a_different_space_is_refused(storage, space):
         _open(storage, other)
     with pytest.raises(st.StudyError, match="drop --sampler"):
         st.open_study(st.open_storage(storage, create=True), "s", None, sampler="nsga2")
+
+
+def test_a_study_whose_creator_stopped_before_its_space_is_set_up_on_resume(storage, space):
+    # What a coordinator SIGKILLed between creating the study and writing its space leaves
+    # (benchmarks/faults.py found it): the study exists, with no attributes.
+    optuna.create_study(storage=st.open_storage(storage, create=True), study_name="s",
+                        directions=["minimize"] * 3)
+    with pytest.raises(st.StudyError, match="never set up"):
+        _open(storage, None)
+    study, stored, resumed = _open(storage, space)
+    assert not resumed and stored.fingerprint() == space.fingerprint()
+    assert study.user_attrs["sampler"] == "tpe" and "created" in study.user_attrs
+    assert study.metric_names == ["fid", "latency_ms", "peak_mem_mb"]
+    assert _open(storage, None)[2]  # whole now: resumed by name
 
 
 def _ask_running(study, space, n):
