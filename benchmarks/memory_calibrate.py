@@ -40,6 +40,10 @@ def _load_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write", action="store_true",
@@ -47,14 +51,13 @@ def main() -> None:
     parser.add_argument("--save-rows", type=Path, help="write the measured peaks to this file")
     parser.add_argument("--rows", type=Path, help="fit these measured peaks, measure none")
     args = parser.parse_args()
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.rows:
         rows = _load_rows(args.rows)
     else:
-        rows = collect(CALIBRATION_CONFIGS, log)
+        rows = collect(CALIBRATION_CONFIGS, _log)
         if args.save_rows:
             args.save_rows.write_text(json.dumps(rows) + "\n")
-    table = calibrate(log=log, rows=rows)
+    table = calibrate(log=_log, rows=rows)
     text = json.dumps(table, indent=1) + "\n"
     print(text, end="")
     if args.write:
