@@ -116,24 +116,28 @@ def _skipped(skip: list[str], config: str, metric: str) -> bool:
     return metric in skip or f"{config}:{metric}" in skip
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]  # set by --clock; cpu: this process's CPU seconds, all threads
+
+
 def timed(fn: Callable[[], Any], sync: Callable[[], None], windows: int, warmup: int,
           min_window_s: float) -> dict[str, Any]:
     """Seconds per call of ``fn``: median over ``windows`` windows of ``k`` synced calls."""
     for _ in range(warmup):
         fn()
         sync()
-    start = time.perf_counter()
+    start = clock()
     fn()
     sync()
-    unit = time.perf_counter() - start
+    unit = clock() - start
     k = max(1, math.ceil(min_window_s / max(unit, 1e-9))) if min_window_s > 0 else 1
     samples = []
     for _ in range(max(windows, 5)):
-        start = time.perf_counter()
+        start = clock()
         for _ in range(k):
             fn()
             sync()
-        samples.append((time.perf_counter() - start) / k)
+        samples.append((clock() - start) / k)
     q1, med, q3 = np.percentile(samples, [25, 50, 75])
     return {"median_s": float(med), "spread": float((q3 - q1) / med), "calls_per_window": k,
             "samples_s": [round(x, 6) for x in samples]}
@@ -435,7 +439,7 @@ def _worker_cmd(python: str, framework: str, args: argparse.Namespace,
             "--windows", str(args.windows), "--train-warmup", str(args.train_warmup),
             "--min-window-s", str(args.min_window_s), "--sample-batches",
             *map(str, args.sample_batches), "--mlx-device", args.mlx_device,
-            "--torch-device", args.torch_device]
+            "--torch-device", args.torch_device, "--clock", args.clock]
     if args.no_eager:
         cmd.append("--no-eager")
     for entry in args.skip:
@@ -613,6 +617,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-window-s", type=float, default=0.5,
                    help="a training window lasts at least this long")
     p.add_argument("--no-eager", action="store_true", help="MLX: skip the uncompiled step")
+    p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                   help="wall time, or the worker's CPU time (all its threads): on a "
+                        "shared, loaded machine the CPU time of a 1-thread run stays "
+                        "close to its idle wall time; meaningless at 2 threads")
     p.add_argument("--threads", type=int, nargs="+", default=None,
                    help="torch threads / OPENBLAS_NUM_THREADS (default: 1 2; worker: 1)")
     p.add_argument("--mlx-blas", nargs="+", default=["openblas", "reference"],
@@ -637,6 +645,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--expect-params", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.config = args.config or list(CONFIGS)
+    global clock
+    clock = CLOCKS[args.clock]
     if args.framework:
         args.threads = (args.threads or [1])[0]
         if args.device_report:

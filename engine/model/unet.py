@@ -17,9 +17,12 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from engine.config import UNetConfig
+from engine.model.activation import silu
 from engine.model.blocks import Block, walk
+from engine.model.conv import Conv2d
+from engine.model.norm import GroupNorm
 
-_ACTIVATIONS = {"silu": nn.silu, "gelu": nn.gelu, "relu": nn.relu}
+_ACTIVATIONS = {"silu": silu, "gelu": nn.gelu, "relu": nn.relu}
 
 
 def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
@@ -35,7 +38,7 @@ def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx
 
 def _norm(cfg: UNetConfig, width: int) -> nn.Module:
     groups = cfg.norm_groups if cfg.norm == "group" else 1
-    return nn.GroupNorm(groups, width, pytorch_compatible=True)
+    return GroupNorm(groups, width)
 
 
 class Conv3x3(nn.Module):
@@ -45,10 +48,10 @@ class Conv3x3(nn.Module):
         super().__init__()
         self.separable = separable
         if separable:
-            self.depthwise = nn.Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin)
-            self.pointwise = nn.Conv2d(cin, cout, 1)
+            self.depthwise = Conv2d(cin, cin, 3, stride=stride, padding=1, groups=cin)
+            self.pointwise = Conv2d(cin, cout, 1)
         else:
-            self.conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1)
+            self.conv = Conv2d(cin, cout, 3, stride=stride, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.separable:
@@ -66,7 +69,7 @@ class ResBlock(nn.Module):
         self.norm2 = _norm(cfg, cout)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
         self.conv2 = Conv3x3(cout, cout, cfg.separable)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else None
+        self.skip = Conv2d(cin, cout, 1) if cin != cout else None
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
         h = self.conv1(self.act(self.norm1(x)))
@@ -103,7 +106,7 @@ class Attention(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, width: int):
         super().__init__()
-        self.conv = nn.Conv2d(width, width, 3, stride=2, padding=1)
+        self.conv = Conv2d(width, width, 3, stride=2, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(x)
@@ -116,7 +119,7 @@ class Upsample(nn.Module):
         super().__init__()
         self.kind = kind
         if kind == "nearest":
-            self.conv = nn.Conv2d(width, width, 3, padding=1)
+            self.conv = Conv2d(width, width, 3, padding=1)
         else:
             self.conv = nn.ConvTranspose2d(width, width, 4, stride=2, padding=1)
 
@@ -224,7 +227,7 @@ def _module(cfg: UNetConfig, block: Block) -> Any:
         return (nn.Linear(block.cin, cfg.time_emb_dim),
                 nn.Linear(cfg.time_emb_dim, block.cout))
     if block.kind == "conv_in":
-        return nn.Conv2d(block.cin, block.cout, 3, padding=1)
+        return Conv2d(block.cin, block.cout, 3, padding=1)
     if block.kind == "res":
         return ResBlock(cfg, block.cin, block.cout)
     if block.kind == "attn":
@@ -233,7 +236,7 @@ def _module(cfg: UNetConfig, block: Block) -> Any:
         return Downsample(block.cout)
     if block.kind == "up":
         return Upsample(block.cout, cfg.resample)
-    return _norm(cfg, block.cin), nn.Conv2d(block.cin, block.cout, 3, padding=1)
+    return _norm(cfg, block.cin), Conv2d(block.cin, block.cout, 3, padding=1)
 
 
 def _direct(module: nn.Module, *args: mx.array) -> mx.array:

@@ -55,7 +55,7 @@ CALIBRATION_CONFIGS: dict[str, UNetConfig] = {
 """What :func:`calibrate` measures: widths, depths, resolutions, attention, separable
 and transposed convs, activations and channel counts of the search spaces."""
 TRAIN_BATCHES, SAMPLE_BATCHES = (4, 16, 48), (1, 8, 32)
-WINDOWS = (100, 150, 200, 300)
+WINDOWS = (100, 150, 200, 300, 400, 600)
 TIME_CONFIGS = ("c16", "c16a", "deep", "c32")
 
 
@@ -93,26 +93,31 @@ def _unet(row: dict[str, Any]) -> UNetConfig:
 
 
 def _fit_mode(rows: list[dict[str, Any]], window: int, acts: bool) -> dict[str, Any]:
-    """Alternate: pick each row's peak window with the current coefficients, then refit."""
-    cache = {r["name"]: analytic(_unet(r), window) for r in rows}
+    """Alternate: pick each row's peak window with the current coefficients, then refit.
+
+    The unknowns, in MB columns: the per-call floor, the parameter copies, (in training)
+    the kept activations, and one coefficient per size kind.
+    """
+    cache = {(r["name"], r["batch"]): analytic(_unet(r), window, r["batch"]) for r in rows}
     coef = np.ones(len(KINDS))
     fit: dict[str, Any] = {}
     for _ in range(6):
         design = []
         for r in rows:
-            a = cache[r["name"]]
+            a = cache[r["name"], r["batch"]]
             w = a.windows[int(np.argmax(a.windows @ coef))]
-            design.append([a.params] + ([r["batch"] * a.acts] if acts else [])
+            design.append([MB / 4, a.params] + ([r["batch"] * a.acts] if acts else [])
                           + list(r["batch"] * w))
         x = 4 * np.array(design) / MB
         y = np.array([r["mb"] for r in rows])
         if acts:  # rows whose peak is the update phase say nothing about activations
-            live = y > 1.15 * UPDATE_COPIES * x[:, 0]
+            live = y > 1.15 * UPDATE_COPIES * x[:, 1]
             x, y = x[live], y[live]
         c = _nnls(x / y[:, None], np.ones(len(y)))
-        coef = c[1 + acts:]
-        fit = {"window_ops": window, "params": float(c[0]),
-               "acts": float(c[1]) if acts else 0.0, "update_copies": UPDATE_COPIES if acts else 0,
+        coef = c[2 + acts:]
+        fit = {"window_ops": window, "floor_mb": float(c[0]), "params": float(c[1]),
+               "acts": float(c[2]) if acts else 0.0,
+               "update_copies": UPDATE_COPIES if acts else 0,
                "kinds": {k: float(v) for k, v in zip(KINDS, coef)}}
     return fit
 
@@ -143,18 +148,20 @@ def fit_modes(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, flo
     return fits, loo
 
 
-def calibrate(configs: dict[str, UNetConfig] | None = None,
-              log: Any = print) -> dict[str, Any]:
+def calibrate(configs: dict[str, UNetConfig] | None = None, log: Any = print,
+              rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Measure the calibration configs and fit every mode.
 
     Args:
         configs: the U-Nets to measure (default :data:`CALIBRATION_CONFIGS`).
         log: called with a line after each config is measured.
+        rows: peaks :func:`collect` measured before; given, nothing is measured again
+            (only the step times).
 
     Returns:
         A new table in the layout of :data:`engine.device.memory.model.CALIBRATION`.
     """
-    rows = collect(configs or CALIBRATION_CONFIGS, log)
+    rows = rows if rows is not None else collect(configs or CALIBRATION_CONFIGS, log)
     fits, loo = fit_modes(rows)
     times: dict[str, list[float]] = {"checkpointing": [], "bfloat16": []}
     for name in TIME_CONFIGS:
