@@ -99,7 +99,7 @@ class Measurement:
     and of the sampler around it, the schedule chosen from them, and why. ``start`` says
     how the weights began: ``{"status": "fresh"}``, or inherited from a parent trial.
 
-    The latency's trust, from the steady protocol (``engine.device.bench.LatencyStat``):
+    The latency's trust, from the steady protocol (``engine.device.bench.LatencyStat``, ``engine.device.steady``):
     ``latency_ci`` (relative half-width of the median's 95% interval), ``latency_rounds``,
     ``disturbed_rounds``, ``reference_ratio`` and ``disturbed`` (too few clean samples:
     another process kept taking the CPU). A disturbed latency is measured again at the end of

@@ -117,3 +117,52 @@ def test_the_lock_lives_in_a_folder_of_this_user_and_follows_no_symlink(tmp_path
     with pytest.raises(OSError), DeviceLock(tmp_path / "plain").shared():
         pass
     assert not (tmp_path / "target").exists()
+
+
+PAUSER = """
+import json, sys, time
+from pathlib import Path
+from workers.device_lock import DeviceLock
+
+lock, out, stop = DeviceLock(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+with lock.exclusive():
+    t0 = time.monotonic()
+    time.sleep(0.1)
+    t1 = time.monotonic()
+    lock.pause(0.3)
+    t2 = time.monotonic()
+    time.sleep(0.1)
+    t3 = time.monotonic()
+out.write_text(json.dumps({"held": [[t0, t1], [t2, t3]], "paused": [t1, t2]}))
+stop.touch()
+"""
+
+
+def test_a_pause_inside_a_measurement_lets_steps_run_then_holds_the_device_again(tmp_path):
+    stop, out = tmp_path / "stop", tmp_path / "trainer.json"
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, str(tmp_path), str(out),
+                                str(stop)])
+    deadline = time.monotonic() + 60
+    while not out.with_suffix(".ready").exists():
+        assert time.monotonic() < deadline, "the trainer never got going"
+        time.sleep(0.01)
+    measured = tmp_path / "measured.json"
+    subprocess.run([sys.executable, "-c", PAUSER, str(tmp_path), str(measured), str(stop)],
+                   check=True, timeout=60)
+    assert trainer.wait(timeout=60) == 0
+    times = json.loads(measured.read_text())
+    steps = [tuple(s) for s in json.loads(out.read_text())]
+    for held in times["held"]:
+        assert not any(_overlap(s, held) for s in steps)
+    paused = times["paused"]
+    assert any(paused[0] <= s[0] and s[1] <= paused[1] for s in steps)
+
+
+def test_a_pause_outside_a_hold_only_waits(tmp_path):
+    lock = DeviceLock(tmp_path)
+    start = time.monotonic()
+    lock.pause(0.05)
+    assert time.monotonic() - start >= 0.05
+    assert lock.waited_s == 0.0
+    with lock.exclusive():  # nothing was left held
+        pass
