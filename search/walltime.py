@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import optuna
 
 from search.storage import record as rec
+from search.storage import timing as stored_time
 from workers.records import WALL_PHASES, WallTime
 
 
@@ -28,7 +29,7 @@ class Summary:
     phases: dict[str, float]  # phase -> seconds summed over the trials
     wall_s: float  # the trials' wall time, summed
     queued_s: float  # the workers' idle time between trials, summed
-    workers: tuple[rec.WorkerTime, ...]
+    workers: tuple[stored_time.WorkerTime, ...]
     worker_count: int
     study_wall_s: float
 
@@ -55,7 +56,7 @@ def summarize(study: optuna.Study) -> Summary | None:
     times = [r.walltime for r in records if r.walltime is not None]
     if not times:
         return None
-    workers = tuple(rec.read_workers(study))
+    workers = tuple(stored_time.read_workers(study))
     attempts = [a for r in records for a in r.attempts]
     starts = [w.started_at for w in workers if w.started_at] + [a.started for a in attempts]
     study_wall = max((a.ended for a in attempts), default=0.0) - min(starts, default=0.0)
