@@ -161,7 +161,7 @@ class _Progress:
             try:
                 return ask(kind, payload)
             finally:
-                self.clock.add("idle", time.perf_counter() - start)
+                self.clock.answered(time.perf_counter() - start)
         return timed_ask
 
     def outcome(self, status: Outcome, reason: str = "", **fields: Any) -> TrialOutcome:

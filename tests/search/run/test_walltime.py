@@ -71,3 +71,13 @@ def test_a_stored_breakdown_round_trips_and_ignores_keys_it_does_not_know():
     doc = {**rec.attrs(wall)[stored_time.WALLTIME], "newer_phase_s": 4.0}
     assert stored_time.read_walltime(doc) == wall
     assert set(rec.attrs(wall)[stored_time.WALLTIME]) >= set(WALL_PHASES)
+
+
+def test_idle_is_split_into_the_coordinator_answers_and_the_device_lock():
+    wall = WallTime(train_s=6.0, idle_s=3.0, answers_s=0.5, wall_s=9.0, mode="fork")
+    s = walltime.summarize(_study(wall, wall))
+    assert s.answers_s == 1.0 and s.phases["idle_s"] == 6.0
+    assert "(idle: coordinator answers 1, device lock 5)" in walltime.summary_line(s)
+    assert "| of idle: coordinator answers | 0.50 | 5.6% |" in walltime.table(s)
+    lines = walltime.trial_lines(wall)
+    assert "idle: coordinator answers 0.50 s, device lock 2.50 s" in lines[1]
