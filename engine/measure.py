@@ -103,8 +103,7 @@ def measure_latency(model: nn.Module, config: Config, runs: int = 5, pin: bool =
         runs: samples per round (at least 5).
         pin: keep the process on one core while timing (``benchmarks/steady_latency.py``
             compares without).
-        pause: how to wait after a disturbed round (a trial gives the device lock back
-            meanwhile: ``workers.device_lock.DeviceLock.pause``).
+        pause: how to wait after a disturbed round (:func:`engine.device.steady.steady_call`).
 
     Returns:
         The median of the pooled clean samples (at least ``runs``), with the rounds, the

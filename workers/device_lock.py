@@ -68,8 +68,6 @@ class DeviceLock:
     ``waited_s``: how long this process has waited for the exclusive lock so far.
     """
 
-    _held: int | None = None  # the device fd while this process holds it exclusively
-
     def __init__(self, folder: str | Path | None = None, timeout_s: float | None = None
                  ) -> None:
         self.folder = Path(folder) if folder else default_folder()
@@ -123,34 +121,10 @@ class DeviceLock:
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         """Measure with the device to this process alone."""
-        self._take_exclusive()
+        start = time.perf_counter()
+        device = self._enter(fcntl.LOCK_EX)
+        self.waited_s += time.perf_counter() - start
         try:
             yield
         finally:
-            device, self._held = self._held, None
-            if device is not None:
-                fcntl.flock(device, fcntl.LOCK_UN)
-
-    def _take_exclusive(self) -> None:
-        start = time.perf_counter()
-        self._held = self._enter(fcntl.LOCK_EX)
-        self.waited_s += time.perf_counter() - start
-
-    def pause(self, seconds: float) -> None:
-        """Wait ``seconds`` inside an exclusive hold with the device given back meanwhile.
-
-        A measurement that found the machine disturbed waits for the burst to pass
-        (``engine.device.steady.steady_call``'s ``pause``); the disturbance came from outside
-        the lock, so the processes it holds back may compute while it waits. The wait to
-        take the device again counts in ``waited_s``. Outside an exclusive hold it only
-        sleeps.
-        """
-        device, self._held = self._held, None
-        if device is None:
-            time.sleep(seconds)
-            return
-        fcntl.flock(device, fcntl.LOCK_UN)
-        try:
-            time.sleep(seconds)
-        finally:
-            self._take_exclusive()
+            fcntl.flock(device, fcntl.LOCK_UN)

@@ -299,13 +299,12 @@ def _rung_report(state: TrainState, data: DataPayload, elapsed_s: float) -> Rung
 def _latency(model: UNet, config: Config, runs: int, fit: BudgetFit | None
              ) -> tuple[LatencyStat, float]:
     """Latency of the full sampling loop at batch 1 and the seconds it took to measure (the
-    step budget's, whose latency is not measured again); the protocol's pauses give the
-    device back (:meth:`DeviceLock.pause`), and the wait to take it again is not counted."""
+    step budget's, whose latency is not measured again)."""
     if fit is not None:
         return fit.latency, fit.seconds
-    start, waited = time.perf_counter(), DEVICE.waited_s
-    stat = measure_latency(model, config, runs, pause=DEVICE.pause)
-    return stat, time.perf_counter() - start - (DEVICE.waited_s - waited)
+    start = time.perf_counter()
+    stat = measure_latency(model, config, runs)
+    return stat, time.perf_counter() - start
 
 
 def _measure(model: UNet, config: Config, latency: tuple[LatencyStat, float],
@@ -340,11 +339,11 @@ def _remeasure(model: UNet, config: Config, runs: int, first: Measurement) -> Me
         kept: the second if it was clean, else the less disturbed of the two (the one whose
         reference ratio is nearer 1), still marked ``disturbed``.
     """
-    start, waited = time.perf_counter(), DEVICE.waited_s
-    stat = measure_latency(model, config, runs, pause=DEVICE.pause)
+    start = time.perf_counter()
+    stat = measure_latency(model, config, runs)
     second = replace(first, latency_ms=stat.median_ms, latency_spread=stat.spread,
                      latency_samples_ms=stat.samples_ms, **_trust(stat))
-    seconds = time.perf_counter() - start - (DEVICE.waited_s - waited)  # less the lock's
+    seconds = time.perf_counter() - start
     kept = second if not second.disturbed or (
         abs(second.reference_ratio - 1) <= abs(first.reference_ratio - 1)) else first
     attempts = (latency_attempt(first, "before training", first.seconds),
