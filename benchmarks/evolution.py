@@ -56,6 +56,7 @@ from budgeted import (
 from optuna.trial import FrozenTrial
 
 from search import pareto
+from search.storage import lineage as lin
 from search.storage import record as rec
 
 LIMIT = "max_latency_ms = 12"  # about the median latency of the space's candidates
@@ -131,9 +132,9 @@ class Run(BudgetRun):
 
 
 def kind_of(t: FrozenTrial) -> str:
-    if rec.PARENT not in t.user_attrs:
+    if lin.PARENT not in t.user_attrs:
         return "sampled"
-    if rec.ADAPTATION in t.user_attrs:
+    if lin.ADAPTATION in t.user_attrs:
         return "adapted"
     return t.user_attrs.get(rec.INHERITANCE, {}).get("status", "fresh")
 

@@ -5,7 +5,7 @@
   fixed reference workload; a sample a probe says was disturbed by another process is set
   aside, and clean samples are pooled, in rounds, until the median's 95% confidence
   interval is within +-5%; a latency that never got enough clean samples is marked
-  ``disturbed`` (:func:`engine.device.bench.steady_call`).
+  ``disturbed`` (:func:`engine.device.steady.steady_call`).
 - Memory: the peak while sampling at batch 1, and while training at the config's batch size.
 - Quality: FID, KID, precision and recall of ``n`` samples drawn from ``seed``, on the
   feature network's features, next to the real-vs-real floors at the same ``n``; the first
@@ -21,6 +21,7 @@ their numbers compare.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -33,9 +34,9 @@ from engine.device.bench import (
     forward_latency,
     sampling_latency,
     sampling_peak_mb,
-    steady_call,
     training_peak_mb,
 )
+from engine.device.steady import steady_call
 from engine.model.unet import UNet
 from engine.quality.metrics import FeatureExtractor, QualityRecord, evaluate_quality
 from engine.sampling.adaptive import StepBudget, choose_budget, with_budget
@@ -92,8 +93,8 @@ def draw(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, size: in
 # -- latency and memory ------------------------------------------------------------------
 
 
-def measure_latency(model: nn.Module, config: Config, runs: int = 5, pin: bool = True
-                    ) -> LatencyStat:
+def measure_latency(model: nn.Module, config: Config, runs: int = 5, pin: bool = True,
+                    pause: Callable[[float], None] = time.sleep) -> LatencyStat:
     """Latency of the whole sampling loop at batch 1, steady against other processes.
 
     Args:
@@ -102,6 +103,7 @@ def measure_latency(model: nn.Module, config: Config, runs: int = 5, pin: bool =
         runs: samples per round (at least 5).
         pin: keep the process on one core while timing (``benchmarks/steady_latency.py``
             compares without).
+        pause: how to wait after a disturbed round (:func:`engine.device.steady.steady_call`).
 
     Returns:
         The median of the pooled clean samples (at least ``runs``), with the rounds, the
@@ -109,7 +111,7 @@ def measure_latency(model: nn.Module, config: Config, runs: int = 5, pin: bool =
     """
     u = config.unet
     return steady_call(lambda: generate(model, config.schedule, 1, 0, u.image_size, u.channels),
-                       runs, pin=pin)
+                       runs, pause=pause, pin=pin)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import optuna
 
 from search.storage import record as rec
+from search.storage import timing as stored_time
 from workers.records import WALL_PHASES, WallTime
 
 
@@ -28,7 +29,8 @@ class Summary:
     phases: dict[str, float]  # phase -> seconds summed over the trials
     wall_s: float  # the trials' wall time, summed
     queued_s: float  # the workers' idle time between trials, summed
-    workers: tuple[rec.WorkerTime, ...]
+    answers_s: float  # of idle_s: the trials' waits for the coordinator's answers, summed
+    workers: tuple[stored_time.WorkerTime, ...]
     worker_count: int
     study_wall_s: float
 
@@ -55,13 +57,14 @@ def summarize(study: optuna.Study) -> Summary | None:
     times = [r.walltime for r in records if r.walltime is not None]
     if not times:
         return None
-    workers = tuple(rec.read_workers(study))
+    workers = tuple(stored_time.read_workers(study))
     attempts = [a for r in records for a in r.attempts]
     starts = [w.started_at for w in workers if w.started_at] + [a.started for a in attempts]
     study_wall = max((a.ended for a in attempts), default=0.0) - min(starts, default=0.0)
     count = len(workers) or len({a.worker for a in attempts})
     return Summary(len(times), _sums(times), sum(t.wall_s for t in times),
-                   sum(t.queued_s for t in times), workers, count, max(0.0, study_wall))
+                   sum(t.queued_s for t in times), sum(t.answers_s for t in times), workers,
+                   count, max(0.0, study_wall))
 
 
 def _sums(times: Sequence[WallTime]) -> dict[str, float]:
@@ -78,7 +81,8 @@ def summary_line(s: Summary) -> str:
     return (f"wall time: {s.trials} trials, {s.wall_s:.0f} s; overhead "
             f"{100 * s.overhead_share:.0f}% (all but train and fid); workers busy "
             f"{100 * s.busy_share:.0f}% of {s.worker_count} x {s.study_wall_s:.0f} s; "
-            f"per phase (s): {spent}; idle between trials {s.queued_s:.0f}")
+            f"per phase (s): {spent} (idle: coordinator answers {s.answers_s:.0f}, device "
+            f"lock {s.phases['idle_s'] - s.answers_s:.0f}); idle between trials {s.queued_s:.0f}")
 
 
 def trial_lines(t: WallTime) -> list[str]:
@@ -87,7 +91,8 @@ def trial_lines(t: WallTime) -> list[str]:
     share = 100 * t.overhead_s / t.wall_s if t.wall_s else 0.0
     head = (f"{t.wall_s:.1f} s ({t.mode or '?'} start), overhead {t.overhead_s:.1f} s "
             f"({share:.0f}%): {spent}")
-    return [head, f"worker idle before it: {t.queued_s:.1f} s"]
+    return [head, (f"idle: coordinator answers {t.answers_s:.2f} s, device lock "
+                  f"{t.idle_s - t.answers_s:.2f} s; worker idle before it: {t.queued_s:.1f} s")]
 
 
 def table(s: Summary) -> str:
@@ -101,5 +106,7 @@ def table(s: Summary) -> str:
               f"({s.worker_count} workers x {s.study_wall_s:.0f} s)")
     return "\n".join(["| phase | mean s / trial | share of trial wall |", "|---|---|---|",
                       *rows, f"| **trial wall** | {s.wall_s / s.trials:.2f} | 100% |",
+                      (f"| of idle: coordinator answers | {s.answers_s / s.trials:.2f} | "
+                      f"{100 * s.answers_s / s.wall_s if s.wall_s else 0:.1f}% |"),
                       f"| idle between trials | {s.queued_s / s.trials:.2f} | |", *workers,
                       "", shares])

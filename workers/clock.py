@@ -24,10 +24,16 @@ class PhaseClock:
     def __init__(self, device: DeviceLock) -> None:
         self.device = device
         self.seconds: dict[str, float] = {}
+        self.answers_s = 0.0  # of ``idle``: the coordinator's answers
         self._steps: list[float] = []
 
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + max(0.0, seconds)
+
+    def answered(self, seconds: float) -> None:
+        """A round trip to the coordinator: idle, kept apart from the device lock's waits."""
+        self.add("idle", seconds)
+        self.answers_s += max(0.0, seconds)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -78,4 +84,5 @@ class PhaseClock:
     def walltime(self, **fields: Any) -> WallTime:
         """The phases so far as a :class:`WallTime` (``wall_s`` their sum)."""
         phases: dict[str, Any] = {f"{k}_s": v for k, v in self.seconds.items()}
-        return WallTime(**phases, wall_s=sum(phases.values()), **fields)
+        return WallTime(**phases, wall_s=sum(phases.values()), answers_s=self.answers_s,
+                        **fields)

@@ -99,7 +99,7 @@ class Measurement:
     and of the sampler around it, the schedule chosen from them, and why. ``start`` says
     how the weights began: ``{"status": "fresh"}``, or inherited from a parent trial.
 
-    The latency's trust, from the steady protocol (``engine.device.bench.LatencyStat``):
+    The latency's trust, from the steady protocol (``engine.device.bench.LatencyStat``, ``engine.device.steady``):
     ``latency_ci`` (relative half-width of the median's 95% interval), ``latency_rounds``,
     ``disturbed_rounds``, ``reference_ratio`` and ``disturbed`` (too few clean samples:
     another process kept taking the CPU). A disturbed latency is measured again at the end of
@@ -210,7 +210,8 @@ class WallTime:
     feature network for FID/KID; ``fid_s``: sampling the FID images; ``table_s``: adding the
     latency to the worker's table; ``latency_s``: latency and memory measurements;
     ``write_s``: packaging the artifacts, sending them back and the coordinator's writing
-    them; ``idle_s``: waiting for the coordinator's answers and for the device lock;
+    them; ``idle_s``: waiting for the coordinator's answers (``answers_s`` of it, not a phase
+    of its own) and for the device lock (the rest);
     ``other_s``: the rest (building the model, the coordinator's dispatch). They add up to
     ``wall_s``, the attempt from dispatch to its record. ``queued_s`` is the worker's idle
     time before the attempt (not part of ``wall_s``); ``mode`` how the trial process started
@@ -231,6 +232,7 @@ class WallTime:
     wall_s: float = 0.0
     queued_s: float = 0.0
     mode: str = ""
+    answers_s: float = 0.0
 
     def phases(self) -> dict[str, float]:
         """``{phase: seconds}`` in :data:`WALL_PHASES` order."""

@@ -46,8 +46,8 @@ from engine.measure import (
     LatencyTargetInfeasible,
     QualityResult,
     fit_step_budget,
-    measure_cost,
     measure_latency,
+    measure_memory,
     sample_images,
 )
 from engine.model.cost import flops, param_count
@@ -161,7 +161,7 @@ class _Progress:
             try:
                 return ask(kind, payload)
             finally:
-                self.clock.add("idle", time.perf_counter() - start)
+                self.clock.answered(time.perf_counter() - start)
         return timed_ask
 
     def outcome(self, status: Outcome, reason: str = "", **fields: Any) -> TrialOutcome:
@@ -191,8 +191,8 @@ def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Config,
             fit = fit_step_budget(state.model, config, request.latency_target_ms,
                                   request.latency_runs)
             config = state.config = fit.config  # trained, evaluated and saved with it
-        measurement = done.measurement = _measure(state.model, config, request.latency_runs,
-                                                  fit, start)
+        latency = _latency(state.model, config, request.latency_runs, fit)
+    measurement = done.measurement = _measure(state.model, config, latency, fit, start, clock)
     done.device = device_fingerprint()
     done.timings["measure_s"] = measurement.seconds
     done.check_memory("measurement", max(measurement.train_mb, measurement.sample_mb))
@@ -296,15 +296,29 @@ def _rung_report(state: TrainState, data: DataPayload, elapsed_s: float) -> Rung
                       (*history, (state.step, val_loss)))
 
 
-def _measure(model: UNet, config: Config, runs: int, fit: BudgetFit | None,
-             start: dict[str, Any]) -> Measurement:
-    """Latency of the full sampling loop at batch 1, then peak memory of sampling and training.
+def _latency(model: UNet, config: Config, runs: int, fit: BudgetFit | None
+             ) -> tuple[LatencyStat, float]:
+    """Latency of the full sampling loop at batch 1 and the seconds it took to measure (the
+    step budget's, whose latency is not measured again)."""
+    if fit is not None:
+        return fit.latency, fit.seconds
+    start = time.perf_counter()
+    stat = measure_latency(model, config, runs)
+    return stat, time.perf_counter() - start
 
-    ``fit``: the step budget chosen for a latency target, whose latency is not measured again.
+
+def _measure(model: UNet, config: Config, latency: tuple[LatencyStat, float],
+             fit: BudgetFit | None, start: dict[str, Any], clock: PhaseClock) -> Measurement:
+    """The measured latency with the peak memory of sampling and training, taken now.
+
+    A peak is this process's own allocation, which other processes' work does not move, so
+    memory is measured with the device shared (timed as ``latency``), not to itself.
     """
-    cost = measure_cost(model, config, runs, fit.latency if fit is not None else None)
-    stat, memory = cost.latency, cost.memory
-    seconds = cost.seconds + (fit.seconds if fit is not None else 0.0)
+    stat, latency_s = latency
+    with clock.shared("latency"):
+        began = time.perf_counter()
+        memory = measure_memory(model, config)
+        seconds = latency_s + time.perf_counter() - began
     return Measurement(stat.median_ms, stat.spread, stat.samples_ms, memory.train_mb,
                        memory.sample_mb, seconds, fit.to_dict() if fit is not None else None,
                        start, **_trust(stat))

@@ -32,6 +32,7 @@ from engine.model.cost import flops, param_count
 from search.hooks import evolution
 from search.run.pipeline import Context, Flight, Hook
 from search.space import AdaptSettings, SearchSpace
+from search.storage import lineage as lin
 from search.storage import record as rec
 from search.storage.artifacts import WEIGHTS
 from workers.records import Decision, Outcome, RungReport, TrialOutcome
@@ -164,13 +165,13 @@ def peers(trials: Sequence[FrozenTrial], step: int, exclude: int) -> list[float]
 def enqueue(study: optuna.Study, parent: int, choice: Choice, fired: Trigger, at_step: int,
             steps_left: int, lineage_depth: int) -> int:
     """Enqueue the adapted trial (the next ask runs it); returns its number."""
-    adaptation = rec.Adaptation(fired.kind, fired.reason, parent, at_step, steps_left,
+    adaptation = lin.Adaptation(fired.kind, fired.reason, parent, at_step, steps_left,
                                 lineage_depth + 1, choice.predicted_ms)
-    study.enqueue_trial(choice.params, user_attrs=rec.attrs(rec.Lineage(
+    study.enqueue_trial(choice.params, user_attrs=rec.attrs(lin.Lineage(
         parent, f"{fired.kind}: {choice.change}", adaptation)))
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     return max(t.number for t in waiting
-               if rec.lineage_of(t).adaptation == adaptation)
+               if lin.lineage_of(t).adaptation == adaptation)
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ class AdaptHook(Hook):
         def peer_losses() -> list[float]:
             return peers(ctx.study.get_trials(deepcopy=False), rung.step, flight.number)
 
-        depth = rec.lineage_of(flight.trial).depth
+        depth = lin.lineage_of(flight.trial).depth
         fired = trigger(settings, sorted(points.items()), flight.measurement.latency_ms,
                         peer_losses, depth)
         if fired is None:
@@ -229,10 +230,10 @@ class AdaptHook(Hook):
                 or WEIGHTS not in outcome.artifacts):
             return ""
         left = max(1, flight.cost.train_steps - adapting.step)
-        depth = rec.lineage_of(flight.trial).depth
+        depth = lin.lineage_of(flight.trial).depth
         child = enqueue(ctx.study, flight.number, adapting.choice, adapting.trigger,
                         adapting.step, left, depth)
-        rec.write(flight.trial, rec.AdaptedInto(child, adapting.trigger.kind,
+        rec.write(flight.trial, lin.AdaptedInto(child, adapting.trigger.kind,
                                                 **describe(adapting.choice)))
         return f" (trial {child})"
 

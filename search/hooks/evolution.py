@@ -36,6 +36,7 @@ from search.pruning.base import Cost
 from search.run.pipeline import Context, Flight, Hook
 from search.run.pool import Worker
 from search.space import Param, SearchSpace
+from search.storage import lineage as lin
 from search.storage import record as rec
 from search.storage import study as st
 from search.storage.artifacts import WEIGHTS
@@ -152,7 +153,7 @@ def enqueue_mutation(study: optuna.Study, space: SearchSpace, channels: int,
     if proposal is None:
         return None
     params, change = proposal
-    study.enqueue_trial(params, user_attrs=rec.attrs(rec.Lineage(parent.number, change)))
+    study.enqueue_trial(params, user_attrs=rec.attrs(lin.Lineage(parent.number, change)))
     return parent.number
 
 
@@ -213,7 +214,7 @@ class EvolutionHook(Hook):
     def on_asked(self, ctx: Context, trial: optuna.Trial, config: Config, cost: Cost) -> Cost:
         """A child that can inherit trains the shorter budget; one that cannot starts fresh,
         with the reason recorded."""
-        lineage = rec.lineage_of(trial)
+        lineage = lin.lineage_of(trial)
         if lineage.parent is None:
             return cost
         why = reachable(ctx.study, lineage.parent, config)

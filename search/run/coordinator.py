@@ -30,8 +30,8 @@ from search.run.pool import Death, Reports, Result, Worker, WorkerPool
 from search.run.progress import Progress, RunningTrial, Silent, Snapshot
 from search.run.stages import InvalidSpaceError
 from search.space import SearchSpace
-from search.storage import record as rec
 from search.storage import study as st
+from search.storage import timing as stored_time
 from search.storage.lease import Lease
 from workers.records import LATENCY_TARGET, Decision, Event, EventKind
 
@@ -115,7 +115,7 @@ class Coordinator:
         for worker in self.pool.workers.values():
             doc = worker.profile.get("walltime")
             if worker.name not in self._recorded and doc is not None:
-                rec.write_worker(self.study, rec.WorkerTime(worker.name, **doc))
+                stored_time.write_worker(self.study, stored_time.WorkerTime(worker.name, **doc))
                 self._recorded.add(worker.name)
 
     def _may_ask(self) -> bool:

@@ -29,6 +29,7 @@ from search.pruning.base import Cost, constraint_values, proxy_group, stage0_val
 from search.run.pipeline import Context, Current, Flight, Phase
 from search.run.pool import Worker
 from search.storage import artifacts
+from search.storage import lineage as lin
 from search.storage import record as rec
 from workers.records import (
     LATENCY_TARGET,
@@ -290,7 +291,7 @@ def tell(ctx: Context, flight: Flight, state: TrialState, reason: str,
                          feasible if ctx.limits else None)
     rec.write(flight.trial, finished)
     if values is not None:
-        rec.write(flight.trial, rec.headline(values, finished, rec.lineage_of(flight.trial).parent))
+        rec.write(flight.trial, rec.headline(values, finished, lin.lineage_of(flight.trial).parent))
     ctx.study.tell(flight.trial, values=values, state=state)
     ctx.told += 1
     flight.overhead_s += time.perf_counter() - start

@@ -20,12 +20,13 @@ rungs          :class:`Rung` list  rungs: the quality proxy and the pruner's ans
 attempts       :class:`Attempt`    each attempt: worker, status, start and end
 walltime       ``WallTime``       finish: where the last attempt's wall time went
 (several)      :class:`Finished`   finish: quality, timings, artifacts, device, reason
-(several)      :class:`Lineage`    mutation, adaptation and re-queue links
+(several)      ``Lineage``        mutation, adaptation and re-queue links
 derived        :class:`Derived`    a derived point (distilled, compressed, tuned)
 =============  =================  ==================================================
 
-A worker's own costs (its start, its latency table; :class:`WorkerTime`) are stored once per
-worker on the study, under ``worker_walltime:<worker>``.
+The links between trials are records of :mod:`search.storage.lineage`; the wall-time
+records, with each worker's own costs, of :mod:`search.storage.timing`; the JSON form every
+record shares, :mod:`search.storage.doc`.
 
 The headline numbers are also stored flat (:class:`Headline`: scalars only), so that
 optuna-dashboard can sort and filter trials by them.
@@ -35,14 +36,21 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar, Self, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from engine.config import Config, ScheduleConfig
 from search.pruning.base import Cost
+from search.storage.doc import Doc, maybe, plain
+from search.storage.lineage import (
+    AdaptedInto,
+    Lineage,
+    read_lineage,
+)
+from search.storage.timing import WALLTIME, read_walltime
 from workers.records import OBJECTIVES, Decision, Measurement, WallTime
 
 FORMAT = 2
@@ -60,55 +68,8 @@ REASON = "reason"
 FEASIBLE = "feasible"
 QUALITY, TIMINGS, ARTIFACTS, ARTIFACT_IDS = "quality", "timings", "artifacts", "artifact_ids"
 DEVICE, WORKER, NODE, DEVICE_CLASS = "device", "worker", "node", "device_class"
-PARENT, MUTATION = "parent", "mutation"
-ADAPTATION, ADAPTED_INTO = "adaptation", "adapted_into"
-REQUEUED, REQUEUED_FROM = "requeued", "requeued_from"
 DERIVED = "derived"
-WALLTIME = "walltime"
-WORKER_TIME = "worker_walltime:"  # + worker name: a study user attribute
 PREDICTED = "predicted_latency"  # format 1 only: now part of the pre-screen record
-
-
-D = TypeVar("D", bound="Doc")
-
-
-@dataclass(frozen=True)
-class Doc:
-    """A record stored as one JSON object; unknown keys ride along in ``extra``."""
-
-    KEY: ClassVar[str] = ""
-
-    def to_doc(self) -> dict[str, Any]:
-        doc = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "extra"}
-        return {**getattr(self, "extra", {}), **doc}
-
-    @classmethod
-    def from_doc(cls, doc: Mapping[str, Any]) -> Self:
-        names = {f.name for f in fields(cls)} - {"extra"}
-        known = {k: _typed(cls, k, v) for k, v in doc.items() if k in names}
-        extra = {k: v for k, v in doc.items() if k not in names}
-        # every record declares ``extra`` last (a base-class default would precede its fields)
-        return cls(**known, extra=extra)  # type: ignore[call-arg]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Doc):
-        return value.to_doc()
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _typed(cls: type, name: str, value: Any) -> Any:
-    """Nested records come back as records and JSON lists as tuples."""
-    nested = _NESTED.get((cls.__name__, name))
-    if nested is not None and value is not None:
-        return nested.from_doc(value)
-    return _tuples(value)
-
-
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _answer(decision: Decision) -> str:
@@ -162,6 +123,7 @@ class Measured(Doc):
     """
 
     KEY: ClassVar[str] = MEASURED
+    NESTED: ClassVar[Mapping[str, type[Doc]]] = {"measured_on": Conversion}
     latency_ms: float
     latency_spread: float = 0.0
     samples_ms: tuple[float, ...] = ()
@@ -279,59 +241,6 @@ class Finished:
 
 
 @dataclass(frozen=True)
-class Adaptation(Doc):
-    """A child trial grown or shrunk from a running one (search.hooks.adapt)."""
-
-    KEY: ClassVar[str] = ADAPTATION
-    trigger: str
-    reason: str
-    parent: int
-    at_step: int
-    steps: int
-    depth: int = 1
-    predicted_latency_ms: float | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AdaptedInto(Doc):
-    """The parent's side of an adaptation: the trial it continues as, and the change."""
-
-    KEY: ClassVar[str] = ADAPTED_INTO
-    trial: int
-    trigger: str
-    change: str
-    predicted_latency_ms: float | None = None
-    unet: Mapping[str, Any] | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Lineage:
-    """Links between trials: a mutation's parent, an adaptation, a re-queue."""
-
-    parent: int | None = None
-    mutation: str = ""
-    adaptation: Adaptation | None = None
-    adapted_into: AdaptedInto | None = None
-    requeued_from: int | None = None
-    requeued: bool = False
-
-    KEYS: ClassVar[dict[str, str]] = {
-        "parent": PARENT, "mutation": MUTATION, "adaptation": ADAPTATION,
-        "adapted_into": ADAPTED_INTO, "requeued_from": REQUEUED_FROM, "requeued": REQUEUED}
-
-    def carried(self) -> Lineage:
-        """What a re-queued trial keeps of this lineage: the parent, mutation, adaptation."""
-        return replace(self, adapted_into=None, requeued_from=None, requeued=False)
-
-    @property
-    def depth(self) -> int:
-        """How many adaptations made this trial (0: sampled or mutated)."""
-        return self.adaptation.depth if self.adaptation else 0
-
-
-@dataclass(frozen=True)
 class Derived(Doc):
     """A derived point: what was done (``kind``) to which trial (``source``), and its detail."""
 
@@ -344,9 +253,6 @@ class Derived(Doc):
     def summary(self) -> str:
         """``progressive 4 steps of 3``-style description."""
         return f"{self.detail.get('what', self.kind)} of {self.source}"
-
-
-_NESTED: dict[tuple[str, str], type[Doc]] = {("Measured", "measured_on"): Conversion}
 
 
 # -- the whole trial -----------------------------------------------------------------------
@@ -370,7 +276,7 @@ class TrialRecord:
     rungs: tuple[Rung, ...] = ()
     attempts: tuple[Attempt, ...] = ()
     finished: Finished = Finished()
-    lineage: Lineage = Lineage()
+    lineage: Lineage = field(default_factory=Lineage)
     derived: Derived | None = None
     predicted: Mapping[str, Any] | None = None  # format 1's separate prediction
     walltime: WallTime | None = None  # absent in records stored before it existed
@@ -446,7 +352,7 @@ def _attrs(rec: Record) -> dict[str, Any]:
     if isinstance(rec, Headline):
         return {k: v for k, v in dataclasses.asdict(rec).items() if v is not None}
     if isinstance(rec, (Finished, Lineage)):
-        return {key: _plain(v) for name, key in rec.KEYS.items()
+        return {key: plain(v) for name, key in rec.KEYS.items()
                 if not _unset(v := getattr(rec, name))}
     return {rec.KEY: rec.to_doc()}
 
@@ -469,11 +375,6 @@ def headline(values: Sequence[float], finished: Finished, parent: int | None) ->
     return Headline(fid, latency, memory, None if floor is None else float(floor), parent)
 
 
-def lineage_of(trial: optuna.Trial | FrozenTrial) -> Lineage:
-    """The lineage of a trial, live (before it is told) or stored."""
-    return read_lineage(trial.user_attrs)
-
-
 def read(trial: FrozenTrial) -> TrialRecord:
     """Every stored record of ``trial`` (format 1 and 2 studies alike)."""
     a = trial.user_attrs
@@ -482,62 +383,16 @@ def read(trial: FrozenTrial) -> TrialRecord:
         values=tuple(trial.values) if trial.values else None, params=dict(trial.params),
         constraints=dict(trial.constraints),
         asked_config=Config.from_dict(a[CONFIG]) if CONFIG in a else None,
-        prescreen=_maybe(Prescreen, a.get(PRESCREEN)),
-        measured=_maybe(Measured, a.get(MEASURED)),
-        conversion=_maybe(Conversion, a.get(CONVERSION)),
+        prescreen=maybe(Prescreen, a.get(PRESCREEN)),
+        measured=maybe(Measured, a.get(MEASURED)),
+        conversion=maybe(Conversion, a.get(CONVERSION)),
         step_budget=StepBudget(a[STEP_BUDGET]) if STEP_BUDGET in a else None,
         inheritance=Inheritance(a[INHERITANCE]) if INHERITANCE in a else None,
         rungs=tuple(Rung.from_doc(r) for r in a.get(RUNGS, ())),
         attempts=tuple(Attempt.from_doc(r) for r in a.get(ATTEMPTS, ())),
         finished=Finished(**{name: a[key] for name, key in Finished.KEYS.items() if key in a}),
-        lineage=read_lineage(a), derived=_maybe(Derived, a.get(DERIVED)), predicted=a.get(PREDICTED),
+        lineage=read_lineage(a), derived=maybe(Derived, a.get(DERIVED)), predicted=a.get(PREDICTED),
         walltime=read_walltime(a.get(WALLTIME)))
-
-
-def read_walltime(doc: Mapping[str, Any] | None) -> WallTime | None:
-    """A stored :class:`workers.records.WallTime` (keys it does not know are dropped)."""
-    if doc is None:
-        return None
-    names = {f.name for f in fields(WallTime)}
-    return WallTime(**{k: v for k, v in doc.items() if k in names})
-
-
-@dataclass(frozen=True)
-class WorkerTime:
-    """A worker's own costs, once per worker: ``started_at`` (its process start, epoch
-    seconds), ``actor_start_s`` (from then to ready), ``table_s`` (building or loading its
-    latency table) and ``mode`` (``spawn`` or ``fork``: how it starts trial processes)."""
-
-    worker: str
-    started_at: float = 0.0
-    actor_start_s: float = 0.0
-    table_s: float = 0.0
-    mode: str = ""
-
-
-def write_worker(study: optuna.Study, worker: WorkerTime) -> None:
-    """Store ``worker``'s costs on the study (the coordinator, when the worker is ready)."""
-    doc = dataclasses.asdict(worker)
-    study.set_user_attr(WORKER_TIME + doc.pop("worker"), doc)
-
-
-def read_workers(study: optuna.Study) -> list[WorkerTime]:
-    """Every worker's stored costs, by name."""
-    names = {f.name for f in fields(WorkerTime)}
-    return [WorkerTime(key[len(WORKER_TIME):], **{k: v for k, v in doc.items() if k in names})
-            for key, doc in sorted(study.user_attrs.items()) if key.startswith(WORKER_TIME)]
-
-
-def read_lineage(a: Mapping[str, Any]) -> Lineage:
-    """The lineage in a trial's user attributes (a live trial's too, before it is told)."""
-    return Lineage(parent=a.get(PARENT), mutation=a.get(MUTATION, ""),
-                   adaptation=_maybe(Adaptation, a.get(ADAPTATION)),
-                   adapted_into=_maybe(AdaptedInto, a.get(ADAPTED_INTO)),
-                   requeued_from=a.get(REQUEUED_FROM), requeued=bool(a.get(REQUEUED)))
-
-
-def _maybe(cls: type[D], doc: Mapping[str, Any] | None) -> D | None:
-    return None if doc is None else cls.from_doc(doc)
 
 
 def prescreen(cost: Cost, decision: Decision) -> Prescreen:

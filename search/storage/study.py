@@ -28,6 +28,7 @@ from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError
 
 from search.space import SearchSpace, parse_space
+from search.storage import lineage as lin
 from search.storage import paths
 from search.storage import record as rec
 from workers.records import OBJECTIVES
@@ -345,7 +346,7 @@ def is_finished(trial: FrozenTrial) -> bool:
     """Counts toward the target: COMPLETE, PRUNED, or FAIL that was not re-queued."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return trial.state == TrialState.FAIL and not rec.lineage_of(trial).requeued
+    return trial.state == TrialState.FAIL and not lin.lineage_of(trial).requeued
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -367,7 +368,7 @@ def requeue(study: optuna.Study, trial: optuna.Trial, reason: str,
         Whether a new trial was queued.
     """
     trials = study.get_trials(deepcopy=False)
-    already = any(rec.lineage_of(t).requeued_from == trial.number for t in trials)
+    already = any(lin.lineage_of(t).requeued_from == trial.number for t in trials)
     chain = _requeue_chain(trials, trial, reason)
     if max_deaths is not None and len(chain) >= max_deaths and not already:
         numbers = ", ".join(str(n) for n in sorted(chain))
@@ -377,10 +378,10 @@ def requeue(study: optuna.Study, trial: optuna.Trial, reason: str,
         study.tell(trial, state=TrialState.FAIL)
         return False
     if not already:
-        carried = rec.lineage_of(trial).carried()
+        carried = lin.lineage_of(trial).carried()
         study.enqueue_trial(dict(trial.params), user_attrs=rec.attrs(replace(
             carried, requeued_from=trial.number)))
-    rec.write(trial, rec.Finished(reason=reason), rec.Lineage(requeued=True))
+    rec.write(trial, rec.Finished(reason=reason), lin.Lineage(requeued=True))
     study.tell(trial, state=TrialState.FAIL)
     return not already
 
@@ -389,12 +390,12 @@ def _requeue_chain(trials: Sequence[FrozenTrial], trial: optuna.Trial, reason: s
                    ) -> list[int]:
     """``trial`` and the earlier runs of its params that failed with ``reason``."""
     by_number = {t.number: t for t in trials}
-    chain, previous = [trial.number], rec.lineage_of(trial).requeued_from
+    chain, previous = [trial.number], lin.lineage_of(trial).requeued_from
     while previous is not None and previous in by_number and previous not in chain:
         earlier = by_number[previous]
         if rec.read(earlier).reason == reason:
             chain.append(previous)
-        previous = rec.lineage_of(earlier).requeued_from
+        previous = lin.lineage_of(earlier).requeued_from
     return chain
 
 

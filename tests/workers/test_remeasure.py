@@ -1,14 +1,21 @@
-"""The worker's measurement carries the steady protocol's trust fields, and a disturbed
-latency measured again keeps both attempts (real MLX, a tiny model)."""
+"""The worker's measurement carries the steady protocol's trust fields, a disturbed
+latency measured again keeps both attempts, and memory is measured while other processes
+compute (real MLX, a tiny model, real processes on the device lock)."""
 
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import pytest
 
 from engine.config import Config
+from engine.device.bench import LatencyStat
 from engine.model.unet import UNet
+from workers.clock import PhaseClock
+from workers.device_lock import DeviceLock, DeviceLockTimeout
 from workers.records import LATENCY_TRUST
-from workers.trial import _measure, _remeasure
+from workers.trial import _latency, _measure, _remeasure
 
 CONFIG = Config.from_dict({"unet": {"image_size": 8, "base_width": 8, "width_mults": [1, 2],
                                     "norm_groups": 4, "time_emb_dim": 32},
@@ -17,9 +24,11 @@ CONFIG = Config.from_dict({"unet": {"image_size": 8, "base_width": 8, "width_mul
 
 
 @pytest.fixture(scope="module")
-def measured():
+def measured(tmp_path_factory):
     model = UNet(CONFIG.unet)
-    return model, _measure(model, CONFIG, 5, None, {"status": "fresh"})
+    clock = PhaseClock(DeviceLock(tmp_path_factory.mktemp("locks")))
+    return model, _measure(model, CONFIG, _latency(model, CONFIG, 5, None), None,
+                           {"status": "fresh"}, clock)
 
 
 def test_the_measurement_says_how_far_its_latency_can_be_trusted(measured):
@@ -42,3 +51,40 @@ def test_a_disturbed_latency_measured_again_keeps_both_attempts(measured):
     kept = after if not after["disturbed"] or after["reference_ratio"] <= 2.5 else before
     assert {k: getattr(final, k) for k in LATENCY_TRUST} == {k: kept[k] for k in LATENCY_TRUST}
     assert final.train_mb == m.train_mb and final.start == m.start
+
+
+COMPUTING = """
+import sys, time
+from pathlib import Path
+from workers.device_lock import DeviceLock, DeviceLockTimeout
+
+with DeviceLock(sys.argv[1]).shared():
+    Path(sys.argv[2]).touch()
+    time.sleep(60)
+"""
+
+
+def test_memory_is_measured_while_another_process_computes(tmp_path, measured):
+    model, m = measured
+    folder, held = tmp_path / "locks", tmp_path / "held"
+    other = subprocess.Popen([sys.executable, "-c", COMPUTING, str(folder), str(held)])
+    try:
+        deadline = time.monotonic() + 60
+        while not held.exists():
+            assert time.monotonic() < deadline and other.poll() is None
+            time.sleep(0.01)
+        with pytest.raises(DeviceLockTimeout), DeviceLock(folder, timeout_s=0.3).exclusive():
+            pass  # the other process does hold the device
+        clock = PhaseClock(DeviceLock(folder, timeout_s=30))
+        again = _measure(model, CONFIG, (_stat(m), m.seconds), None, m.start, clock)
+    finally:
+        other.kill()
+        other.wait()
+    assert again.train_mb > 0 and again.sample_mb > 0
+    assert again.latency_ms == m.latency_ms and again.seconds > m.seconds
+    assert clock.seconds["latency"] > 0
+
+
+def _stat(m):
+    return LatencyStat(m.latency_ms, m.latency_spread, m.latency_samples_ms, m.latency_ci,
+                       m.latency_rounds, m.disturbed_rounds, m.reference_ratio, m.disturbed)

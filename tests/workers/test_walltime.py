@@ -53,6 +53,7 @@ def _check_breakdown(outcome, elapsed_s, mode):
     assert sum(phases.values()) == pytest.approx(wall.wall_s, rel=1e-6)
     assert 0 < wall.wall_s <= elapsed_s  # within the call that ran it
     assert wall.other_s < wall.wall_s / 2  # the named phases hold most of it
+    assert 0 < wall.answers_s <= wall.idle_s  # it asked the coordinator at every stage
 
 
 @pytest.mark.parametrize("launcher", [Spawn, ForkServer])

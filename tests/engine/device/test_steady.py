@@ -1,4 +1,4 @@
-"""The steady latency protocol (engine.device.bench.steady_call) on a scripted clock: a
+"""The steady latency protocol (engine.device.steady.steady_call) on a scripted clock: a
 reference workload that runs slow while the machine is 'disturbed' must make the round be
 taken again after a pause, and a disturbance that never ends must be recorded as such."""
 
@@ -13,8 +13,8 @@ import mlx.core as mx
 import pytest
 from pytest import approx
 
-from engine.device import bench
-from engine.device.bench import (
+from engine.device import steady
+from engine.device.steady import (
     MAX_ROUNDS,
     MIN_WINDOW_MS,
     PAUSES_S,
@@ -170,7 +170,7 @@ def test_a_short_call_is_timed_over_a_window_of_back_to_back_runs():
 def test_while_timing_no_gc_runs_and_every_thread_stays_on_one_core():
     before = os.sched_getaffinity(0)
     seen = []
-    with bench._held_still(pin=True):
+    with steady._held_still(pin=True):
         seen.append((gc.isenabled(), [os.sched_getaffinity(int(t))
                                       for t in os.listdir("/proc/self/task")]))
     enabled, masks = seen[0]

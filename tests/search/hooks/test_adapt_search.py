@@ -6,6 +6,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search.report import trial_text
+from search.storage import lineage as lin
 from search.storage import record as rec
 from search.storage.artifacts import WEIGHTS
 
@@ -36,10 +37,10 @@ def test_a_trial_adapts_into_a_new_trial_that_starts_from_its_weights(
     assert all(r["decision"] == "continue" for r in before)
     assert (rung["step"], rung["decision"]) == (at_step, "adapt") and trigger in rung["reason"]
     assert WEIGHTS in parent.user_attrs[rec.ARTIFACTS]
-    assert parent.user_attrs[rec.ADAPTED_INTO]["trial"] == child.number
-    assert child.user_attrs[rec.PARENT] == parent.number
-    assert child.user_attrs[rec.MUTATION] == f"{kind}: unet.base_width {start} -> {end}"
-    doc = child.user_attrs[rec.ADAPTATION]
+    assert parent.user_attrs[lin.ADAPTED_INTO]["trial"] == child.number
+    assert child.user_attrs[lin.PARENT] == parent.number
+    assert child.user_attrs[lin.MUTATION] == f"{kind}: unet.base_width {start} -> {end}"
+    doc = child.user_attrs[lin.ADAPTATION]
     left = 30 - at_step
     assert (doc["trigger"], doc["at_step"], doc["steps"], doc["depth"]) == (kind, at_step,
                                                                             left, 1)

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 from search import cli
 from search.hooks.hardware import TARGET_DEVICE
 from search.space import load_space
+from search.storage import lineage as lin
 from search.storage import record as rec
 from workers import RESOURCE
 
@@ -90,14 +91,14 @@ def test_mutation_children_inherit_their_parents_weights_and_complete(
                                                    "inherit_budget": "0.5"}))
     assert result.complete == 3
     first, *children = study.trials
-    assert rec.PARENT not in first.user_attrs  # no front yet: the sampler's
+    assert lin.PARENT not in first.user_attrs  # no front yet: the sampler's
     assert [r["step"] for r in first.user_attrs[rec.RUNGS]] == [10, 30]
     space = load_space(tmp_path / "evolve.toml")
     for child in children:
-        parent = study.trials[child.user_attrs[rec.PARENT]]
+        parent = study.trials[child.user_attrs[lin.PARENT]]
         assert parent.state == TrialState.COMPLETE and parent.number < child.number
         changed = [k for k in child.params if child.params[k] != parent.params[k]]
-        assert changed and child.user_attrs[rec.MUTATION].startswith(changed[0])
+        assert changed and child.user_attrs[lin.MUTATION].startswith(changed[0])
         space.decode(child.params)
         assert child.user_attrs[rec.INHERITANCE] == {"status": "inherited", "parent": parent.number,
                                                  "train_steps": 15}

@@ -9,7 +9,7 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from search.storage import record as rec
+from search.storage import lineage as lin
 from search.storage import study as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -65,8 +65,8 @@ def test_sigkilled_coordinator_resumes_without_loss_or_duplicates(ray_cluster, r
     finished = [t for t in after.values() if st.is_finished(t)]
     assert len(finished) == 5 and all(t.state == TrialState.COMPLETE for t in finished)
     for number in stale:
-        assert after[number].state == TrialState.FAIL and after[number].user_attrs[rec.REQUEUED]
-        reruns = [t for t in after.values() if t.user_attrs.get(rec.REQUEUED_FROM) == number]
+        assert after[number].state == TrialState.FAIL and after[number].user_attrs[lin.REQUEUED]
+        reruns = [t for t in after.values() if t.user_attrs.get(lin.REQUEUED_FROM) == number]
         assert len(reruns) == 1 and reruns[0].params == after[number].params
     for t in finished:
         assert (results / "crash" / f"trial-{t.number}" / "samples.png").is_file()

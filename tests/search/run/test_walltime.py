@@ -7,6 +7,7 @@ from optuna.trial import TrialState, create_trial
 
 from search import report, walltime
 from search.storage import record as rec
+from search.storage import timing as stored_time
 from workers.records import WALL_PHASES, WallTime
 
 LEARNING_RATE = "{ float = [1e-3, 3e-3], log = true }"  # a space must search something
@@ -23,7 +24,7 @@ def test_a_search_stores_the_breakdown_and_status_shows_it(tiny_search):
     assert sum(wall.phases().values()) == pytest.approx(wall.wall_s, rel=1e-6)
     assert wall.wall_s <= r.finished.timings["wall_s"]  # dispatch to record, within ask to tell
     assert wall.mode in ("spawn", "fork") and wall.train_s > 0 and wall.fid_s > 0
-    [worker] = rec.read_workers(study)
+    [worker] = stored_time.read_workers(study)
     assert worker.worker == r.finished.worker and worker.started_at > 0
     assert worker.mode == wall.mode and worker.actor_start_s > 0
     status = report.status_text(study)
@@ -47,7 +48,7 @@ def test_the_summary_adds_phases_over_trials_and_over_the_workers_time():
     wall = WallTime(start_s=1.0, train_s=6.0, fid_s=1.0, latency_s=1.0, write_s=1.0,
                     wall_s=10.0, queued_s=0.5, mode="fork")
     study = _study(wall, wall, None)
-    rec.write_worker(study, rec.WorkerTime("w0", started_at=95.0, actor_start_s=2.0))
+    stored_time.write_worker(study, stored_time.WorkerTime("w0", started_at=95.0, actor_start_s=2.0))
     s = walltime.summarize(study)
     assert s.trials == 2 and s.phases["train_s"] == 12.0 and s.wall_s == 20.0
     assert s.overhead_share == pytest.approx(0.3)  # (20 - 12 - 2) / 20
@@ -67,6 +68,16 @@ def test_a_study_stored_before_the_breakdown_reads_without_it():
 
 def test_a_stored_breakdown_round_trips_and_ignores_keys_it_does_not_know():
     wall = WallTime(train_s=2.0, wall_s=3.0, other_s=1.0, mode="spawn")
-    doc = {**rec.attrs(wall)[rec.WALLTIME], "newer_phase_s": 4.0}
-    assert rec.read_walltime(doc) == wall
-    assert set(rec.attrs(wall)[rec.WALLTIME]) >= set(WALL_PHASES)
+    doc = {**rec.attrs(wall)[stored_time.WALLTIME], "newer_phase_s": 4.0}
+    assert stored_time.read_walltime(doc) == wall
+    assert set(rec.attrs(wall)[stored_time.WALLTIME]) >= set(WALL_PHASES)
+
+
+def test_idle_is_split_into_the_coordinator_answers_and_the_device_lock():
+    wall = WallTime(train_s=6.0, idle_s=3.0, answers_s=0.5, wall_s=9.0, mode="fork")
+    s = walltime.summarize(_study(wall, wall))
+    assert s.answers_s == 1.0 and s.phases["idle_s"] == 6.0
+    assert "(idle: coordinator answers 1, device lock 5)" in walltime.summary_line(s)
+    assert "| of idle: coordinator answers | 0.50 | 5.6% |" in walltime.table(s)
+    lines = walltime.trial_lines(wall)
+    assert "idle: coordinator answers 0.50 s, device lock 2.50 s" in lines[1]

@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from search import report
 from search.cli import main
 from search.space import load_space
+from search.storage import lineage as lin
 from search.storage import record as rec
 from search.storage import study as st
 
@@ -59,9 +60,9 @@ def test_stale_trials_requeue_once_on_postgresql(pg_storage):
     assert st.recover_stale(study, storage) == [stale.number]
     assert st.recover_stale(study, storage) == []
     waiting = study.get_trials(states=(TrialState.WAITING,))
-    assert [t.user_attrs[rec.REQUEUED_FROM] for t in waiting] == [stale.number]
+    assert [t.user_attrs[lin.REQUEUED_FROM] for t in waiting] == [stale.number]
     rerun = study.ask(fixed_distributions=space.distributions())
-    assert rerun.params == stale.params and rerun.user_attrs[rec.REQUEUED_FROM] == stale.number
+    assert rerun.params == stale.params and rerun.user_attrs[lin.REQUEUED_FROM] == stale.number
 
 
 def test_a_wrong_password_is_one_line_without_either_password(pg_storage, postgres_server):
@@ -154,7 +155,7 @@ def test_a_sigkilled_coordinator_resumes_on_postgresql(ray_cluster, pg_storage,
         assert after[number].values == values
     assert sum(st.is_finished(t) for t in after.values()) == 5
     for number in stale:
-        assert after[number].state == TrialState.FAIL and after[number].user_attrs[rec.REQUEUED]
+        assert after[number].state == TrialState.FAIL and after[number].user_attrs[lin.REQUEUED]
 
     for args in _verbs("pgcrash", min(completed), pg_storage, results, tmp_path):
         proc = diffnas(*args)

@@ -11,6 +11,7 @@ from optuna.trial import TrialState, create_trial
 from engine.config import Config
 from search.pruning.base import Cost
 from search.space import load_space
+from search.storage import lineage as lin
 from search.storage import record as rec
 from search.storage import study as st
 from workers.records import Decision, Measurement
@@ -38,8 +39,8 @@ RECORDS = [
                  device={"backend": "cpu"}, quality={"fid": 3.0, "fid_floor": 0.5},
                  timings={"wall_s": 8.0}, artifacts={"samples.png": "/x/samples.png"},
                  device_class="cpu:a"),
-    rec.Lineage(parent=0, mutation="grow: unet.base_width 8 -> 16",
-                adaptation=rec.Adaptation("grow", "plateau", 0, 10, 20, 1, 5.0)),
+    lin.Lineage(parent=0, mutation="grow: unet.base_width 8 -> 16",
+                adaptation=lin.Adaptation("grow", "plateau", 0, 10, 20, 1, 5.0)),
     rec.Derived("distill", "0", {"what": "progressive 2 steps", "stages": [1, 2]}),
 ]
 
@@ -122,8 +123,8 @@ def test_headline_numbers_are_flat_scalars():
 def test_a_requeue_carries_the_lineage_but_not_the_links_of_its_own(storage):
     space = load_space("smoke")
     study, _, _ = st.open_study(st.open_storage(storage, create=True), "s", space)
-    study.enqueue_trial({}, user_attrs=rec.attrs(rec.Lineage(
-        parent=0, mutation="m", adaptation=rec.Adaptation("grow", "why", 0, 10, 20))))
+    study.enqueue_trial({}, user_attrs=rec.attrs(lin.Lineage(
+        parent=0, mutation="m", adaptation=lin.Adaptation("grow", "why", 0, 10, 20))))
     trial = study.ask(fixed_distributions=space.distributions())
     assert st.requeue(study, trial, "crash") is True
     again = next(t for t in study.trials if t.state == TrialState.WAITING)

@@ -5,6 +5,7 @@ import pytest
 from optuna.trial import TrialState
 
 from search.space import load_space, parse_space
+from search.storage import lineage as lin
 from search.storage import record as rec
 from search.storage import study as st
 
@@ -63,15 +64,15 @@ def test_stale_running_trials_fail_and_requeue_exactly_once(storage, space):
     assert sorted(st.recover_stale(study, st.open_storage(storage, create=False))) == [stale_a.number, stale_b.number]
     trials = study.get_trials(deepcopy=False)
     waiting = [t for t in trials if t.state == TrialState.WAITING]
-    assert sorted(t.user_attrs[rec.REQUEUED_FROM] for t in waiting) == [stale_a.number,
+    assert sorted(t.user_attrs[lin.REQUEUED_FROM] for t in waiting) == [stale_a.number,
                                                                         stale_b.number]
     assert st.finished_count(study) == 1  # requeued FAILs do not count toward the target
     # The re-queued trial runs with the same params ... and the coordinator dies again.
     rerun = study.ask(fixed_distributions=space.distributions())
-    assert rerun.params == stale_a.params and rerun.user_attrs[rec.REQUEUED_FROM] == stale_a.number
+    assert rerun.params == stale_a.params and rerun.user_attrs[lin.REQUEUED_FROM] == stale_a.number
     study, _, _ = _open(storage, None)
     assert st.recover_stale(study, st.open_storage(storage, create=False)) == [rerun.number]
-    requeued_from = [t.user_attrs.get(rec.REQUEUED_FROM) for t in study.get_trials()]
+    requeued_from = [t.user_attrs.get(lin.REQUEUED_FROM) for t in study.get_trials()]
     # The second coordinator death on these params is the last (st.MAX_DEATHS = 2).
     assert requeued_from.count(stale_a.number) == 1 and requeued_from.count(rerun.number) == 0
     final = study.get_trials()[rerun.number]
@@ -83,7 +84,7 @@ def test_stale_running_trials_fail_and_requeue_exactly_once(storage, space):
 def test_requeue_is_idempotent_for_one_trial(storage, space):
     study, _, _ = _open(storage, space)
     (trial,) = _ask_running(study, space, 1)
-    study.enqueue_trial(dict(trial.params), user_attrs={rec.REQUEUED_FROM: trial.number})
+    study.enqueue_trial(dict(trial.params), user_attrs={lin.REQUEUED_FROM: trial.number})
     assert st.requeue(study, trial, "crash between enqueue and fail") is False
     assert len([t for t in study.trials if t.state == TrialState.WAITING]) == 1
 
@@ -136,11 +137,11 @@ def test_a_requeued_mutation_child_keeps_its_parent(storage, space):
     study, _, _ = _open(storage, space)
     parent = _ask_running(study, space, 1)[0]
     study.tell(parent, [1.0, 2.0, 3.0])
-    study.enqueue_trial(dict(parent.params), user_attrs={rec.PARENT: parent.number,
-                                                         rec.MUTATION: "unet.base_width 8 -> 16"})
+    study.enqueue_trial(dict(parent.params), user_attrs={lin.PARENT: parent.number,
+                                                         lin.MUTATION: "unet.base_width 8 -> 16"})
     child = study.ask(fixed_distributions=space.distributions())
     study, _, _ = _open(storage, None)  # the coordinator died while the child ran
     assert st.recover_stale(study, st.open_storage(storage, create=False)) == [child.number]
     again = next(t for t in study.get_trials() if t.state == TrialState.WAITING)
-    assert again.user_attrs[rec.PARENT] == parent.number
-    assert again.user_attrs[rec.MUTATION] == "unet.base_width 8 -> 16"
+    assert again.user_attrs[lin.PARENT] == parent.number
+    assert again.user_attrs[lin.MUTATION] == "unet.base_width 8 -> 16"
