@@ -62,8 +62,8 @@ class StudyLegibility:
     def lines(self) -> list[str]:
         """What ``diffnas legibility`` prints."""
         s = self.config.schedule
-        return [f"trial {self.label}: FID {self.fid:.3g}, latency {self.latency_ms:.3g} ms; "
-                f"{s.sampler} {s.steps} steps, {self.config.train.steps} training steps",
+        return [(f"trial {self.label}: FID {self.fid:.3g}, latency {self.latency_ms:.3g} ms; "
+                 f"{s.sampler} {s.steps} steps, {self.config.train.steps} training steps"),
                 self.samples.line("samples"), self.real.line("real digits (held out)")]
 
 
@@ -117,9 +117,12 @@ def study_legibility(study: optuna.Study, label: str | None = None, n: int = 500
     src = source(study, label or best_front_label(study))
     config, model = load_model(src.folder)
     seen, held = load_dataset("digits", image_size=config.unet.image_size).split(*DIGITS_HOLDOUT)
+    assert seen.labels is not None  # the built-in digits are labelled
     typical = typical_set(digits_feature_network(), seen.images, seen.labels)
     samples = sample_images(model, config, n, seed)
     r = rec.read(src.trial)
-    scores = StudyLegibility(src.label, r.value("fid"), r.value("latency_ms"), config,
+    fid, latency = r.value("fid"), r.value("latency_ms")
+    assert fid is not None and latency is not None  # source() returns COMPLETE trials only
+    scores = StudyLegibility(src.label, fid, latency, config,
                              score(samples, typical), score(held.images[:n], typical))
     return scores, samples
