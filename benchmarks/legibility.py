@@ -1,14 +1,10 @@
 """Does a study's best front trial draw digits? Legibility of its samples beside real digits.
 
-"The best front trial" is the non-dominated feasible COMPLETE point of lowest FID, as
-``diffnas pareto`` lists it first (:func:`search.report.front`). Its model is loaded from the
-results folder the way ``diffnas export`` finds it, and draws ``--n`` samples with its own
-sampler and steps. Each sample is scored by the shipped digits classifier
-(:mod:`engine.quality.legibility`): *confident* when its top class probability is at least
-0.9, *legible* when it is also inside that class's typical set of real digits. The same two
-figures are printed for ``--n`` held-out real digits (never seen by the classifier), at the
-study's image size. The study's wall time is the span from its first trial's start to its
-last trial's end; the device time is the sum of its trials' child-process CPU time.
+What ``diffnas legibility`` prints (:mod:`search.legibility`: the best front trial is the
+non-dominated feasible COMPLETE point of lowest FID, scored by the shipped digits
+classifier beside held-out real digits), plus the study's wall time, the span from its
+first trial's start to its last trial's end, and its device time, the sum of its trials'
+child-process CPU time.
 
     uv run python benchmarks/legibility.py --study demo --results results --png samples.png
 """
@@ -17,69 +13,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import optuna
 
 import engine  # noqa: F401  (binds an optimised BLAS before mlx loads)
-from engine.data.datasets import Dataset, load_dataset
 from engine.data.images import save_grid
-from engine.io.models import load_model
-from engine.measure import sample_images
-from engine.quality.features import DIGITS_HOLDOUT, digits_feature_network
-from engine.quality.legibility import TypicalSet, legible, typical_set
-from search import report
-from search.derived.points import source
+from search.legibility import study_legibility
 from search.storage import record as rec
 from search.storage import study as st
 
-THRESHOLD = 0.9
 GRID = 100  # a 10 x 10 grid
-
-
-@dataclass(frozen=True)
-class Score:
-    """Shares of a set of images: confidently classified, and also typical of their class."""
-
-    n: int
-    confident: float
-    legible: float
-    classes: tuple[int, ...]  # images per predicted class
-
-    def line(self, what: str) -> str:
-        return (f"{what}: {self.confident:.1%} confident (p >= {THRESHOLD}), "
-                f"{self.legible:.1%} legible (confident and typical) of {self.n}; "
-                f"per class {list(self.classes)}")
-
-
-def score(images: np.ndarray, typical: TypicalSet) -> Score:
-    """Score ``images`` with the shipped digits network."""
-    net = digits_feature_network()
-    confident = legible(images, net, threshold=THRESHOLD)
-    both = legible(images, net, typical, THRESHOLD)
-    classes = np.bincount(net.predict(images), minlength=net.config.num_classes)
-    return Score(len(images), float(confident.mean()), float(both.mean()),
-                 tuple(int(c) for c in classes))
-
-
-def best_front_label(study: optuna.Study) -> str:
-    """The label (``"3"`` or ``"d0"``) of the front's point of lowest FID.
-
-    Raises:
-        StudyError: the study has no feasible COMPLETE trial.
-    """
-    front = report.front(study, st.stored_space(study))
-    on = np.flatnonzero(front.on_front)
-    if not len(on):
-        raise st.StudyError(f"study {study.study_name!r} has no feasible COMPLETE trial")
-    return front.labels[on[np.argmin(front.points[on, 0])]]
-
-
-def digits(image_size: int) -> tuple[Dataset, Dataset]:
-    """The built-in digits at ``image_size``, split as the classifier was trained: (seen, held out)."""
-    return load_dataset("digits", image_size=image_size).split(*DIGITS_HOLDOUT)
 
 
 def study_times(study: optuna.Study) -> tuple[float | None, float]:
@@ -115,19 +59,8 @@ def _run(args: argparse.Namespace) -> int:
     st.check_name(args.study)
     url = args.storage or st.default_storage(args.results)
     study = st.load_existing(st.open_storage(url, create=False), args.study)
-    src = source(study, args.trial or best_front_label(study))
-    config, model = load_model(src.folder)
-    seen, held = digits(config.unet.image_size)
-    net = digits_feature_network()
-    typical = typical_set(net, seen.images, seen.labels)
-    samples = sample_images(model, config, args.n, args.seed)
-    r = rec.read(src.trial)
-    s = config.schedule
-    print(f"study {study.study_name}, trial {src.label}: FID {r.value('fid'):.3g}, "
-          f"latency {r.value('latency_ms'):.3g} ms; {s.sampler} {s.steps} steps, "
-          f"{config.train.steps} training steps")
-    print(score(samples, typical).line("samples"))
-    print(score(held.images[: args.n], typical).line("real digits (held out)"))
+    scores, samples = study_legibility(study, args.trial, args.n, args.seed)
+    print(f"study {study.study_name}, " + "\n".join(scores.lines()))
     wall, cpu = study_times(study)
     print(f"study wall time {'?' if wall is None else f'{wall:.0f} s'} (first trial start to "
           f"last end), trials' CPU time {cpu:.0f} s")

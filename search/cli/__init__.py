@@ -25,6 +25,7 @@ from engine.io.models import load_model
 from engine.measure import sample_images
 from engine.quality.metrics import check_real_count
 from search.cli import derived as cli_derived
+from search.cli import legibility as cli_legibility
 from search.cli import report as cli_report
 from search.cli import study as cli_study
 from search.cli.common import (
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_study.register(sub)
     cli_derived.register(sub)
     cli_report.register(sub)
+    cli_legibility.register(sub)
     return parser
 
 

@@ -22,6 +22,19 @@ def test_presets_decode_to_configs(name):
     assert {"smoke", "demo", "mac"} <= set(presets())
 
 
+
+def test_the_demo_preset_is_a_ten_minute_search_of_architectures_and_schedules():
+    space = load_space("demo")
+    fixed = {p.name: p.value for p in space.params if not p.searched}
+    assert (space.study.trials, space.study.pruner, space.data.dataset, space.data.image_size,
+            space.evaluate.fid_samples) == (4, "none", "digits", 16, 200)
+    assert (fixed["train.steps"], fixed["train.batch_size"]) == (2000, 32)
+    assert space.rungs.steps(fixed["train.steps"]) == (500, 2000)
+    dists = space.distributions()
+    assert {"unet.width_mults", "unet.attn_levels"} <= set(dists)  # several architectures
+    assert {"schedule.sampler", "schedule.steps", "schedule.spacing"} <= set(dists)
+    assert dists["schedule.steps"].low >= 8  # fewer sampler steps cost legibility
+
 def test_list_choices_round_trip_through_optuna():
     space = parse_space("""
 [unet]

@@ -79,7 +79,9 @@ def test_a_bad_latency_target_is_a_one_line_error(results, capsys):
     assert not results.exists()  # nothing was written
 
 
-@pytest.mark.parametrize("preset", ["demo", "mac"])
+# demo is left out: its space is narrowed to the samplers and spacings that drew legible
+# digits (benchmarks/legibility.md); the mac preset keeps the whole menu.
+@pytest.mark.parametrize("preset", ["mac"])
 def test_presets_search_the_spacings_and_the_adaptive_tolerance(preset):
     space = load_space(preset)
     params = {p.name: p for p in space.params}

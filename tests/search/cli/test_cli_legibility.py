@@ -1,0 +1,80 @@
+"""``diffnas legibility``: the best front trial's samples, scored as the engine scores them."""
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from engine.data.datasets import load_dataset
+from engine.io.models import load_model
+from engine.measure import sample_images
+from engine.quality.features import DIGITS_HOLDOUT, digits_feature_network
+from engine.quality.legibility import legible, typical_set
+from search import report
+from search.derived.points import source
+from search.storage import study as st
+
+LEARNING_RATE = "{ float = [1e-3, 3e-3], log = true }"  # a space must search something
+
+
+def diffnas(*args):
+    return subprocess.run([sys.executable, "-m", "search.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+def _shares(stdout):
+    """``[(confident, legible), ...]`` in printed order: the samples, then real digits."""
+    return [(float(c) / 100, float(g) / 100) for c, g in
+            re.findall(r"([\d.]+)% confident .*?, ([\d.]+)% legible", stdout)]
+
+
+def _engine_shares(study, label, n):
+    """The oracle: the trial's model sampled and scored with the engine alone."""
+    config, model = load_model(source(study, label).folder)
+    net = digits_feature_network()
+    seen, held = load_dataset("digits", image_size=config.unet.image_size).split(*DIGITS_HOLDOUT)
+    typical = typical_set(net, seen.images, seen.labels)
+    return [(legible(x, net).mean(), legible(x, net, typical).mean())
+            for x in (sample_images(model, config, n, 0), held.images[:n])]
+
+
+def test_scores_the_front_trial_of_lowest_fid(tiny_search, results, storage, tmp_path):
+    _, study = tiny_search("leg", {"study": {"trials": "3", "startup_trials": "3"},
+                                   "train": {"steps": "20", "learning_rate": LEARNING_RATE}})
+    front = report.front(study, st.stored_space(study))
+    on = np.flatnonzero(front.on_front)
+    best = front.labels[on[np.argmin(front.points[on, 0])]]
+    png = tmp_path / "grid.png"
+    run = diffnas("legibility", "leg", "--results", results, "--storage", storage, "--n", 30,
+                  "--png", png)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"study leg, trial {best}: FID {front.points[on, 0].min():.3g}" in run.stdout
+    assert np.allclose(_shares(run.stdout), _engine_shares(study, best, 30), atol=0.0005)
+    with Image.open(png) as grid:  # rows of 10 tiles of 8 px, 1 px apart, scaled 2x
+        assert grid.size == (2 * (10 * 9 + 1), 2 * (3 * 9 + 1))
+    other = next(label for label in front.labels if label != best)
+    run = diffnas("legibility", "leg", "--trial", other, "--results", results, "--storage",
+                  storage, "--n", 10)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"trial {other}: FID" in run.stdout
+    assert np.allclose(_shares(run.stdout), _engine_shares(study, other, 10), atol=0.0005)
+
+
+def _one_line_error(proc, fragment):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("diffnas: error: "), proc.stderr
+    assert fragment in lines[0]
+
+
+def test_bad_input_is_one_line(existing, results, tmp_path):
+    _one_line_error(diffnas("legibility", "nope", "--results", results), "unknown study 'nope'")
+    _one_line_error(diffnas("legibility", "smoke", "--results", results),
+                    "no feasible COMPLETE trial")
+    _one_line_error(diffnas("legibility", "smoke", "--trial", "x7", "--results", results),
+                    "x7")
+    _one_line_error(diffnas("legibility", "smoke", "--n", "0", "--results", results), "--n")
+    _one_line_error(diffnas("legibility", "smoke", "--png", tmp_path, "--results", results),
+                    "--png")
