@@ -11,7 +11,8 @@ import workers  # noqa: F401  (sets Ray's environment defaults before ray is imp
 from search.pareto import hypervolume, non_dominated_sort, pareto_mask
 from search.pruning.base import Pruner
 from search.pruning.registry import PRUNERS, make_pruner
-from search.space import SearchSpace, SpaceError, load_space, parse_space, presets
+from search.space import SearchSpace, load_space, parse_space, presets
+from search.space_toml import SpaceError
 from search.storage.study import StudyError
 
 _LAZY = {"SearchOptions", "SearchResult", "run_search"}

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     import live
     from recorded import TableError, load_table
 
-    from search.space import SpaceError
+    from search.space_toml import SpaceError
 
     try:
         recorded = load_table(args.results, args.space, args.plan)

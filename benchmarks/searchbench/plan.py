@@ -38,7 +38,9 @@ import numpy as np
 from recorded import params_fingerprint
 
 from engine.model.cost import flops, param_count
-from search.space import Param, SearchSpace, SpaceError, load_space
+from search.space import SearchSpace, load_space
+from search.space_params import Param
+from search.space_toml import SpaceError
 
 HERE = Path(__file__).resolve().parent
 CORNERS = ("unet.base_width", "unet.width_mults", "unet.attn_levels", "schedule.steps")

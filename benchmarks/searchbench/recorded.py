@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from search.pruning.base import Cost, constraint_values, proxy_group
-from search.space import Param, SearchSpace, load_space
+from search.space import SearchSpace, load_space
+from search.space_params import Param
 from workers.records import OBJECTIVES, Measurement, RungReport
 
 

@@ -30,7 +30,7 @@ from arms import ARMS, DIFFNAS, PEERS, Played, run_arm
 from recorded import Table, TableError, load_table
 
 from search import pareto
-from search.space import SpaceError
+from search.space_toml import SpaceError
 
 HERE = Path(__file__).resolve().parent
 FRACTIONS = (0.25, 0.5, 1.0)

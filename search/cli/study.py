@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import workers  # noqa: F401  (Ray's environment defaults, before ray is imported)
-from search import plot, report, rows
+from search import plot, report, report_trial, rows
 from search.cli.common import (
     non_negative_int,
     number,
@@ -71,7 +71,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.trial is None:
         print(report.status_text(study))
     else:
-        print((report.trial_json if args.json else report.trial_text)(study, args.trial))
+        print((report_trial.trial_json if args.json else report_trial.trial_text)(study, args.trial))
     return 0
 
 

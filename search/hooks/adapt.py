@@ -2,7 +2,7 @@
 plateaued above the target, shrink one whose latency is over budget.
 
 Both triggers are judged by the coordinator at a rung before the last (``[adapt]`` in the
-space, :class:`search.space.AdaptSettings`). When one fires, the running trial stops
+space, :class:`search.space_settings.AdaptSettings`). When one fires, the running trial stops
 (PRUNED, with its checkpoint kept) and a new trial is enqueued whose architecture is one
 morphism away (:func:`engine.model.morph.neighbours`, mapped onto the space) and whose weights
 are the stopped trial's, morphed on the worker by :func:`engine.model.morph.inherit`: widening
@@ -31,7 +31,8 @@ from engine.model import morph
 from engine.model.cost import flops, param_count
 from search.hooks import evolution
 from search.run.pipeline import Context, Flight, Hook
-from search.space import AdaptSettings, SearchSpace
+from search.space import SearchSpace
+from search.space_settings import AdaptSettings
 from search.storage import lineage as lin
 from search.storage import record as rec
 from search.storage.artifacts import WEIGHTS

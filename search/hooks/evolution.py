@@ -35,7 +35,8 @@ from search import pareto
 from search.pruning.base import Cost
 from search.run.pipeline import Context, Flight, Hook
 from search.run.pool import Worker
-from search.space import Param, SearchSpace
+from search.space import SearchSpace
+from search.space_params import Param
 from search.storage import lineage as lin
 from search.storage import record as rec
 from search.storage import study as st

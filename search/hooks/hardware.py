@@ -29,7 +29,8 @@ from engine.sampling.adaptive import choose_budget, with_budget
 from search.pruning.base import Cost
 from search.run.pipeline import Context, Flight, Hook
 from search.run.pool import Worker
-from search.space import Param, SearchSpace
+from search.space import SearchSpace
+from search.space_params import Param
 from search.storage import record as rec
 from workers.records import Measurement, TrialOutcome, TrialRequest, WorkerSetup
 

@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial
 from search import pareto, report
 from search.derived.points import companion
 from search.html.thumbs import thumbnail
+from search.report_trial import disturbed_note
 from search.storage import artifacts
 from search.storage import record as rec
 from search.storage import study as st
@@ -79,7 +80,7 @@ def _row(trial: FrozenTrial, label: str, front: report.Front, study: str,
         else False, "params": dict(r.params), "fid_floor": (f.quality or {}).get("fid_floor"),
         "quality": dict(f.quality or {}), "device_class": f.device_class or None,
         "worker": f.worker or None, "wall_s": (f.timings or {}).get("wall_s"),
-        "reason": "; ".join(n for n in (r.reason, report.disturbed_note(r)) if n),
+        "reason": "; ".join(n for n in (r.reason, disturbed_note(r)) if n),
         "lineage": lineage(r),
         "thumb": _thumb(r, label, study, results)}
 

@@ -13,7 +13,7 @@ from engine.data.datasets import load_dataset
 from engine.quality.features import feature_network_for
 from engine.quality.metrics import check_real_count
 from search.run.progress import setup_step
-from search.space import DataSettings
+from search.space_settings import DataSettings
 from workers.records import DataPayload
 
 

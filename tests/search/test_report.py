@@ -6,7 +6,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from search import plot, report
+from search import plot, report, report_trial
 from search.space import load_space
 from search.storage import record as rec
 from search.storage import study as st
@@ -61,9 +61,9 @@ def test_front_excludes_dominated_and_infeasible(study, tmp_path):
 
 
 def test_trial_text_explains_a_prune(study):
-    assert "PRUNED -- dominated at rung 10" in report.trial_text(study, 4)
+    assert "PRUNED -- dominated at rung 10" in report_trial.trial_text(study, 4)
     with pytest.raises(st.StudyError, match="no trial 99"):
-        report.trial_text(study, 99)
+        report_trial.trial_text(study, 99)
 
 
 def test_eta_needs_running_trials(study):

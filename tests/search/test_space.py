@@ -4,7 +4,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from engine.config import Config
-from search.space import SpaceError, load_space, parse_space, presets
+from search.space import load_space, parse_space, presets
+from search.space_toml import SpaceError
 
 
 @pytest.mark.parametrize("name", ["smoke", "demo", "mac"])

@@ -8,7 +8,7 @@ import pytest
 from optuna.trial import TrialState
 
 from engine.io.models import load_model
-from search import report
+from search import report, report_trial
 from search.derived import points as dv
 from search.derived.operations import compress_trial, distill_front, distill_trial, schedule_trial
 from search.run.progress import Silent
@@ -95,7 +95,7 @@ def test_distill_records_a_point_on_the_front(searched, tmp_path):
     assert [(t.number, t.state) for t in _study(storage).get_trials()] == before
     front = report.front(_study(storage))
     assert label in front.labels and "0" in front.labels
-    assert f"derived ({'distill'}) from trial 0" in report.trial_text(_study(storage), label)
+    assert f"derived ({'distill'}) from trial 0" in report_trial.trial_text(_study(storage), label)
     out = export_trial(dv.companion(study), int(label[1:]), tmp_path / "export")
     config, _ = load_model(out)  # what `diffnas sample` loads
     assert config.schedule.steps == 2

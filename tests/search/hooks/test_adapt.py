@@ -9,7 +9,9 @@ from engine.model import morph
 from engine.model.cost import param_count
 from engine.model.unet import UNet
 from search.hooks import adapt
-from search.space import AdaptSettings, SpaceError, parse_space
+from search.space import parse_space
+from search.space_settings import AdaptSettings
+from search.space_toml import SpaceError
 
 FALLING = [(5, 1.0), (10, 0.5)]  # -50% over the last point
 FLAT = [(5, 0.50), (10, 0.495), (15, 0.494)]  # -1% over one point, -1.2% over two

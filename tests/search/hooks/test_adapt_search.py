@@ -5,7 +5,7 @@ trial that starts from its weights and trains the steps it had left."""
 import pytest
 from optuna.trial import TrialState
 
-from search.report import trial_text
+from search.report_trial import trial_text
 from search.storage import lineage as lin
 from search.storage import record as rec
 from search.storage.artifacts import WEIGHTS

@@ -7,7 +7,7 @@ import pytest
 from optuna.trial import TrialState
 
 from engine.io.checkpoint import load_weights
-from search import report
+from search import report_trial
 from search.pruning.registry import PRUNERS
 from search.run.pool import workers_text
 from search.run.progress import Silent
@@ -162,5 +162,5 @@ def test_a_registered_pruner_decides_at_every_stage(ray_cluster, results, storag
     assert trials[1].user_attrs[rec.MEASURED]["decision"] == "prune"
     assert [r["decision"] for r in trials[2].user_attrs[rec.RUNGS]] == ["prune"]
     study = _study(storage, "smoke")
-    assert "rung step 10: val_loss" in report.trial_text(study, 2)
-    assert "dominated at step 10" in report.trial_text(study, 2)
+    assert "rung step 10: val_loss" in report_trial.trial_text(study, 2)
+    assert "dominated at step 10" in report_trial.trial_text(study, 2)

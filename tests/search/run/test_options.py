@@ -5,7 +5,7 @@ import pytest
 
 from search.run.dataset import build_payload
 from search.run.runner import SearchOptions, run_search
-from search.space import DataSettings
+from search.space_settings import DataSettings
 from search.storage.paths import PathError
 
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import jsonschema
 import pytest
 
-from search import report, rows
+from search import report, report_trial, rows
 from search.html.gather import gather
 from search.pruning.base import Cost, NoPruner
 from search.run import stages
@@ -78,7 +78,7 @@ def test_a_clean_re_measurement_replaces_the_disturbed_latency(tmp_path):
     assert [a["disturbed"] for a in m.latency_attempts] == [True, False]
     assert m.latency_attempts[0]["latency_ms"] == 118.0
     assert r.value("latency_ms") == 61.0
-    text = report.trial_text(study, 0)
+    text = report_trial.trial_text(study, 0)
     assert "DISTURBED (too few clean samples) 118 ms" in text and "after evaluation: 61 ms" in text
     assert "latency disturbed" not in text.splitlines()[0]
 
@@ -89,7 +89,7 @@ def test_a_latency_that_stays_disturbed_is_marked_in_status_and_pareto_rows(tmp_
     r = rec.read(study.get_trials()[0])
     assert r.measured.disturbed and r.measured.latency_ms == 118.0  # the less disturbed
     assert len(r.measured.latency_attempts) == 2
-    head = report.trial_text(study, 0).splitlines()[0]
+    head = report_trial.trial_text(study, 0).splitlines()[0]
     assert head == "trial 0: COMPLETE -- latency disturbed (reference x1.8, also when re-measured)"
     assert "latency disturbed" in report.status_text(study)
     doc = rows.document(study, report.front(study, st.stored_space(study)), everything=True)
@@ -114,7 +114,7 @@ def test_an_older_measured_record_reads_with_default_trust_fields():
                                  "samples_ms": [5.0] * 5, "decision": "continue"})
     assert (old.latency_ci, old.latency_rounds, old.disturbed, old.latency_attempts) == (
         0.0, 1, False, ())
-    assert not report.disturbed_note(
+    assert not report_trial.disturbed_note(
         rec.TrialRecord(0, st.TrialState.COMPLETE, None, {}, {}, measured=old))
 
 

@@ -5,7 +5,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from search import report, walltime
+from search import report, report_trial, walltime
 from search.storage import record as rec
 from search.storage import timing as stored_time
 from workers.records import WALL_PHASES, WallTime
@@ -29,7 +29,7 @@ def test_a_search_stores_the_breakdown_and_status_shows_it(tiny_search):
     assert worker.mode == wall.mode and worker.actor_start_s > 0
     status = report.status_text(study)
     assert "wall time: 1 trials" in status and "workers busy" in status
-    assert "wall time\n" in report.trial_text(study, trial.number)
+    assert "wall time\n" in report_trial.trial_text(study, trial.number)
 
 
 def _study(*walls):
@@ -63,7 +63,7 @@ def test_a_study_stored_before_the_breakdown_reads_without_it():
     [trial] = study.get_trials()
     assert rec.read(trial).walltime is None and walltime.summarize(study) is None
     assert "wall time" not in report.status_text(study)
-    assert "wall time" not in report.trial_text(study, trial.number)
+    assert "wall time" not in report_trial.trial_text(study, trial.number)
 
 
 def test_a_stored_breakdown_round_trips_and_ignores_keys_it_does_not_know():
