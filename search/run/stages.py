@@ -226,8 +226,9 @@ def complete(ctx: Context, flight: Flight, outcome: TrialOutcome) -> None:
 
 
 def _remeasured(flight: Flight, outcome: TrialOutcome) -> None:
-    """A disturbed latency the worker measured again at the end: the measured record is
-    written again with both attempts, and the constraints see the kept latency."""
+    """A disturbed latency the worker measured again at the end: the measured record (and
+    the conversion to the target class) is written again with both attempts, and the
+    constraints see the kept latency."""
     m = outcome.measurement
     stored = flight.trial.user_attrs.get(rec.MEASURED)
     if m is None or not m.latency_attempts or stored is None:
@@ -235,6 +236,10 @@ def _remeasured(flight: Flight, outcome: TrialOutcome) -> None:
     scale = _target_value(flight, "latency_ms", 1.0)
     flight.measurement = replace(m, latency_ms=m.latency_ms * scale)
     rec.write(flight.trial, rec.remeasured(rec.Measured.from_doc(stored), m, scale))
+    if flight.conversion is not None:  # the conversion names the latency that was kept
+        flight.conversion = replace(flight.conversion, measured_ms=m.latency_ms,
+                                    latency_ms=m.latency_ms * scale)
+        rec.write(flight.trial, flight.conversion)
 
 
 def stop(ctx: Context, flight: Flight, outcome: TrialOutcome) -> None:

@@ -8,6 +8,8 @@ are queued again exactly once; the sampler is rebuilt from its seed and the stor
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import re
 import sqlite3
 import time
@@ -91,13 +93,32 @@ def open_storage(url: str, create: bool) -> BaseStorage:
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
             return JournalStorage(JournalFileBackend(str(path)))
-        storage = optuna.storages.RDBStorage(url)
+        with _creating(path if url.startswith("sqlite:") and create else None):
+            storage = optuna.storages.RDBStorage(url)
     except ImportError as err:
         raise _driver_error(url, err) from None
     except Exception as err:  # noqa: BLE001 (sqlalchemy, drivers and sockets raise many kinds)
         raise StudyError(failure("cannot open storage {url}", url, err)) from None
     event.listen(storage.engine, "handle_error", _one_line(url))
     return storage
+
+
+@contextlib.contextmanager
+def _creating(path: Path | None):
+    """Hold the SQLite file's folder locked while Optuna opens it (``None``: no lock).
+
+    Two coordinators started at once on a new file would both create its tables, and the
+    second fails on alembic's version row; under the lock the second finds them made.
+    """
+    if path is None:
+        yield
+        return
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(folder)  # closing the descriptor releases the lock
 
 
 def redact(url: str) -> str:

@@ -1,8 +1,10 @@
-"""``diffnas legibility``: the best front trial's samples, scored as the engine scores them."""
+"""``diffnas legibility`` and ``benchmarks/legibility.py``: the best front trial's samples,
+scored as the engine scores them, on one real (tiny) study."""
 
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -17,11 +19,17 @@ from search.derived.points import source
 from search.storage import study as st
 
 LEARNING_RATE = "{ float = [1e-3, 3e-3], log = true }"  # a space must search something
+BENCH = Path(__file__).parents[3] / "benchmarks" / "legibility.py"
 
 
 def diffnas(*args):
     return subprocess.run([sys.executable, "-m", "search.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=600, check=False)
+
+
+def bench(*args):
+    return subprocess.run([sys.executable, str(BENCH), *map(str, args)], capture_output=True,
+                          text=True, timeout=600, check=False)
 
 
 def _shares(stdout):
@@ -60,6 +68,9 @@ def test_scores_the_front_trial_of_lowest_fid(tiny_search, results, storage, tmp
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"trial {other}: FID" in run.stdout
     assert np.allclose(_shares(run.stdout), _engine_shares(study, other, 10), atol=0.0005)
+    run = bench("--study", "leg", "--results", results, "--storage", storage, "--n", 30)
+    assert run.returncode == 0, run.stderr[-2000:]  # the benchmark scores the same trial
+    assert f"trial {best}: FID" in run.stdout and "study wall time" in run.stdout
 
 
 def _one_line_error(proc, fragment):
@@ -71,6 +82,8 @@ def _one_line_error(proc, fragment):
 
 def test_bad_input_is_one_line(existing, results, tmp_path):
     _one_line_error(diffnas("legibility", "nope", "--results", results), "unknown study 'nope'")
+    run = bench("--study", "nope", "--results", results)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "nope" in run.stderr
     _one_line_error(diffnas("legibility", "smoke", "--results", results),
                     "no feasible COMPLETE trial")
     _one_line_error(diffnas("legibility", "smoke", "--trial", "x7", "--results", results),

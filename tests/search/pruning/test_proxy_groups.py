@@ -71,7 +71,10 @@ def test_an_ungrouped_rung_prunes_the_v_trial_a_grouped_one_keeps():
 
 
 def test_nsga2_and_mo_asha_drive_a_real_study():
-    space = parse_space(load_space("demo").source)
+    # The demo space with its prediction target searched again (the preset fixes it to v).
+    source = load_space("demo").source.replace('prediction = "v"',
+                                              'prediction = { choice = ["eps", "v"] }')
+    space = parse_space(source)
     study = optuna.create_study(directions=["minimize"] * 3,
                                 sampler=make_sampler(space, "nsga2", 0, 0))
     pruner, groups, rng = MoAshaPruner(space), {}, np.random.default_rng(0)

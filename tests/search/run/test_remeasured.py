@@ -50,8 +50,9 @@ def _flight(tmp_path):
     return study, ctx, flight
 
 
-def _finish(ctx, flight, final):
+def _finish(ctx, flight, final, conversion=None):
     assert stages.on_measured(ctx, flight, ctx.pool.worker, FIRST).proceed
+    flight.conversion = conversion  # what the hardware hook's on_measured would have set
     values = {"fid": 40.0, "latency_ms": final.latency_ms, "peak_mem_mb": 30.0}
     stages.complete(ctx, flight, TrialOutcome(flight.number, 0, Outcome.COMPLETED,
                                               values=values, measurement=final, worker="w0",
@@ -129,3 +130,15 @@ def test_an_older_pareto_document_without_the_new_row_field_still_validates(tmp_
     with pytest.raises(jsonschema.ValidationError):
         doc["rows"][0]["latency_disturbed"] = "yes"
         jsonschema.validate(doc, rows.SCHEMA)
+
+
+def test_a_converted_latency_measured_again_is_converted_again(tmp_path):
+    # The told latency and the conversion record must name the same (kept) latency.
+    study, ctx, flight = _flight(tmp_path)
+    conversion = rec.Conversion("cpu:a", "cpu:b", FIRST.latency_ms, 2 * FIRST.latency_ms, 2.0)
+    _finish(ctx, flight, _remeasured(61.0, False), conversion)
+    trial = study.get_trials()[0]
+    doc = trial.user_attrs[rec.CONVERSION]
+    assert (doc["measured_ms"], doc["latency_ms"]) == (61.0, 122.0)
+    assert trial.values[1] == pytest.approx(doc["latency_ms"])
+    assert trial.user_attrs[rec.MEASURED]["latency_ms"] == pytest.approx(doc["latency_ms"])

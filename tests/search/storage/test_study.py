@@ -1,5 +1,7 @@
 """Study storage, create-or-resume and stale-trial recovery, on real Optuna SQLite."""
 
+import multiprocessing
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -145,3 +147,28 @@ def test_a_requeued_mutation_child_keeps_its_parent(storage, space):
     again = next(t for t in study.get_trials() if t.state == TrialState.WAITING)
     assert again.user_attrs[lin.PARENT] == parent.number
     assert again.user_attrs[lin.MUTATION] == "unet.base_width 8 -> 16"
+
+
+def _open_at_once(url, barrier, errors):
+    barrier.wait()
+    try:
+        st.open_storage(url, create=True)
+    except st.StudyError as err:
+        errors.put(str(err))
+
+
+def test_processes_creating_one_new_sqlite_file_at_once_all_open_it(tmp_path):
+    # Two coordinators started together on a new file both created its tables, and one
+    # failed on alembic's version row (a CI run of test_one_coordinator caught it).
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(2):
+        url = f"sqlite:///{tmp_path / f'race{attempt}' / 'diffnas.db'}"
+        barrier, errors = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_open_at_once, args=(url, barrier, errors))
+                 for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * 6
+        assert errors.empty(), errors.get()
