@@ -41,21 +41,17 @@ from engine.device.bench import device_fingerprint
 from engine.device.memory import MemoryBudgetExceeded, check_peak, enforce_limit
 from engine.io.checkpoint import save_checkpoint
 from engine.measure import (
-    BudgetFit,
-    LatencyStat,
     LatencyTargetInfeasible,
     QualityResult,
     fit_step_budget,
-    measure_latency,
-    measure_memory,
     sample_images,
 )
 from engine.model.cost import flops, param_count
 from engine.model.morph import inherit, inherited_state
-from engine.model.unet import UNet
 from engine.quality.features import FeatureNetwork
 from engine.quality.metrics import evaluate_quality
 from engine.training.train import TrainingDiverged, TrainState, init_state, train, validation_loss
+from workers import measuring
 from workers.clock import PhaseClock
 from workers.device_lock import DeviceLock, DeviceLockTimeout
 from workers.records import (
@@ -69,7 +65,6 @@ from workers.records import (
     RungReport,
     TrialOutcome,
     TrialRequest,
-    latency_attempt,
 )
 from workers.table import observe_trial
 
@@ -191,8 +186,9 @@ def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Config,
             fit = fit_step_budget(state.model, config, request.latency_target_ms,
                                   request.latency_runs)
             config = state.config = fit.config  # trained, evaluated and saved with it
-        latency = _latency(state.model, config, request.latency_runs, fit)
-    measurement = done.measurement = _measure(state.model, config, latency, fit, start, clock)
+        latency = measuring.latency(state.model, config, request.latency_runs, fit)
+    measurement = done.measurement = measuring.measure(state.model, config, latency, fit,
+                                                       start, clock)
     done.device = device_fingerprint()
     done.timings["measure_s"] = measurement.seconds
     done.check_memory("measurement", max(measurement.train_mb, measurement.sample_mb))
@@ -228,7 +224,7 @@ def _complete(state: TrainState, config: Config, data: DataPayload, request: Tri
     if measurement.disturbed:
         remeasure_start = time.perf_counter()
         with done.clock.phase("latency"), DEVICE.exclusive():
-            measurement = done.measurement = _remeasure(state.model, config,
+            measurement = done.measurement = measuring.remeasure(state.model, config,
                                                         request.latency_runs, measurement)
         done.timings["remeasure_s"] = time.perf_counter() - remeasure_start
     values = {"fid": quality.record.fid, "latency_ms": measurement.latency_ms,
@@ -294,61 +290,6 @@ def _rung_report(state: TrainState, data: DataPayload, elapsed_s: float) -> Rung
     train_loss = sum(pending) / len(pending) if pending else float("nan")
     return RungReport(state.step, val_loss, train_loss, elapsed_s,
                       (*history, (state.step, val_loss)))
-
-
-def _latency(model: UNet, config: Config, runs: int, fit: BudgetFit | None
-             ) -> tuple[LatencyStat, float]:
-    """Latency of the full sampling loop at batch 1 and the seconds it took to measure (the
-    step budget's, whose latency is not measured again)."""
-    if fit is not None:
-        return fit.latency, fit.seconds
-    start = time.perf_counter()
-    stat = measure_latency(model, config, runs)
-    return stat, time.perf_counter() - start
-
-
-def _measure(model: UNet, config: Config, latency: tuple[LatencyStat, float],
-             fit: BudgetFit | None, start: dict[str, Any], clock: PhaseClock) -> Measurement:
-    """The measured latency with the peak memory of sampling and training, taken now.
-
-    A peak is this process's own allocation, which other processes' work does not move, so
-    memory is measured with the device shared (timed as ``latency``), not to itself.
-    """
-    stat, latency_s = latency
-    with clock.shared("latency"):
-        began = time.perf_counter()
-        memory = measure_memory(model, config)
-        seconds = latency_s + time.perf_counter() - began
-    return Measurement(stat.median_ms, stat.spread, stat.samples_ms, memory.train_mb,
-                       memory.sample_mb, seconds, fit.to_dict() if fit is not None else None,
-                       start, **_trust(stat))
-
-
-def _trust(stat: LatencyStat) -> dict[str, Any]:
-    """The :class:`Measurement` fields that say how far its latency can be trusted."""
-    return {"latency_ci": stat.ci, "latency_rounds": stat.rounds,
-            "disturbed_rounds": stat.disturbed_rounds, "reference_ratio": stat.reference_ratio,
-            "disturbed": stat.disturbed}
-
-
-def _remeasure(model: UNet, config: Config, runs: int, first: Measurement) -> Measurement:
-    """A disturbed latency taken again at the end of the trial, minutes after the first.
-
-    Returns:
-        ``first`` with both attempts in ``latency_attempts`` and the latency of the one
-        kept: the second if it was clean, else the less disturbed of the two (the one whose
-        reference ratio is nearer 1), still marked ``disturbed``.
-    """
-    start = time.perf_counter()
-    stat = measure_latency(model, config, runs)
-    second = replace(first, latency_ms=stat.median_ms, latency_spread=stat.spread,
-                     latency_samples_ms=stat.samples_ms, **_trust(stat))
-    seconds = time.perf_counter() - start
-    kept = second if not second.disturbed or (
-        abs(second.reference_ratio - 1) <= abs(first.reference_ratio - 1)) else first
-    attempts = (latency_attempt(first, "before training", first.seconds),
-                latency_attempt(second, "after evaluation", seconds))
-    return replace(kept, latency_attempts=attempts)
 
 
 def _evaluate(state: TrainState, config: Config, data: DataPayload, request: TrialRequest,

@@ -14,8 +14,10 @@ from engine.device.bench import LatencyStat
 from engine.model.unet import UNet
 from workers.clock import PhaseClock
 from workers.device_lock import DeviceLock, DeviceLockTimeout
+from workers.measuring import latency as _latency
+from workers.measuring import measure as _measure
+from workers.measuring import remeasure as _remeasure
 from workers.records import LATENCY_TRUST
-from workers.trial import _latency, _measure, _remeasure
 
 CONFIG = Config.from_dict({"unet": {"image_size": 8, "base_width": 8, "width_mults": [1, 2],
                                     "norm_groups": 4, "time_emb_dim": 32},
