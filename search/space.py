@@ -154,10 +154,24 @@ def _check_decodable(space: SearchSpace, where: Locator) -> None:
                 except (ValueError, TypeError) as err:
                     errors.append(err)
             else:
+                culprit = _named_param(space, str(errors[0])) if p.kind == "fixed" else None
+                if culprit is not None:
+                    p = culprit
                 section, key = p.name.split(".", 1)
                 what = "" if p.kind == "fixed" else f"value {value!r}: "
                 raise SpaceError(f"{where(section, key)}[{section}] {key}: {what}never gives a "
                                  f"valid config ({errors[0]})")
+
+
+def _named_param(space: SearchSpace, message: str) -> Param | None:
+    """The fixed parameter a config error names (``TrainConfig.lr_decay='x': ...``), so that
+    the error points at the line to fix rather than at the first fixed key."""
+    for section, kind in CONFIG_SECTIONS.items():
+        for p in space.params:
+            if p.kind == "fixed" and message.startswith(f"{kind.__name__}.{p.name.split('.', 1)[1]}=") \
+                    and p.name.startswith(f"{section}."):
+                return p
+    return None
 
 
 def _random_values(space: SearchSpace, rng: random.Random) -> dict[str, Any]:

@@ -77,15 +77,27 @@ class TrainState:
 
 
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
-    """AdamW with linear warm-up to a constant learning rate."""
-    lr: float | Callable = cfg.learning_rate
-    if cfg.warmup_steps > 0:
-        lr = optim.linear_schedule(cfg.learning_rate / cfg.warmup_steps, cfg.learning_rate,
-                                   cfg.warmup_steps)
-        lr = optim.join_schedules([lr, optim.linear_schedule(cfg.learning_rate,
-                                                             cfg.learning_rate, 1)],
-                                  [cfg.warmup_steps])
-    return optim.AdamW(learning_rate=lr, weight_decay=cfg.weight_decay, bias_correction=True)
+    """AdamW with linear warm-up, then a constant learning rate or a cosine decay to zero."""
+    return optim.AdamW(learning_rate=learning_rate_schedule(cfg), weight_decay=cfg.weight_decay,
+                       bias_correction=True)
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> float | Callable:
+    """The learning rate by optimizer step: ``cfg.warmup_steps`` of linear warm-up, then
+    ``cfg.learning_rate`` held (``lr_decay = "none"``) or decayed to zero at ``cfg.steps``
+    along half a cosine (``"cosine"``)."""
+    peak = cfg.learning_rate
+    warmup = min(cfg.warmup_steps, cfg.steps - 1) if cfg.lr_decay == "cosine" else cfg.warmup_steps
+    if cfg.lr_decay == "cosine":
+        after: float | Callable = optim.cosine_decay(peak, cfg.steps - warmup, 0.0)
+    elif warmup > 0:
+        after = optim.linear_schedule(peak, peak, 1)
+    else:
+        return peak
+    if warmup <= 0:
+        return after
+    return optim.join_schedules([optim.linear_schedule(peak / warmup, peak, warmup), after],
+                                [warmup])
 
 
 def init_state(config: Config) -> TrainState:

@@ -23,6 +23,7 @@ def test_round_trips_through_json():
     (ScheduleConfig, "eta", 2.0),
     (TrainConfig, "learning_rate", -1.0),
     (TrainConfig, "dtype", "int8"),
+    (TrainConfig, "lr_decay", "linear"),
 ])
 def test_bad_value_names_field_and_value(kind, field, value):
     with pytest.raises(ValueError) as err:

@@ -86,6 +86,8 @@ def test_fingerprint_ignores_only_the_trial_target():
     ("[unet]\nbase_width = { pick = [8] }\n", "needs exactly one of choice, int or float"),
     ("[study]\nsampler = 'cmaes'\n", "x.toml:2: [study] sampler: must be one of tpe, nsga2"),
     ("[unet]\nattn_levels = { choice = [[], [3]] }\n", "attn_levels: value [3]: never gives"),
+    ("[unet]\nbase_width = 16\n[train]\nsteps = 100\nlr_decay = 'cosin'\n",
+     "x.toml:5: [train] lr_decay: never gives a valid config (TrainConfig.lr_decay='cosin'"),
 ])
 def test_invalid_files_name_line_and_key(text, expected):
     with pytest.raises(SpaceError) as err:

@@ -10,7 +10,8 @@ from mlx.utils import tree_map
 
 from engine.config import Config, TrainConfig, UNetConfig
 from engine.io.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from engine.training.train import TrainingDiverged, compiled_update, init_state, train
+from engine.training.train import (TrainingDiverged, compiled_update, init_state,
+                                   learning_rate_schedule, train)
 
 TINY = Config(unet=UNetConfig(image_size=8, base_width=8, norm_groups=4, width_mults=(1, 2),
                               time_emb_dim=16),
@@ -60,6 +61,26 @@ def test_resume_reproduces_uninterrupted_curve(images, tmp_path):
     resumed = train(load_checkpoint(tmp_path / "ck"), images, images[:16])
     assert [p.train_loss for p in resumed.history] == [p.train_loss for p in full.history]
     assert [p.val_loss for p in resumed.history] == [p.val_loss for p in full.history]
+
+
+def test_cosine_decay_warms_up_then_ends_at_zero_and_resumes_on_its_curve(images, tmp_path):
+    cfg = TrainConfig(steps=100, warmup_steps=10, learning_rate=2e-3, lr_decay="cosine")
+    lr = learning_rate_schedule(cfg)
+    at = [float(lr(mx.array(i))) for i in (0, 9, 10, 55, 99)]
+    held = learning_rate_schedule(replace(cfg, lr_decay="none"))
+    assert at[0] == pytest.approx(float(held(mx.array(0))))  # the same warm-up
+    assert at[2] == pytest.approx(2e-3) and at[3] == pytest.approx(1e-3, rel=1e-3)
+    assert at[4] < 1e-6 < at[3] < at[2]
+    assert float(held(mx.array(99))) == pytest.approx(2e-3)
+
+    decayed = replace(TINY, train=replace(TINY.train, lr_decay="cosine"))
+    full = train(init_state(decayed), images, images[:16])
+    assert [p.train_loss for p in full.history] != [p.train_loss
+                                                   for p in train(init_state(TINY), images,
+                                                                  images[:16]).history]
+    save_checkpoint(train(init_state(decayed), images, images[:16], until=6), tmp_path / "ck")
+    resumed = train(load_checkpoint(tmp_path / "ck"), images, images[:16])
+    assert [p.train_loss for p in resumed.history] == [p.train_loss for p in full.history]
 
 
 def test_checkpoint_loads_bit_identical(images, tmp_path):
