@@ -29,6 +29,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "small": {"image_size": 16, "channels": 1, "base_width": 16, "width_mults": [1, 2],
               "num_res_blocks": 1, "attn_levels": [], "head_dim": 32},
 }
+# Selectable by name, not run by default (too slow for a CPU): the issue-16 GPU model,
+# width 128, 32 px, 2 res blocks, attention at 16 px; 23,849,217 params, 12.3 GFLOP/forward.
+LARGE: dict[str, dict[str, Any]] = {
+    "large": {"image_size": 32, "channels": 1, "base_width": 128, "width_mults": [1, 2, 2],
+              "num_res_blocks": 2, "attn_levels": [1], "head_dim": 32},
+}
+MLX_VARIANTS = ("compiled", "eager", "compiled-bf16")  # compiled-bf16: TrainConfig.dtype
 # Only for the MLX <-> torch equivalence check: every layer kind the port has to get
 # right (the VARIANTS of tests/engine/test_unet.py plus a dropout one).
 CHECK_ONLY: dict[str, dict[str, Any]] = {
@@ -92,13 +100,14 @@ def _load_configs(names: list[str]) -> dict[str, dict[str, Any]]:
     for name in names:
         if name in CONFIGS:
             out[name] = dict(CONFIGS[name])
-        elif name in CHECK_ONLY:
-            out[name] = dict(CHECK_ONLY[name])
+        elif name in CHECK_ONLY or name in LARGE:
+            out[name] = dict({**CHECK_ONLY, **LARGE}[name])
         elif name.endswith(".json") and Path(name).exists():
             data = json.loads(Path(name).read_text())
             out[Path(name).stem] = data["unet"] if isinstance(data.get("unet"), dict) else data
         else:
-            raise SystemExit(f"unknown config {name!r}: use {', '.join(CONFIGS)} or a .json")
+            raise SystemExit(f"unknown config {name!r}: use {', '.join([*CONFIGS, *LARGE])} "
+                             "or a .json")
     return out
 
 
@@ -122,8 +131,15 @@ clock = CLOCKS["wall"]  # set by --clock; cpu: this process's CPU seconds, all t
 
 def timed(fn: Callable[[], Any], sync: Callable[[], None], windows: int, warmup: int,
           min_window_s: float) -> dict[str, Any]:
-    """Seconds per call of ``fn``: median over ``windows`` windows of ``k`` synced calls."""
-    for _ in range(warmup):
+    """Seconds per call of ``fn``: median over ``windows`` windows of ``k`` synced calls.
+
+    ``first_call_s``: wall seconds of the first call (compilation, kernel JIT, autotuning).
+    """
+    start = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - start
+    for _ in range(warmup - 1):
         fn()
         sync()
     start = clock()
@@ -140,7 +156,43 @@ def timed(fn: Callable[[], Any], sync: Callable[[], None], windows: int, warmup:
         samples.append((clock() - start) / k)
     q1, med, q3 = np.percentile(samples, [25, 50, 75])
     return {"median_s": float(med), "spread": float((q3 - q1) / med), "calls_per_window": k,
-            "samples_s": [round(x, 6) for x in samples]}
+            "first_call_s": round(first, 4), "samples_s": [round(x, 6) for x in samples]}
+
+
+def _record(args: argparse.Namespace, framework: str, config: str, row: str, variant: str,
+            stat: dict[str, Any]) -> None:
+    """Append one measurement to ``--partial`` (JSON lines) as soon as it exists, so that a
+    run cut short by a time limit keeps what it measured."""
+    _log(f"[{framework}] {config} {row} {variant}: " + ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stat.items()
+        if k not in ("samples_s",)))
+    if args.partial:
+        with open(args.partial, "a") as f:
+            f.write(json.dumps({"framework": framework, "config": config, "row": row,
+                                "variant": variant, **stat}) + "\n")
+
+
+def _measure(args: argparse.Namespace, framework: str, config: str, row: str, variant: str,
+             rows: dict[str, Any], build: Callable[[], tuple[Callable[[], Any], float]],
+             sync: Callable[[], None], peak: tuple[Callable[[], None], Callable[[], Any]],
+             per_call: float, unit: str) -> None:
+    """Build one variant, time it, record it in ``rows[row][variant]``; an error in one
+    variant is recorded in one line and the run goes on."""
+    reset, read = peak
+    try:
+        reset()
+        fn, prepare_s = build()
+        warm = args.train_warmup if row.startswith("train") else 1
+        win = args.min_window_s if row.startswith("train") else 0.0
+        stat = timed(fn, sync, args.windows, warm, win)
+        stat["prepare_s"] = round(prepare_s, 4)
+        stat[unit] = per_call / stat["median_s"] if unit == "images_per_s" \
+            else stat["median_s"] * 1e3
+        stat["peak_mib"] = read()
+    except Exception as exc:  # noqa: BLE001 (one variant's failure must not end the run)
+        stat = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+    rows.setdefault(row, {})[variant] = stat
+    _record(args, framework, config, row, variant, stat)
 
 
 # ----------------------------------------------------------------------------- MLX worker
@@ -166,6 +218,9 @@ def mlx_fingerprint(device: str = "auto") -> dict[str, Any]:
     fp["default_device"] = str(mx.default_device())
     fp["OPENBLAS_NUM_THREADS"] = os.environ.get("OPENBLAS_NUM_THREADS")
     fp["DIFFNAS_BLAS"] = os.environ.get("DIFFNAS_BLAS", "auto")
+    from engine.device import kernel_cache
+
+    fp.update(kernel_cache.describe())
     fp["python"] = platform.python_version()
     return fp
 
@@ -229,8 +284,6 @@ def _mlx_config(args: argparse.Namespace, name: str, data: dict[str, Any]) -> di
 
     from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
     from engine.model.cost import flops, param_count
-    from engine.model.unet import UNet
-    from engine.sampling.samplers import generate
     from engine.training import train as etrain
 
     ucfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
@@ -238,40 +291,66 @@ def _mlx_config(args: argparse.Namespace, name: str, data: dict[str, Any]) -> di
     if args.dump:
         res["params_model"] = _mlx_dump(ucfg, Path(args.dump) / f"{name}.npz")
         return res
-    cfg = Config(unet=ucfg, schedule=ScheduleConfig(sampler="ddim", steps=args.sample_steps),
-                 train=TrainConfig(batch_size=args.batch, steps=10**6))
-    shape = (args.batch, ucfg.image_size, ucfg.image_size, ucfg.channels)
-    x0 = mx.array(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
-    for kind in ["compiled"] + ([] if args.no_eager else ["eager"]):
-        if _skipped(args.skip, name, f"train_{kind}"):
-            continue
-        state = etrain.init_state(cfg)
-        res["params_model"] = state.model.num_params()
-        # The engine's own training step (loss, grad clip, AdamW; EMA is not included).
-        step = etrain._compiled_step(state) if kind == "compiled" else _mlx_eager_step(state)
-        keys = iter(range(1, 1 << 30))
+    rows: dict[str, Any] = {}
+    res["rows"] = rows
+    if args.partial:  # what a stopped run needs besides its measurements
+        with open(args.partial, "a") as f:
+            f.write(json.dumps({"config": name, "info": dict(res)}) + "\n")
+    peak = (mx.reset_peak_memory, lambda: round(mx.get_peak_memory() / 2**20, 1))
+    _mlx_sampling(args, name, ucfg, rows, peak)
+    for batch in args.batch:
+        shape = (batch, ucfg.image_size, ucfg.image_size, ucfg.channels)
+        x0 = mx.array(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
+        for kind in args.mlx_variants:
+            if _skipped(args.skip, name, f"train_{kind}") \
+                    or _skipped(args.skip, name, f"train_b{batch}_{kind}"):
+                continue
+            dtype = "bfloat16" if kind.endswith("bf16") else "float32"
+            cfg = Config(unet=ucfg, schedule=ScheduleConfig(sampler="ddim", steps=args.sample_steps),
+                         train=TrainConfig(batch_size=batch, steps=10**6, dtype=dtype))
 
-        def one(step: Callable = step, state: Any = state) -> None:
-            loss = step(x0, mx.random.key(next(keys)))  # noqa: B023 (called in this iteration)
-            mx.eval(loss, state.model.state, state.optimizer.state)
+            def build(cfg: Any = cfg, kind: str = kind, x0: Any = x0) -> tuple[Callable, float]:
+                start = time.perf_counter()
+                state = etrain.init_state(cfg)
+                res["params_model"] = state.model.num_params()
+                # The engine's own training step (loss, grad clip, AdamW; EMA not included).
+                step = etrain._compiled_step(state) if kind.startswith("compiled") \
+                    else _mlx_eager_step(state)
+                keys = iter(range(1, 1 << 30))
 
-        _log(f"[mlx] {name}: train {kind}")
-        stat = timed(one, mx.synchronize, args.windows, args.train_warmup, args.min_window_s)
-        stat["images_per_s"] = args.batch / stat["median_s"]
-        res[f"train_{kind}"] = stat
+                def one() -> None:
+                    loss = step(x0, mx.random.key(next(keys)))
+                    mx.eval(loss, state.model.state, state.optimizer.state)
+
+                return one, time.perf_counter() - start
+
+            _log(f"[mlx] {name}: train b{batch} {kind}")
+            _measure(args, "mlx", name, f"train_b{batch}", kind, rows, build, mx.synchronize,
+                     peak, batch, "images_per_s")
+    return res
+
+
+def _mlx_sampling(args: argparse.Namespace, name: str, ucfg: Any, rows: dict[str, Any],
+                  peak: tuple[Callable, Callable]) -> None:
+    """DDIM rows first: they are cheap, and a train step's compilation may run past a limit."""
+    import mlx.core as mx
+
+    from engine.config import ScheduleConfig
+    from engine.model.unet import UNet
+    from engine.sampling.samplers import generate
+
     model = UNet(ucfg)
     mx.eval(model.parameters())
+    sched = ScheduleConfig(sampler="ddim", steps=args.sample_steps)
     for n in args.sample_batches:
         if _skipped(args.skip, name, f"sample_b{n}"):
             continue
         _log(f"[mlx] {name}: sample ddim{args.sample_steps} b{n}")
         # engine.sampling.samplers.generate ends with mx.eval: each call is one synchronised run.
-        stat = timed(lambda n=n: generate(model, cfg.schedule, n, 0, ucfg.image_size,
-                                          ucfg.channels),
-                     mx.synchronize, args.windows, 1, 0.0)
-        stat["ms"] = stat["median_s"] * 1e3
-        res[f"sample_b{n}"] = stat
-    return res
+        _measure(args, "mlx", name, f"sample_b{n}", "engine", rows,
+                 lambda n=n: ((lambda: generate(model, sched, n, 0, ucfg.image_size,
+                                                ucfg.channels)), 0.0),
+                 mx.synchronize, peak, 1.0, "ms")
 
 
 # --------------------------------------------------------------------------- torch worker
@@ -305,7 +384,7 @@ def torch_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
 
 def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     torch, dev = _torch_setup(args)
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE), str(HERE / "gpu")]
     import torch_unet as tu
 
     results = {"framework": "torch", "device": torch_fingerprint(args), "configs": {}}
@@ -327,61 +406,53 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def _torch_config(args: argparse.Namespace, torch: Any, tu: Any, cfg: Any, name: str,
                   dev: Any) -> dict[str, Any]:
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    res: dict[str, Any] = {}
-    torch.manual_seed(0)
+    """Every ``--torch-variants`` entry (benchmarks/gpu/torch_variants.py) on every row."""
+    import torch_variants as tv
+
+    cuda = dev.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else (lambda: None)
+    peak = ((lambda: torch.cuda.reset_peak_memory_stats(dev)),
+            (lambda: round(torch.cuda.max_memory_allocated(dev) / 2**20, 1))) if cuda \
+        else ((lambda: None), (lambda: None))
+    rows: dict[str, Any] = {}
     h = cfg.image_size
-    x0 = torch.from_numpy(np.random.default_rng(0).uniform(
-        -1, 1, (args.batch, h, h, cfg.channels)).astype(np.float32)).permute(0, 3, 1, 2)
-    x0 = x0.contiguous().to(dev)
-    model = tu.UNet(cfg).to(dev).train()
-    # AdamW as engine.training.train.make_optimizer (MLX: no bias correction; negligible cost).
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=0.0)
-    s_ = 0.008
-    norm = math.cos(s_ / (1 + s_) * math.pi / 2) ** 2
-
-    def step() -> None:  # engine.sampling.diffusion.diffusion_loss (eps, cosine) + clip + AdamW
-        t = torch.rand(args.batch, device=dev) * (1.0 - T_MIN) + T_MIN
-        eps = torch.randn_like(x0)
-        ab = (torch.cos((t + s_) / (1 + s_) * math.pi / 2) ** 2 / norm).clamp(ALPHA_BAR_MIN, 1)
-        a, s = ab.sqrt()[:, None, None, None], (1.0 - ab).sqrt()[:, None, None, None]
-        loss = ((model(a * x0 + s * eps, t) - eps) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if GRAD_CLIP > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        opt.step()
-
-    if not _skipped(args.skip, name, "train_eager"):
-        _log(f"[torch] {name}: train eager")
-        stat = timed(step, sync, args.windows, args.train_warmup, args.min_window_s)
-        stat["images_per_s"] = args.batch / stat["median_s"]
-        res["train_eager"] = stat
-    model.eval()
-    ts, alphas, sigmas = ddim_grid(args.sample_steps)
-
-    @torch.inference_mode()
-    def sample(n: int) -> Any:  # engine.sampling.samplers.sample_ddim, eta = 0, clip_x0 = True
-        g = torch.Generator(device=dev).manual_seed(0)
-        x = torch.randn(n, cfg.channels, h, h, generator=g, device=dev)
-        for i in range(args.sample_steps):
-            a_t, s_t = float(alphas[i]), float(sigmas[i])
-            a_s, s_s = float(alphas[i + 1]), float(sigmas[i + 1])
-            out = model(x, torch.full((n,), float(ts[i]), device=dev))
-            x0_hat = ((x - s_t * out) / a_t).clamp(-1.0, 1.0)
-            eps = (x - a_t * x0_hat) / s_t
-            x = a_s * x0_hat + s_s * eps
-        return x
-
-    for n in args.sample_batches:
-        if _skipped(args.skip, name, f"sample_b{n}"):
-            continue
-        _log(f"[torch] {name}: sample ddim{args.sample_steps} b{n}")
-        stat = timed(lambda n=n: sample(n), sync, args.windows, 1, 0.0)
-        stat["ms"] = stat["median_s"] * 1e3
-        res[f"sample_b{n}"] = stat
-    return res
+    grid = ddim_grid(args.sample_steps)
+    for vname in args.torch_variants:
+        v = tv.parse(vname)
+        why = tv.unavailable(v, dev)
+        for batch in args.batch:
+            row = f"train_b{batch}"
+            if _skipped(args.skip, name, f"train_{vname}") \
+                    or _skipped(args.skip, name, f"train_b{batch}_{vname}"):
+                continue
+            if why:
+                rows.setdefault(row, {})[vname] = {"skipped": why}
+                _record(args, "torch", name, row, vname, {"skipped": why})
+                continue
+            torch.manual_seed(0)
+            x0 = torch.from_numpy(np.random.default_rng(0).uniform(
+                -1, 1, (batch, h, h, cfg.channels)).astype(np.float32)).permute(0, 3, 1, 2)
+            x0 = x0.contiguous().to(dev)
+            _log(f"[torch] {name}: train b{batch} {vname}")
+            _measure(args, "torch", name, row, vname, rows,
+                     lambda v=v, x0=x0: tv.train_step(torch, tu, cfg, v, dev, x0, LR, GRAD_CLIP,
+                                                      T_MIN, ALPHA_BAR_MIN),
+                     sync, peak, batch, "images_per_s")
+        for n in args.sample_batches:
+            row = f"sample_b{n}"
+            if _skipped(args.skip, name, row) or _skipped(args.skip, name, f"{row}_{vname}"):
+                continue
+            if why:
+                rows.setdefault(row, {})[vname] = {"skipped": why}
+                _record(args, "torch", name, row, vname, {"skipped": why})
+                continue
+            torch.manual_seed(0)
+            _log(f"[torch] {name}: sample ddim{args.sample_steps} b{n} {vname}")
+            _measure(args, "torch", name, row, vname, rows,
+                     lambda v=v, n=n: tv.sampler(torch, tu, cfg, v, dev, n, grid,
+                                                 args.sample_steps),
+                     sync, peak, 1.0, "ms")
+    return {"rows": rows}
 
 
 def _torch_check(torch: Any, tu: Any, cfg: Any, path: Path, dev: Any) -> dict[str, Any]:
@@ -406,18 +477,54 @@ def _torch_check(torch: Any, tu: Any, cfg: Any, path: Path, dev: Any) -> dict[st
 
 # --------------------------------------------------------------------------------- driver
 
-def _run(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+def _run(cmd: list[str], env: dict[str, str] | None = None,
+         timeout: float | None = None) -> dict[str, Any] | None:
+    """Run one worker and return its result; ``None`` when it ran past ``timeout`` (then it
+    and its children are killed: torch.compile starts compile workers)."""
     _log("$ " + " ".join(shlex.quote(c) for c in cmd)
          + (f"   [env {' '.join(f'{k}={v}' for k, v in (env or {}).items())}]" if env else ""))
     full_env = dict(os.environ)
     full_env.update(env or {})
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        _log(f"worker ran past {timeout:.0f} s and was stopped: {' '.join(cmd[:4])} ...")
+        return None
     if proc.returncode != 0:
-        raise SystemExit(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout}")
-    for line in proc.stdout.splitlines():
+        raise SystemExit(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{stdout}")
+    for line in stdout.splitlines():
         if line.startswith(MARK):
             return json.loads(line[len(MARK):])
-    raise SystemExit(f"no result from {' '.join(cmd)}:\n{proc.stdout}")
+    raise SystemExit(f"no result from {' '.join(cmd)}:\n{stdout}")
+
+
+def _salvage(path: Path, framework: str, device: dict[str, Any]) -> dict[str, Any]:
+    """A stopped worker's result, rebuilt from the measurements it appended to ``path``."""
+    res: dict[str, Any] = {"framework": framework, "device": device, "configs": {},
+                           "timed_out": True}
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in lines:
+        rec = json.loads(line)
+        conf = res["configs"].setdefault(rec["config"], {"rows": {}})
+        if "info" in rec:
+            conf.update(rec["info"])
+            continue
+        stat = {k: v for k, v in rec.items() if k not in ("framework", "config", "row",
+                                                           "variant")}
+        conf["rows"].setdefault(rec["row"], {})[rec["variant"]] = stat
+    return res
+
+
+def _partial_for(args: argparse.Namespace, label: str) -> Path:
+    base = Path(args.partial) if args.partial else Path(tempfile.gettempdir()) / \
+        f"throughput-{os.getpid()}.jsonl"
+    path = base.with_name(f"{base.stem}.{label.replace(' ', '-')}.jsonl")
+    path.unlink(missing_ok=True)
+    return path
 
 
 def _default_mlx_python() -> str:
@@ -435,13 +542,13 @@ def _worker_cmd(python: str, framework: str, args: argparse.Namespace,
     cmd = shlex.split(python) + [str(HERE / "throughput.py"), "--framework", framework]
     for c in args.config:
         cmd += ["--config", c]
-    cmd += ["--batch", str(args.batch), "--sample-steps", str(args.sample_steps),
+    cmd += ["--batch", *map(str, args.batch), "--sample-steps", str(args.sample_steps),
             "--windows", str(args.windows), "--train-warmup", str(args.train_warmup),
             "--min-window-s", str(args.min_window_s), "--sample-batches",
             *map(str, args.sample_batches), "--mlx-device", args.mlx_device,
-            "--torch-device", args.torch_device, "--clock", args.clock]
-    if args.no_eager:
-        cmd.append("--no-eager")
+            "--torch-device", args.torch_device, "--clock", args.clock,
+            "--mlx-variants", ",".join(args.mlx_variants),
+            "--torch-variants", ",".join(args.torch_variants)]
     for entry in args.skip:
         cmd += ["--skip", entry]
     return cmd + extra
@@ -518,74 +625,31 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 for t in args.threads:
                     mlx_variants.append((f"mlx openblas {t}T", _thread_env(t)))
+    mlx_fp = next(v for k, v in report.items() if k.startswith("mlx"))
     for label, env in mlx_variants:
         extra = [a for e in args.ref_skip for a in ("--skip", e)] if "ref" in label else []
-        res = _run(_worker_cmd(mlx_py, "mlx", args, extra), env)
+        part = _partial_for(args, label)
+        res = _run(_worker_cmd(mlx_py, "mlx", args, extra + ["--partial", str(part)]), env,
+                   args.mlx_timeout) or _salvage(part, "mlx", mlx_fp)
         out["runs"][label] = res
-        expect = {n: r["params_cost"] for n, r in res["configs"].items()}
+        expect = {n: r["params_cost"] for n, r in res["configs"].items() if "params_cost" in r}
     torch_threads = args.threads[:1] if torch_gpu else args.threads
     for t in torch_threads:
         label = "torch cuda" if torch_gpu else f"torch {t}T"
+        part = _partial_for(args, label)
         out["runs"][label] = _run(_worker_cmd(torch_py, "torch", args, [
-            "--threads", str(t), "--expect-params", json.dumps(expect)]), _thread_env(t))
+            "--threads", str(t), "--expect-params", json.dumps(expect), "--partial", str(part)]),
+            _thread_env(t), args.torch_timeout) \
+            or _salvage(part, "torch", report.get(f"torch[{t}T]", {}))
     out["wall_s"] = time.perf_counter() - t0
     return out
 
 
-def _fmt(v: float | None, spread: float | None = None) -> str:
-    if v is None:
-        return "–"
-    s = f"{v:.1f}" if v >= 10 else f"{v:.2f}"
-    return s + (f" ±{100 * spread:.0f}%" if spread is not None else "")
-
-
 def markdown(out: dict[str, Any], args: argparse.Namespace) -> str:
-    runs = out["runs"]
-    labels = list(runs)
-    mlx_labels = [lb for lb in labels if lb.startswith("mlx")]
-    torch_labels = [lb for lb in labels if lb.startswith("torch")]
+    sys.path.insert(0, str(HERE / "gpu"))
+    import best
 
-    def torch_for(mlx_label: str) -> str | None:
-        for lb in torch_labels:  # same thread count; on GPU the single torch run
-            if mlx_label.split()[-1] == lb.split()[-1] or lb == "torch cuda" \
-                    or mlx_label == "mlx gpu":
-                return lb
-        return torch_labels[0] if torch_labels else None
-
-    lines = []
-    for name in args.config:
-        first = runs[labels[0]]["configs"][name]
-        lines.append(f"\n**{name}** ({first.get('params_cost', first.get('params_model'))} params, "
-                     f"{first.get('gflops_fwd_b1', float('nan')):.3f} GFLOP/forward at b1)\n")
-        head = ["metric"] + labels + [f"{m} ÷ {torch_for(m)}" for m in mlx_labels]
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "---|" * len(head))
-        metrics = [("train_compiled", f"train img/s, b{args.batch}, compiled (torch: eager)",
-                    "images_per_s", True)]
-        if not args.no_eager:
-            metrics.append(("train_eager", f"train img/s, b{args.batch}, eager",
-                            "images_per_s", True))
-        for n in args.sample_batches:
-            metrics.append((f"sample_b{n}", f"DDIM-{args.sample_steps} ms, b{n}", "ms", False))
-        for key, title, field, higher in metrics:
-            row, vals = [title], {}
-            for lb in labels:
-                r = runs[lb]["configs"][name]
-                stat = r.get(key) or (r.get("train_eager") if lb.startswith("torch")
-                                      and key == "train_compiled" else None)
-                vals[lb] = stat[field] if stat else None
-                row.append(_fmt(vals[lb], stat["spread"] if stat else None))
-            for m in mlx_labels:
-                tl = torch_for(m)
-                a, b = vals.get(m), vals.get(tl) if tl else None
-                if a and b:
-                    ratio = a / b if higher else b / a
-                    row.append(f"{ratio:.2f}×")
-                else:
-                    row.append("–")
-            lines.append("| " + " | ".join(row) + " |")
-    lines.append("\nRatios are MLX speed ÷ PyTorch speed (> 1: MLX faster), at the same "
-                 "thread count; ± is the spread (IQR / median) of the timed windows.")
+    lines = best.tables(out, args.config, args.sample_steps, args.peak_tflops or [])
     if out.get("equivalence"):
         lines.append("\n| equivalence check | params engine.model.cost | MLX | torch | "
                      "max abs err | max rel err | ok |")
@@ -600,6 +664,28 @@ def markdown(out: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _check_variants(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Split and validate ``--mlx-variants`` / ``--torch-variants``; a bad name is one line."""
+    sys.path.insert(0, str(HERE / "gpu"))
+    import torch_variants as tv
+
+    args.mlx_variants = [v.strip() for v in args.mlx_variants.split(",") if v.strip()]
+    if args.no_eager:
+        args.mlx_variants = [v for v in args.mlx_variants if v != "eager"]
+    bad = [v for v in args.mlx_variants if v not in MLX_VARIANTS]
+    if bad:
+        p.error(f"--mlx-variants: unknown {bad[0]!r}; use {', '.join(MLX_VARIANTS)}")
+    args.torch_variants = [v.strip() for v in args.torch_variants.split(",") if v.strip()]
+    for v in args.torch_variants:
+        try:
+            tv.parse(v)
+        except ValueError as exc:
+            p.error(f"--torch-variants: {exc}")
+    if args.peak_tflops and (len(args.peak_tflops) > 2 or min(args.peak_tflops) <= 0):
+        p.error(f"--peak-tflops {args.peak_tflops}: give one or two positive numbers "
+                "(fp32 [bf16])")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     mode = p.add_mutually_exclusive_group()
@@ -609,14 +695,25 @@ def main(argv: list[str] | None = None) -> None:
                    help="print device fingerprints (with --framework: that side only)")
     p.add_argument("--config", action="append", default=None,
                    help=f"built-in ({', '.join(CONFIGS)}) or a .json file; repeatable")
-    p.add_argument("--batch", type=int, default=32, help="training batch size")
+    p.add_argument("--batch", type=int, nargs="+", default=[32], help="training batch sizes")
     p.add_argument("--sample-batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--windows", type=int, default=5, help="timed windows (>= 5)")
     p.add_argument("--train-warmup", type=int, default=2, help="untimed train steps")
     p.add_argument("--min-window-s", type=float, default=0.5,
                    help="a training window lasts at least this long")
-    p.add_argument("--no-eager", action="store_true", help="MLX: skip the uncompiled step")
+    p.add_argument("--no-eager", action="store_true",
+                   help="MLX: skip the uncompiled step (drops 'eager' from --mlx-variants)")
+    p.add_argument("--mlx-variants", default="compiled,eager",
+                   help=f"MLX train steps, comma-separated: {', '.join(MLX_VARIANTS)}")
+    p.add_argument("--torch-variants", default="eager",
+                   help="torch variants, comma-separated; each a base (eager, fused, compile, "
+                        "compile-ro, cudagraph) with optional +bf16, +channels_last, e.g. "
+                        "'eager,compile,cudagraph+bf16' (see benchmarks/gpu/torch_variants.py)")
+    p.add_argument("--peak-tflops", type=float, nargs="+", default=None,
+                   help="peak TFLOP/s for the FLOP/s share: fp32 [bf16], e.g. 50.6 781")
+    p.add_argument("--partial", help="append every measurement to this JSON-lines file as it "
+                   "is made (driver default with --json-out: <json-out>.partial.jsonl)")
     p.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                    help="wall time, or the worker's CPU time (all its threads): on a "
                         "shared, loaded machine the CPU time of a 1-thread run stays "
@@ -637,6 +734,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ref-skip", action="append", default=[],
                    help="like --skip, for the MLX reference-BLAS run only (it is slow)")
     p.add_argument("--skip-equivalence", action="store_true")
+    p.add_argument("--mlx-timeout", type=float, default=None,
+                   help="driver: stop an MLX worker after this many seconds and keep what it "
+                        "measured (read back from its --partial file)")
+    p.add_argument("--torch-timeout", type=float, default=None, help="the same for torch")
     p.add_argument("--json-out", help="driver: write all raw results here")
     p.add_argument("--md-out", help="driver: write the markdown table here")
     # worker-internal
@@ -645,6 +746,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--expect-params", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.config = args.config or list(CONFIGS)
+    _check_variants(p, args)
     global clock
     clock = CLOCKS[args.clock]
     if args.framework:
@@ -663,6 +765,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.compare:
         p.error("choose --framework, --compare or --device-report")
+    if args.json_out and not args.partial:
+        args.partial = str(Path(args.json_out).with_suffix(".partial.jsonl"))
     out = compare(args)
     md = markdown(out, args)
     print(md)

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""MLX's start-up cost in one fresh process: the first compiled train step and the first
+DDIM run, with the kernel cache that ``engine.device.kernel_cache`` chose.
+
+Run it twice with the same cache folder: the first run on an empty folder measures a cold
+start (every kernel compiled by NVRTC), the second a warm one (kernels read from disk), as
+a worker's second trial, or a later study, starts. Prints a JSON line after each stage (the last
+is complete, the earlier ones survive a time limit):
+
+  python3 benchmarks/gpu/compile_probe.py --config demo --batch 32 --label cold
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import engine  # noqa: F401  (BLAS binding and kernel cache before mlx loads)
+
+# isort: split
+import mlx.core as mx
+import numpy as np
+from throughput import CONFIGS, LARGE
+
+from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
+from engine.device import kernel_cache
+from engine.model.unet import UNet
+from engine.sampling.samplers import generate
+from engine.training import train as etrain
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="demo", choices=[*CONFIGS, *LARGE])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--sample-batch", type=int, default=1, help="0: no sampling")
+    p.add_argument("--label", default="", help="a name for this run in the output")
+    args = p.parse_args(argv)
+    start_process = time.perf_counter()
+    data = {**({**CONFIGS, **LARGE}[args.config])}
+    ucfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    cfg = Config(unet=ucfg, schedule=ScheduleConfig(sampler="ddim", steps=20),
+                 train=TrainConfig(batch_size=args.batch, steps=10**6, dtype=args.dtype))
+    before = kernel_cache.describe().get("kernel_cache_modules")
+    out = {"label": args.label, "config": args.config, "batch": args.batch,
+           "dtype": args.dtype, "device": str(mx.default_device()), "mlx": mx.__version__,
+           **kernel_cache.describe()}
+    shape = (args.batch, ucfg.image_size, ucfg.image_size, ucfg.channels)
+    x0 = mx.array(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
+    print(json.dumps(out), flush=True)
+    state = etrain.init_state(cfg)
+    step = etrain._compiled_step(state)
+    times = []
+    for i in range(3):  # the first call compiles; the next two show the steady cost
+        t0 = time.perf_counter()
+        loss = step(x0, mx.random.key(i + 1))
+        mx.eval(loss, state.model.state, state.optimizer.state)
+        times.append(time.perf_counter() - t0)
+    out["train_first_call_s"], out["train_next_calls_s"] = times[0], times[1:]
+    print(json.dumps(out), flush=True)  # kept if the sampling part runs past a time limit
+    if args.sample_batch:
+        model = UNet(ucfg)
+        mx.eval(model.parameters())
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            generate(model, cfg.schedule, args.sample_batch, 0, ucfg.image_size, ucfg.channels)
+            times.append(time.perf_counter() - t0)
+        out["sample_first_call_s"], out["sample_second_call_s"] = times
+    out["peak_mib"] = round(mx.get_peak_memory() / 2**20, 1)
+    out["modules_before"] = before
+    out["modules_after"] = kernel_cache.describe().get("kernel_cache_modules")
+    out["process_s"] = time.perf_counter() - start_process
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
