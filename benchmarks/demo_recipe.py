@@ -40,6 +40,8 @@ BASE: dict[str, dict[str, Any]] = {
 """The demo space's centre; 840 steps at batch 32 is one 500 s trial a worker on the VM."""
 
 COS = {"lr_decay": "cosine"}
+SNR = {"loss_weight": "min_snr"}
+L3 = {"width_mults": [1, 2, 2]}
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "const-ema999": {},
     "cos-ema999": {"train": COS},
@@ -54,6 +56,16 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "cos-ema995-1680": {"train": {**COS, "ema_decay": 0.995, "steps": 1680}},
     "cos-ema995-122": {"unet": {"width_mults": [1, 2, 2]}, "train": {**COS, "ema_decay": 0.995}},
     "const-ema995": {"train": {"ema_decay": 0.995}},
+    # round 2: the three-level U-Net (the best of round 1) and min-SNR-5 loss weighting
+    "122-cos-minsnr": {"unet": L3, "train": {**COS, **SNR}},
+    "122-cos-minsnr-lr3e-3": {"unet": L3, "train": {**COS, **SNR, "learning_rate": 3e-3}},
+    "122-cos-minsnr-lr1.5e-3": {"unet": L3, "train": {**COS, **SNR, "learning_rate": 1.5e-3}},
+    "122-const-minsnr": {"unet": L3, "train": SNR},
+    "122-noattn-cos-minsnr": {"unet": {**L3, "attn_levels": []}, "train": {**COS, **SNR}},
+    "1222-cos-minsnr": {"unet": {"width_mults": [1, 2, 2, 2]}, "train": {**COS, **SNR}},
+    "122-cos-minsnr-b16x1680": {"unet": L3, "train": {**COS, **SNR, "batch_size": 16,
+                                                       "steps": 1680}},
+    "12-cos-minsnr": {"train": {**COS, **SNR}},
 }
 
 SAMPLERS = [("dpmpp_2m", 8, "trailing"), ("dpmpp_2m", 16, "trailing"), ("ddim", 16, "trailing"),
@@ -80,7 +92,7 @@ def run_one(name: str, n: int, seed: int) -> dict[str, Any]:
     from engine.training.train import init_state, train
 
     config = Config.from_dict(recipe_config(name))
-    seen, held = load_dataset("digits", image_size=16).split(*DIGITS_HOLDOUT)
+    seen, _ = load_dataset("digits", image_size=16).split(*DIGITS_HOLDOUT)
     train_set, val_set = seen.split(0.1, config.train.seed)
     wall, cpu = time.perf_counter(), time.process_time()
     state = train(init_state(config), train_set.images, val_set.images[:256])

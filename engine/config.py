@@ -28,6 +28,7 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "euler", "adaptive")
 SPACINGS = ("uniform", "quadratic", "karras", "trailing", "explicit", "optimized")
 DTYPES = ("float32", "bfloat16", "float16")
 LR_DECAYS = ("none", "cosine")
+LOSS_WEIGHTS = ("none", "min_snr")
 
 # Upper bounds of the integer fields (inclusive). Stable Diffusion's U-Net, far larger than
 # anything searched here, has base width 320, multipliers up to 4, 2 res blocks and
@@ -222,6 +223,9 @@ class TrainConfig:
     zero at ``steps`` (half a cosine); ``"none"`` holds it. A short run that ends at zero
     learning rate lands in a sharper minimum than one cut off at the peak
     (benchmarks/legibility.md measures what it does for the demo's digits).
+    ``loss_weight = "min_snr"`` weights each noise level's loss by min-SNR-5 (Hang et al.
+    2023, :func:`engine.sampling.diffusion.diffusion_loss`); validation losses stay
+    unweighted, so that trials compare at a rung whatever they train with.
     """
 
     steps: int = 1000
@@ -229,6 +233,7 @@ class TrainConfig:
     learning_rate: float = 2e-3
     warmup_steps: int = 50
     lr_decay: str = "none"
+    loss_weight: str = "none"
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -251,6 +256,7 @@ class TrainConfig:
         _check(self.seed >= 0, o, "seed", self.seed, "must be >= 0")
         _choice(o, "dtype", self.dtype, DTYPES)
         _choice(o, "lr_decay", self.lr_decay, LR_DECAYS)
+        _choice(o, "loss_weight", self.loss_weight, LOSS_WEIGHTS)
 
 
 _SECTIONS = {"unet": UNetConfig, "schedule": ScheduleConfig, "train": TrainConfig}

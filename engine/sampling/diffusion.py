@@ -68,9 +68,15 @@ def _expand(a: mx.array) -> mx.array:
     return a[:, None, None, None]
 
 
+MIN_SNR_GAMMA = 5.0
+"""Min-SNR-gamma loss weighting (Hang et al. 2023): each time step's loss is weighted as an
+x0 loss by ``min(SNR, gamma)``, so that the many easy low-noise steps stop dominating the
+gradient; the paper's gamma."""
+
+
 def diffusion_loss(model: nn.Module, x0: mx.array, key: mx.array, prediction: str,
-                   kind: str) -> mx.array:
-    """Denoising score-matching loss, ``E_t,eps || f(x_t, t) - target ||^2`` (Ho et al. 2020).
+                   kind: str, weighting: str = "none") -> mx.array:
+    """Denoising score-matching loss, ``E_t,eps w(t) || f(x_t, t) - target ||^2`` (Ho et al. 2020).
 
     Args:
         model: maps ``(x_t, t)`` to the prediction target.
@@ -78,6 +84,8 @@ def diffusion_loss(model: nn.Module, x0: mx.array, key: mx.array, prediction: st
         key: PRNG key for ``t`` and ``eps``.
         prediction: ``eps``, ``v`` or ``x0``.
         kind: beta schedule name.
+        weighting: ``none`` (w = 1) or ``min_snr``: ``w = min(SNR, gamma) / SNR`` for eps,
+            ``/ (SNR + 1)`` for v, ``min(SNR, gamma)`` for x0 (:data:`MIN_SNR_GAMMA`).
     """
     k_t, k_eps = mx.random.split(key)
     t = mx.random.uniform(T_MIN, 1.0, shape=(x0.shape[0],), key=k_t)
@@ -85,7 +93,13 @@ def diffusion_loss(model: nn.Module, x0: mx.array, key: mx.array, prediction: st
     alpha, sigma = (_expand(a) for a in alpha_sigma_mx(t, kind))
     x_t = alpha * x0 + sigma * eps
     out = model(x_t, t)
-    return mx.mean((out - target(x0, eps, alpha, sigma, prediction)) ** 2)
+    err = (out - target(x0, eps, alpha, sigma, prediction)) ** 2
+    if weighting == "none":
+        return mx.mean(err)
+    snr = alpha**2 / sigma**2
+    w = mx.minimum(snr, MIN_SNR_GAMMA)
+    w = w / snr if prediction == "eps" else w / (snr + 1.0) if prediction == "v" else w
+    return mx.mean(w * err)
 
 
 def compiled_forward(model: nn.Module) -> Callable[[mx.array, mx.array], mx.array]:

@@ -157,9 +157,10 @@ def _loss_and_grad(model: nn.Module, loss_fn: Loss, dtype: str) -> Callable:
 
 
 def base_loss(config: Config) -> Loss:
-    """The diffusion loss of ``config.schedule`` (its prediction target and beta schedule)."""
+    """The diffusion loss of ``config.schedule`` (its prediction target and beta schedule),
+    weighted as ``config.train.loss_weight`` says."""
     return partial(diffusion_loss, prediction=config.schedule.prediction,
-                   kind=config.schedule.beta_schedule)
+                   kind=config.schedule.beta_schedule, weighting=config.train.loss_weight)
 
 
 def compiled_update(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Loss,

@@ -24,6 +24,7 @@ def test_round_trips_through_json():
     (TrainConfig, "learning_rate", -1.0),
     (TrainConfig, "dtype", "int8"),
     (TrainConfig, "lr_decay", "linear"),
+    (TrainConfig, "loss_weight", "p2"),
 ])
 def test_bad_value_names_field_and_value(kind, field, value):
     with pytest.raises(ValueError) as err:

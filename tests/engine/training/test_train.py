@@ -83,6 +83,21 @@ def test_cosine_decay_warms_up_then_ends_at_zero_and_resumes_on_its_curve(images
     assert [p.train_loss for p in resumed.history] == [p.train_loss for p in full.history]
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weights_never_exceed_one_and_training_still_learns(images, prediction):
+    from engine.sampling.diffusion import diffusion_loss
+
+    model = init_state(TINY).model
+    x0, key = mx.array(images[:32]), mx.random.key(3)
+    plain = diffusion_loss(model, x0, key, prediction, "cosine").item()
+    weighted = diffusion_loss(model, x0, key, prediction, "cosine", weighting="min_snr").item()
+    assert 0.0 < weighted < plain  # w = min(SNR, 5) / SNR (eps) or / (SNR + 1) (v), <= 1
+
+    cfg = replace(TINY, train=replace(TINY.train, steps=40, eval_every=10, loss_weight="min_snr"))
+    state = train(init_state(cfg), images, images[:16])
+    assert state.history[-1].train_loss < state.history[0].train_loss
+
+
 def test_checkpoint_loads_bit_identical(images, tmp_path):
     state = train(init_state(TINY), images, images[:16], until=3)
     save_checkpoint(state, tmp_path / "ck")
