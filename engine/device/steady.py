@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -441,7 +442,7 @@ def decide(rounds: list[Round], calibrated_ms: float, runs: int = 5) -> LatencyS
     q1, med, q3 = np.percentile(samples, [25, 50, 75])
     ratio = max((s.ratio(c) for s, c in kept), key=lambda r: abs(r - 1))
     bounds = np.cumsum([0] + [len(r.samples) for r in rounds])
-    dirty = sum(not all(s.clean(c) for s, c in judged[a:b]) for a, b in zip(bounds, bounds[1:]))
+    dirty = sum(not all(s.clean(c) for s, c in judged[a:b]) for a, b in itertools.pairwise(bounds))
     return LatencyStat(float(med), float((q3 - q1) / med), tuple(samples), median_ci(samples),
                        len(rounds), dirty, ratio, disturbed,
                        float(np.median([s.wait for s, _ in kept])),
