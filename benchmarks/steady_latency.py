@@ -7,8 +7,12 @@ pooled to a +-5% confidence interval) with nothing of ours running, then beside 
 of one model's measurement. A hog-phase latency marked disturbed is measured again after
 the hogs stop, as a trial does at its end, and the less disturbed attempt is kept.
 
-  uv run python benchmarks/steady_latency.py [--models 8] [--hogs 2] [--repeats 20]
-      [--seed 0] [--no-pin] [--json results/steady_latency.json]
+  uv run python benchmarks/steady_latency.py [--cores 0,1] [--models 8] [--hogs 2]
+      [--repeats 20] [--no-pin] [--json results/steady_latency.json]
+
+``--cores`` confines the script, and so its hogs, to those cores (as ``taskset``), so that
+a many-core host competes as a 2-core machine does. Engine only (numpy, MLX): the models
+are the 8 demo-space configs of the 2026-12-02 run, fixed here.
 
 The plain protocol (:func:`engine.device.bench.sampling_latency`: median of 5 runs,
 re-measured only when the spread exceeds 10%) is timed beside it for comparison. Each
@@ -27,29 +31,32 @@ import time
 from pathlib import Path
 
 import numpy as np
-import optuna
 
+from engine.config import Config, ScheduleConfig, UNetConfig
 from engine.device.bench import device_fingerprint, sampling_latency  # first: binds BLAS
 from engine.measure import measure_latency
 from engine.model.unet import UNet
-from search.space import load_space
 
 HOG = "while True: pass"
+MODELS = ((32, (1, 2), (1,), "ddim", 9), (16, (1, 2), (), "ddim", 9),
+          (16, (1, 2, 2), (), "euler", 8), (32, (1, 2, 2), (1,), "adaptive", 8),
+          (32, (1, 2), (), "adaptive", 7), (32, (1, 2, 2), (1,), "ddim", 7),
+          (16, (1, 2), (1,), "adaptive", 6), (32, (1, 2, 2), (), "dpmpp_2m", 6))
+"""(base width, width multipliers, attention levels, sampler, steps): the demo-space
+configs that the 2026-12-02 run drew (seed 0), so that its rows compare."""
 
 
-def demo_models(n: int, seed: int) -> list[tuple[str, object, object]]:
-    """``n`` configs drawn at random from the demo space, built with random weights."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = load_space("demo")
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+def demo_models(n: int) -> list[tuple[str, object, object]]:
+    """The first ``n`` of :data:`MODELS`, built with random weights (1 residual block,
+    16x16x1 images, v-prediction as in the demo space)."""
     models = []
-    for _ in range(n):
-        config = space.decode(study.ask(space.distributions()).params)
-        model = UNet(config.unet)
-        u, s = config.unet, config.schedule
-        name = (f"{u.base_width}x{','.join(map(str, u.width_mults))} R{u.num_res_blocks} "
-                f"attn{''.join(map(str, u.attn_levels)) or '-'} {s.sampler} {s.steps}")
-        models.append((name, model, config))
+    for width, mults, attn, sampler, steps in MODELS[:n]:
+        config = Config(UNetConfig(base_width=width, width_mults=mults, attn_levels=attn,
+                                   head_dim=16, time_emb_dim=64),
+                        ScheduleConfig(prediction="v", sampler=sampler, steps=steps))
+        name = (f"{width}x{','.join(map(str, mults))} R1 "
+                f"attn{''.join(map(str, attn)) or '-'} {sampler} {steps}")
+        models.append((name, UNet(config.unet), config))
     return models
 
 
@@ -61,14 +68,17 @@ def measure(model, config, pin: bool) -> dict:
     plain = sampling_latency(model, config, batch=1).median_ms
     return {"ms": stat.median_ms, "plain_ms": plain, "ci": stat.ci, "rounds": stat.rounds,
             "disturbed_rounds": stat.disturbed_rounds, "disturbed": stat.disturbed,
-            "ratio": stat.reference_ratio, "seconds": seconds, "load": os.getloadavg()[0]}
+            "ratio": stat.reference_ratio, "wait": stat.wait_share,
+            "shift": stat.reference_shift, "seconds": seconds, "load": os.getloadavg()[0]}
 
 
-def phase(models: list, label: str, pin: bool) -> list[dict]:
-    rows = []
+def phase(models: list, label: str, pin: bool, after=lambda rows: None) -> list[dict]:
+    """Measure each model; ``after`` sees the rows so far after each one."""
+    rows: list[dict] = []
     for name, model, config in models:
         rows.append({"model": name, **measure(model, config, pin)})
         print(f"{label}: {json.dumps(rows[-1])}", flush=True)
+        after(rows)
     return rows
 
 
@@ -116,9 +126,9 @@ def targets(quiet: list[dict], busy: list[dict], repeats: list[dict]) -> dict:
 
 
 def report(quiet: list[dict], busy: list[dict], repeats: list[dict], hogs: int) -> str:
-    lines = [("| model | quiet ms (plain) | with hog ms (plain) | recorded/quiet | rounds "
-              "(disturbed) | marked disturbed | re-measured ms | kept/quiet | ok |"),
-             "|---|---:|---:|---:|---:|---|---:|---:|---|"]
+    lines = [("| model | quiet ms (plain) | quiet shift | with hog ms (plain) | recorded/quiet "
+              "| rounds (disturbed) | wait | marked disturbed | re-measured ms | kept/quiet | ok |"),
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
     plain_ok = 0
     for q, b in zip(quiet, busy):
         final = b.get("kept", b)
@@ -128,9 +138,10 @@ def report(quiet: list[dict], busy: list[dict], repeats: list[dict], hogs: int) 
         plain_ok += abs(pdev) <= 0.10
         again = (f"{b['remeasured']['ms']:.1f}" + (" (disturbed)" if b["remeasured"]["disturbed"]
                                                    else "")) if "remeasured" in b else "-"
-        lines.append(f"| {q['model']} | {q['ms']:.1f} ({q['plain_ms']:.1f}) | {b['ms']:.1f} "
-                     f"({b['plain_ms']:.1f}) | {dev:+.0%} (plain {pdev:+.0%}) | {b['rounds']} "
-                     f"({b['disturbed_rounds']}) | {'yes' if b['disturbed'] else 'no'} | "
+        lines.append(f"| {q['model']} | {q['ms']:.1f} ({q['plain_ms']:.1f}) | {q['shift']:.2f} "
+                     f"| {b['ms']:.1f} ({b['plain_ms']:.1f}) | {dev:+.0%} (plain {pdev:+.0%}) | "
+                     f"{b['rounds']} ({b['disturbed_rounds']}) | {b['wait']:.0%} | "
+                     f"{'yes' if b['disturbed'] else 'no'} | "
                      f"{again} | {kept:+.0%}{' disturbed' if final['disturbed'] else ''} | "
                      f"{'yes' if good else 'NO'} |")
     t = targets(quiet, busy, repeats)
@@ -140,8 +151,9 @@ def report(quiet: list[dict], busy: list[dict], repeats: list[dict], hogs: int) 
                    f"phase {loads(quiet)}, with the hogs {loads(busy)}"),
               (f"- {len(repeats)} repeats of `{repeats[0]['model']}`: median {np.median(ms):.1f}"
                f" ms, range {ms.min():.1f}-{ms.max():.1f}; "
-               f"{sum(r['disturbed'] for r in repeats)} marked disturbed; load average "
-               f"{loads(repeats)}"),
+               f"{sum(r['disturbed'] for r in repeats)} marked disturbed; reference shift "
+               f"{min(r['shift'] for r in repeats):.2f}-{max(r['shift'] for r in repeats):.2f}; "
+               f"load average {loads(repeats)}"),
               (f"- a measurement took {t['seconds_mean']:.1f} s on average (re-measurements "
                "not counted)"), "",
               (f"hog: {t['hog_ok']}/{t['hog_n']} within +-10% or disturbed+re-measured "
@@ -151,30 +163,55 @@ def report(quiet: list[dict], busy: list[dict], repeats: list[dict], hogs: int) 
     return "\n".join(lines)
 
 
+def parse_cores(text: str) -> set[int]:
+    """``0,1`` or ``2-3``: the cores to confine the script (and its hogs) to."""
+    cores: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cores.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a core list: {text!r}") from None
+    return cores
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--models", type=int, default=8)
+    ap.add_argument("--cores", type=parse_cores, help="e.g. 0,1: run (and hog) only there")
+    ap.add_argument("--models", type=int, default=8, choices=range(1, len(MODELS) + 1),
+                    metavar=f"1..{len(MODELS)}")
     ap.add_argument("--hogs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-pin", dest="pin", action="store_false",
                     help="leave the measuring process free to move between cores")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    models = demo_models(args.models, args.seed)
+    if args.cores:
+        try:
+            os.sched_setaffinity(0, args.cores)
+        except (OSError, AttributeError) as e:
+            ap.error(f"--cores {sorted(args.cores)}: {e}")
+    models = demo_models(args.models)
+    result: dict = {"pin": args.pin, "cores": sorted(os.sched_getaffinity(0)),
+                    "device": device_fingerprint()}
+
+    def save(**phases) -> None:  # after every phase: a run cut short keeps what it measured
+        result.update(phases)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1))
+
     phase(models[:1], "warm-up", args.pin)  # compile and calibrate the reference first
-    quiet = phase(models, "quiet", args.pin)
-    busy = with_hogs(args.hogs, lambda: phase(models, "hog", args.pin))
-    remeasure(models, busy, args.pin)
-    repeats = phase(models[:1] * args.repeats, "repeat", args.pin)
-    text = report(quiet, busy, repeats, args.hogs)
-    print(f"\nDevice: {device_fingerprint()}\n\n{text}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"quiet": quiet, "hog": busy, "repeats": repeats,
-                                         "targets": targets(quiet, busy, repeats),
-                                         "pin": args.pin, "device": device_fingerprint()},
-                                        indent=1))
+    save(quiet=phase(models, "quiet", args.pin))
+    save(hog=with_hogs(args.hogs, lambda: phase(models, "hog", args.pin)))
+    remeasure(models, result["hog"], args.pin)
+    save(hog=result["hog"])
+    repeats = phase(models[:1] * args.repeats, "repeat", args.pin,
+                    lambda rows: save(repeats=rows))
+    quiet, busy = result["quiet"], result["hog"]
+    save(repeats=repeats, targets=targets(quiet, busy, repeats))
+    print(f"\nDevice: {device_fingerprint()}, cores {result['cores']}\n\n"
+          f"{report(quiet, busy, repeats, args.hogs)}")
     return 0
 
 

@@ -86,7 +86,10 @@ class LatencyStat:
     rounds timed; ``disturbed_rounds``, those with a sample set aside because a reference
     probe beside it strayed; ``reference_ratio``, the reference's time beside the kept
     samples over its calibrated time (the one furthest from 1); ``disturbed``, too few
-    samples were clean, so the samples are the least disturbed ones.
+    samples were clean, so the samples are the least disturbed ones; ``wait_share``, the
+    median share of the kept samples' time that the process waited on the run queue (a CPU
+    hog on its core); ``reference_shift``, the calibration the last round was judged by over
+    the one the measurement started with (the host's own speed moved).
     """
 
     median_ms: float
@@ -97,6 +100,8 @@ class LatencyStat:
     disturbed_rounds: int = 0
     reference_ratio: float = 1.0
     disturbed: bool = False
+    wait_share: float = 0.0
+    reference_shift: float = 1.0
 
 
 def time_call(fn: Callable[[], Any], runs: int = 5, warmup: int = 1, retries: int = 2,

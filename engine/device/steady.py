@@ -2,12 +2,25 @@
 
 Each timed sample (the call run back to back for at least :data:`MIN_WINDOW_MS`, per call)
 sits between two probes of a fixed reference workload (interleaved: probe, sample, probe,
-sample, ..., probe); a sample whose probes stray from the reference's calibrated time by
-more than :data:`REFERENCE_TOLERANCE` was disturbed (another process took the CPU) and is
-set aside; a round with a disturbed sample is followed by a pause; clean samples are pooled
-until the 95% confidence interval of their median is within :data:`TARGET_CI`, up to
-:data:`MAX_ROUNDS` rounds. While it times, the process collects no garbage and its threads
-stay on one core.
+sample, ..., probe). Two kinds of signal say whether a sample was disturbed:
+
+- **Run-queue wait** (Linux: ``/proc/self/task/*/schedstat``, field 2): the time this
+  process's threads were ready to run but waited for a CPU that another process held. A
+  CPU hog on the core shows here directly; a host that merely runs slower does not. A
+  sample (or a probe beside it) that waited more than :data:`WAIT_TOLERANCE` of its time
+  shared its core.
+- **The probes**: a probe further than :data:`REFERENCE_TOLERANCE` from the calibrated
+  reference time says the machine was not as usual (contention that run-queue wait cannot
+  see: a hyperthread sibling, memory bandwidth, macOS).
+
+The calibration follows the host's own speed: a *settled* round (no other process used
+our cores, :data:`QUIET_OTHERS`; no probe waited; the probes agree with each other) shows
+the machine as it is now, and its median probe becomes the calibration, however far from
+the old one (re-calibration). A CPU hog never makes a round settled, so it never moves the
+calibration. Disturbed samples are set aside; a round with one is followed by a pause;
+clean samples are pooled until the 95% confidence interval of their median is within
+:data:`TARGET_CI`, up to :data:`MAX_ROUNDS` rounds. While it times, the process collects
+no garbage and its threads stay on one core.
 """
 
 from __future__ import annotations
@@ -15,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -31,8 +45,13 @@ import numpy as np
 from engine.device.bench import LatencyStat, device_fingerprint
 
 REFERENCE_TOLERANCE = 0.10
-"""A round whose reference workload ran this much slower or faster than calibrated is
-disturbed."""
+"""A probe this much slower or faster than calibrated says the machine was not as usual."""
+WAIT_TOLERANCE = 0.02
+"""A sample or probe whose threads waited on the run queue for more than this share of its
+time shared its core with another process (a hog on the core: 30-70%)."""
+QUIET_OTHERS = 0.25
+"""A round in which other processes used at most this many cores' worth of CPU time on the
+cores this process may run on (and no probe waited) shows the host's own speed."""
 TARGET_CI = 0.05
 """Clean rounds are pooled until the median's 95% confidence interval is within +-5%."""
 MAX_ROUNDS = 6
@@ -76,13 +95,16 @@ def _reference_workload() -> Callable[[], None]:
 class Reference:
     """The reference workload and its calibrated time on this machine.
 
-    The calibration is the 25th percentile of the last :attr:`KEEP` values in ``store`` (a
-    JSON file in the temp folder, one per device fingerprint): each process's own
-    calibration (the fastest of three medians of 5 probes), and the median probe of each
-    round that found the machine no slower than calibrated (:meth:`learn`). So a process
-    that starts under load still compares with the machine's usual time, and a calibration
-    taken under load is corrected by the quieter rounds after it, while a CPU hog, however
-    long it runs, never raises it.
+    Two calibrations. The machine's *usual* time (:attr:`usual_ms`) is the 25th percentile
+    of the last :attr:`KEEP` values in ``store`` (a JSON file in the temp folder, one per
+    device fingerprint): each process's own calibration (the fastest of three medians of 5
+    probes) and the median probe of each round whose probes did not wait on the run queue
+    and were no slower than usual, or that was settled (:meth:`learn`). So a process that
+    starts under load still compares with the machine's usual time. The *current*
+    calibration (:attr:`calibrated_ms`) is the last settled round's median probe in this
+    process (:meth:`Round.settled`), else the usual time: it follows the host's own speed,
+    which drifts by up to 35% for minutes with nothing else running
+    (benchmarks/steady_latency.md), while a CPU hog, however long it runs, never moves it.
     """
 
     KEEP = 64
@@ -92,36 +114,125 @@ class Reference:
         self.store = store or _reference_store()
         self.run = workload or _reference_workload()
         self.clock = clock
-        self._calibrated: float | None = None
+        self._usual: float | None = None
+        self._settled: float | None = None
 
     @property
-    def calibrated_ms(self) -> float:
+    def usual_ms(self) -> float:
         """The reference's usual time on this machine (ms); calibrated on first use, in the
         probes' own terms (:meth:`probe`: the faster of two runs), so that a probe on a
         quiet machine reads 1."""
-        if self._calibrated is None:
+        if self._usual is None:
             self.run()
-            self._remember(min(float(np.median([self.probe() for _ in range(5)]))
+            self._remember(min(float(np.median([self.probe()[0] for _ in range(5)]))
                                for _ in range(3)))
-        assert self._calibrated is not None
-        return self._calibrated
+        assert self._usual is not None
+        return self._usual
+
+    @property
+    def calibrated_ms(self) -> float:
+        """What a probe should read now: the last settled round's median, else usual."""
+        return self._settled if self._settled is not None else self.usual_ms
 
     def _remember(self, ms: float) -> None:
         history = (_read_json(self.store) + [ms])[-self.KEEP:]
         _write_json(self.store, history)
-        self._calibrated = float(np.percentile(history, 25))
+        self._usual = float(np.percentile(history, 25))
 
-    def probe(self) -> float:
+    def probe(self, lost: Callable[[], float] = lambda: 0.0) -> tuple[float, float]:
         """A quick look at the machine between two timed samples: the faster of two runs of
-        the reference (ms; one run alone strays on a quiet machine)."""
-        return min(_once(self.run, self.clock) for _ in range(2))
+        the reference (ms; one run alone strays on a quiet machine) and the share of the two
+        runs' time lost to other processes (``lost``: a counter in ms, :func:`lost_counter`)."""
+        start, before = self.clock(), lost()
+        ms = min(_once(self.run, self.clock) for _ in range(2))
+        return ms, _share(lost() - before, (self.clock() - start) * 1e3)
 
-    def learn(self, probes_ms: list[float]) -> None:
-        """Add the median of a round's probes to the history when it is within
-        :data:`REFERENCE_TOLERANCE` of the calibration or faster (see the class docstring)."""
-        median = float(np.median(probes_ms))
-        if median <= self.calibrated_ms * (1 + REFERENCE_TOLERANCE):
+    def learn(self, taken: Round) -> None:
+        """Follow a settled round (see the class docstring); remember, as usual, a round
+        whose probes did not wait and were no slower than usual."""
+        settled = taken.settled()
+        if settled is not None:
+            self._settled = settled
+            self._remember(settled)
+            return
+        median = float(np.median(taken.probes()))
+        if taken.probes_waited() <= WAIT_TOLERANCE and \
+                median <= self.usual_ms * (1 + REFERENCE_TOLERANCE):
             self._remember(median)
+
+
+def _share(part_ms: float, whole_ms: float) -> float:
+    return part_ms / whole_ms if whole_ms > 0 else 0.0
+
+
+def run_queue_wait_ms() -> float:
+    """Time this process's threads have spent ready to run but waiting for a CPU (ms; the
+    second field of each thread's ``schedstat``). It grows while another process holds the
+    core, not while the host merely runs slower. 0 where the kernel does not say (macOS)."""
+    total = 0
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[1])
+    return total / 1e6
+
+
+def _cpu_gap_ms() -> float:
+    """Wall time minus this process's CPU time (ms): over an interval in which every thread
+    of the process is pinned to one core and has work, the time that core ran others."""
+    return (time.perf_counter() - time.process_time()) * 1e3
+
+
+def lost_counter(pinned: bool) -> Callable[[], float]:
+    """A counter (ms) of the time other processes took from this one. Pinned to one core,
+    the wall-minus-CPU gap: run-queue wait would count our own threads waiting for each
+    other there (MLX computes on its own thread: 1-5 ms a probe). Free to move, run-queue
+    wait (on macOS nothing: the probes alone judge)."""
+    return _cpu_gap_ms if pinned else run_queue_wait_ms
+
+
+class CpuUse:
+    """CPU time used on the cores this process may run on (taken when it is made, before the
+    measurement pins its threads), by every process and by this one: their difference over
+    a round is what other processes took from the cores we could use."""
+
+    def __init__(self) -> None:
+        try:
+            self.cores = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+        except (AttributeError, OSError):
+            self.cores = set()
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def busy_s(self) -> float | None:
+        """CPU seconds every process (and the hypervisor's steal) used on our cores; None
+        where unknown. ``/proc/stat``: user nice system idle iowait irq softirq steal."""
+        if not self.cores:
+            return None
+        try:
+            lines = Path("/proc/stat").read_text().splitlines()
+        except OSError:
+            return None
+        ticks = 0
+        for line in lines:
+            name, *fields = line.split()
+            if name in self.cores and len(fields) >= 8:
+                f = [int(v) for v in fields[:8]]
+                ticks += f[0] + f[1] + f[2] + f[5] + f[6] + f[7]
+        return ticks / self.hz
+
+    def snapshot(self) -> tuple[float | None, float]:
+        return self.busy_s(), time.process_time()
+
+    @staticmethod
+    def others(before: tuple[float | None, float], after: tuple[float | None, float],
+               wall_s: float) -> float | None:
+        """Cores' worth of CPU time other processes used between two snapshots."""
+        if before[0] is None or after[0] is None or wall_s <= 0:
+            return None
+        return max(0.0, (after[0] - before[0]) - (after[1] - before[1])) / wall_s
 
 
 def _once(fn: Callable[[], Any], clock: Callable[[], float]) -> float:
@@ -177,11 +288,15 @@ _REFERENCE: Reference | None = None
 
 @dataclass(frozen=True)
 class Sample:
-    """One timed sample and the reference probes on either side of it (ms)."""
+    """One timed sample and the reference probes on either side of it (ms), each with the
+    share of its time that the process's threads waited on the run queue."""
 
     ms: float
     before_ms: float
     after_ms: float
+    wait: float = 0.0
+    before_wait: float = 0.0
+    after_wait: float = 0.0
 
     def ratio(self, calibrated_ms: float) -> float:
         """The probe furthest from the calibration, over it: how disturbed the machine
@@ -189,14 +304,52 @@ class Sample:
         return max(self.before_ms / calibrated_ms, self.after_ms / calibrated_ms,
                    key=lambda r: abs(r - 1))
 
+    def waited(self) -> float:
+        """The largest run-queue wait share of the sample and its two probes."""
+        return max(self.wait, self.before_wait, self.after_wait)
+
+    def disturbance(self, calibrated_ms: float) -> float:
+        """How far from clean: the larger of the wait share and the probes' stray."""
+        return max(self.waited(), abs(self.ratio(calibrated_ms) - 1))
+
     def clean(self, calibrated_ms: float) -> bool:
-        """Both probes within :data:`REFERENCE_TOLERANCE` of the calibration."""
-        return abs(self.ratio(calibrated_ms) - 1) <= REFERENCE_TOLERANCE
+        """Neither it nor its probes waited for the CPU, and both probes are within
+        :data:`REFERENCE_TOLERANCE` of the calibration."""
+        return self.waited() <= WAIT_TOLERANCE and \
+            abs(self.ratio(calibrated_ms) - 1) <= REFERENCE_TOLERANCE
+
+
+@dataclass(frozen=True)
+class Round:
+    """A round's samples and the CPU other processes took from our cores meanwhile (cores'
+    worth; None where unknown)."""
+
+    samples: tuple[Sample, ...]
+    others: float | None = None
+
+    def probes(self) -> list[float]:
+        return [s.before_ms for s in self.samples] + [self.samples[-1].after_ms]
+
+    def probes_waited(self) -> float:
+        return max(max(s.before_wait, s.after_wait) for s in self.samples)
+
+    def settled(self) -> float | None:
+        """The median probe, when the round shows the host's own speed: no other process used
+        more than :data:`QUIET_OTHERS` of our cores, nothing waited on the run queue, and the
+        probes agree within :data:`REFERENCE_TOLERANCE`; else None. A hog fails the first
+        two, a burst the last."""
+        probes = self.probes()
+        if self.others is None or self.others > QUIET_OTHERS or \
+                max(s.waited() for s in self.samples) > WAIT_TOLERANCE or \
+                max(probes) > min(probes) * (1 + REFERENCE_TOLERANCE):
+            return None
+        return float(np.median(probes))
 
 
 def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | None = None,
                 pause: Callable[[float], None] = time.sleep,
-                clock: Callable[[], float] = time.perf_counter, pin: bool = True
+                clock: Callable[[], float] = time.perf_counter, pin: bool = True,
+                cpu: CpuUse | None = None, lost: Callable[[], float] | None = None
                 ) -> LatencyStat:
     """Samples of ``fn`` interleaved with probes of the reference workload, in rounds until
     the clean ones pin the median down (see the module docstring).
@@ -208,72 +361,104 @@ def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | Non
         pause: how to wait after a round with a disturbed sample.
         clock: the clock ``fn`` is timed on (the reference keeps its own).
         pin: keep the process's threads on the core it runs on while timing (Linux).
+        cpu: what other processes take from our cores (default: read from ``/proc/stat``).
+        lost: a counter (ms) of the time other processes took from this one (default:
+            :func:`lost_counter`).
 
     Returns:
-        :func:`decide` of every sample taken.
+        :func:`decide` of every round taken.
     """
     reference = reference or _process_reference()
-    calibrated = reference.calibrated_ms  # first, unpinned: as every process calibrates
-    taken: list[list[Sample]] = []
-    with _held_still(pin):
+    cpu = cpu or CpuUse()  # before pinning: the cores we may use
+    start = reference.calibrated_ms  # first, unpinned: as every process calibrates
+    taken: list[Round] = []
+    with _held_still(pin) as pinned:
+        lost = lost or lost_counter(pinned)
         while len(taken) < MAX_ROUNDS:
             fn()  # warm-up: compile and first touch stay out of the samples
-            taken.append(_round(fn, max(runs, 5), reference, clock))
-            reference.learn([p for s in taken[-1] for p in (s.before_ms, s.after_ms)])
-            calibrated = reference.calibrated_ms
-            stat = decide(taken, calibrated, runs)
+            taken.append(_round(fn, max(runs, 5), reference, clock, cpu, lost))
+            reference.learn(taken[-1])
+            stat = decide(taken, start, runs)
             if not stat.disturbed and stat.ci <= TARGET_CI:
                 break
-            if len(taken) < MAX_ROUNDS and not all(s.clean(calibrated) for s in taken[-1]):
+            if len(taken) < MAX_ROUNDS and not _round_clean(taken, start):
                 pause(PAUSES_S[min(stat.disturbed_rounds, len(PAUSES_S)) - 1])
     return stat
 
 
+def _round_clean(taken: list[Round], start_ms: float) -> bool:
+    """Whether the last round's samples were all clean, judged as :func:`decide` does."""
+    return all(s.clean(c) for s, c in _judged(taken, start_ms)[-len(taken[-1].samples):])
+
+
 def _round(fn: Callable[[], Any], runs: int, reference: Reference,
-           clock: Callable[[], float]) -> list[Sample]:
+           clock: Callable[[], float], cpu: CpuUse, lost: Callable[[], float]) -> Round:
     """``runs`` samples, each between two probes (a probe serves the samples on both sides)."""
-    probes = [reference.probe()]
+    began, before = clock(), cpu.snapshot()
+    probes = [reference.probe(lost)]
     times = []
     for _ in range(runs):
-        times.append(window_ms(fn, clock))
-        probes.append(reference.probe())
-    return [Sample(ms, probes[i], probes[i + 1]) for i, ms in enumerate(times)]
+        was, start = lost(), clock()
+        ms = window_ms(fn, clock)
+        times.append((ms, _share(lost() - was, (clock() - start) * 1e3)))
+        probes.append(reference.probe(lost))
+    others = CpuUse.others(before, cpu.snapshot(), clock() - began)
+    return Round(tuple(Sample(ms, probes[i][0], probes[i + 1][0], wait, probes[i][1],
+                              probes[i + 1][1]) for i, (ms, wait) in enumerate(times)), others)
 
 
-def decide(rounds: list[list[Sample]], calibrated_ms: float, runs: int = 5) -> LatencyStat:
+def _judged(rounds: list[Round], calibrated_ms: float) -> list[tuple[Sample, float]]:
+    """Every sample with the calibration it is judged by: the last settled round's median
+    probe up to and including its own round, else ``calibrated_ms``."""
+    judged = []
+    for r in rounds:
+        calibrated_ms = r.settled() or calibrated_ms
+        judged += [(s, calibrated_ms) for s in r.samples]
+    return judged
+
+
+def decide(rounds: list[Round], calibrated_ms: float, runs: int = 5) -> LatencyStat:
     """The latency that the samples taken in ``rounds`` support (pure: nothing is timed).
 
-    A sample is clean when both probes beside it are within :data:`REFERENCE_TOLERANCE` of
-    ``calibrated_ms``. With at least ``runs`` clean samples, the latency is their median.
-    With fewer, the machine never held still long enough: the ``runs`` least disturbed
-    samples give the latency, marked ``disturbed``.
+    A sample is clean when neither it nor its probes waited on the run queue and both probes
+    are within :data:`REFERENCE_TOLERANCE` of the calibration (``calibrated_ms``, or the
+    median probe of the last settled round so far: :meth:`Round.settled`). With at least
+    ``runs`` clean samples, the latency is their median. With fewer, the machine never held
+    still long enough: the ``runs`` least disturbed samples give the latency, marked
+    ``disturbed``.
 
     Returns:
-        The :class:`LatencyStat`; ``disturbed_rounds`` counts rounds with a disturbed sample
-        and ``reference_ratio`` is the probe furthest from 1 beside the samples kept.
+        The :class:`LatencyStat`; ``disturbed_rounds`` counts rounds with a disturbed sample,
+        ``reference_ratio`` is the probe furthest from 1 beside the samples kept,
+        ``wait_share`` their median run-queue wait share and ``reference_shift`` the last
+        calibration over ``calibrated_ms``.
     """
-    every = [s for r in rounds for s in r]
-    clean = [s for s in every if s.clean(calibrated_ms)]
+    judged = _judged(rounds, calibrated_ms)
+    clean = [(s, c) for s, c in judged if s.clean(c)]
     disturbed = len(clean) < runs
-    kept = sorted(every, key=lambda s: abs(s.ratio(calibrated_ms) - 1))[:runs] if disturbed \
+    kept = sorted(judged, key=lambda sc: sc[0].disturbance(sc[1]))[:runs] if disturbed \
         else clean
-    samples = [s.ms for s in kept]
+    samples = [s.ms for s, _ in kept]
     q1, med, q3 = np.percentile(samples, [25, 50, 75])
-    ratio = max((s.ratio(calibrated_ms) for s in kept), key=lambda r: abs(r - 1))
+    ratio = max((s.ratio(c) for s, c in kept), key=lambda r: abs(r - 1))
+    bounds = np.cumsum([0] + [len(r.samples) for r in rounds])
+    dirty = sum(not all(s.clean(c) for s, c in judged[a:b]) for a, b in itertools.pairwise(bounds))
     return LatencyStat(float(med), float((q3 - q1) / med), tuple(samples), median_ci(samples),
-                       len(rounds), sum(not all(s.clean(calibrated_ms) for s in r)
-                                        for r in rounds), ratio, disturbed)
+                       len(rounds), dirty, ratio, disturbed,
+                       float(np.median([s.wait for s, _ in kept])),
+                       judged[-1][1] / calibrated_ms)
 
 
 @contextlib.contextmanager
-def _held_still(pin: bool) -> Iterator[None]:
+def _held_still(pin: bool) -> Iterator[bool]:
     """No garbage collection pass inside a timed sample, and (``pin``, Linux) every thread
-    of the process on the core the caller runs on, so that none migrates mid-sample."""
+    of the process on the core the caller runs on, so that none migrates mid-sample.
+    Yields whether the threads were pinned."""
     collecting = gc.isenabled()
     gc.disable()
     masks = _pin_threads() if pin else {}
     try:
-        yield
+        yield bool(masks)
     finally:
         for tid, mask in masks.items():
             with contextlib.suppress(OSError):

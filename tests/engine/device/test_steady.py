@@ -18,10 +18,14 @@ from engine.device.steady import (
     MAX_ROUNDS,
     MIN_WINDOW_MS,
     PAUSES_S,
+    WAIT_TOLERANCE,
+    CpuUse,
     Reference,
+    Round,
     Sample,
     decide,
     median_ci,
+    run_queue_wait_ms,
     steady_call,
     window_ms,
 )
@@ -43,10 +47,16 @@ class Clock:
 class Machine:
     """The reference takes 10 ms, or 20 ms while ``busy`` rounds of pauses remain; the
     measured call takes 50, 51, 49, 50, 50 ms (and 100 ms while busy: it is slowed too).
-    Earlier processes calibrated the reference at 10 ms (``history``)."""
+    While busy, a hog holds our core half the time (``lost`` grows by half of the time
+    spent) and another process uses one core's worth of CPU (``others``), unless ``hidden``
+    (the OS tells neither, as on macOS: only the probes can tell). ``speed`` scales every time: the
+    host running slower with nothing else running. Earlier processes calibrated the
+    reference at 10 ms (``history``)."""
 
-    def __init__(self, store, busy_pauses: int, history=(10.0,) * 4) -> None:
+    def __init__(self, store, busy_pauses: int, history=(10.0,) * 4, speed: float = 1.0,
+                 hidden: bool = False) -> None:
         self.clock, self.busy_pauses, self.pauses = Clock(), busy_pauses, []
+        self.speed, self.hidden, self.lost_ms, self.others_s = speed, hidden, 0.0, 0.0
         if history:
             store.write_text(json.dumps(list(history)))
         self.reference = Reference(store, self.reference_run, self.clock)
@@ -56,15 +66,29 @@ class Machine:
     def busy(self) -> bool:
         return len(self.pauses) < self.busy_pauses
 
+    def spend(self, ms: float) -> None:
+        ms *= self.speed
+        self.clock.spend(ms)
+        if self.busy and not self.hidden:
+            self.lost_ms += ms / 2
+            self.others_s += ms / 1e3
+
     def reference_run(self) -> None:
-        self.clock.spend(20.0 if self.busy else 10.0)
+        self.spend(20.0 if self.busy else 10.0)
 
     def call(self) -> None:
         self.calls += 1
-        self.clock.spend((100.0 if self.busy else 50.0) + (0, 1, -1, 0, 0)[self.calls % 5])
+        self.spend((100.0 if self.busy else 50.0) + (0, 1, -1, 0, 0)[self.calls % 5])
 
     def measure(self):
-        return steady_call(self.call, 5, self.reference, self.pauses.append, self.clock)
+        machine = self
+
+        class Cpu(CpuUse):
+            def snapshot(self):
+                return (None if machine.hidden else machine.others_s), 0.0
+
+        return steady_call(self.call, 5, self.reference, self.pauses.append, self.clock,
+                           cpu=Cpu(), lost=lambda: self.lost_ms)
 
 
 def test_a_quiet_machine_takes_one_round(tmp_path):
@@ -82,12 +106,34 @@ def test_a_disturbed_round_is_taken_again_after_a_pause(tmp_path):
     assert stat.median_ms == approx(50.0) and len(stat.samples_ms) == 5
 
 
-def test_a_disturbance_that_never_ends_is_recorded(tmp_path):
-    machine = Machine(tmp_path / "ref.json", busy_pauses=10**6)
+@pytest.mark.parametrize("hidden", [False, True])
+def test_a_disturbance_that_never_ends_is_recorded(tmp_path, hidden):
+    machine = Machine(tmp_path / "ref.json", busy_pauses=10**6, hidden=hidden)
     stat = machine.measure()
     assert len(machine.pauses) == MAX_ROUNDS - 1
     assert (stat.rounds, stat.disturbed_rounds, stat.disturbed) == (MAX_ROUNDS, MAX_ROUNDS, True)
     assert stat.median_ms == approx(100.0) and stat.reference_ratio == approx(2.0)
+    assert stat.wait_share == approx(0.0 if hidden else 0.5)
+    assert stat.reference_shift == 1.0  # a hog never moves the calibration
+    assert machine.reference.calibrated_ms == approx(10.0)
+
+
+def test_a_host_that_runs_slower_with_nothing_else_running_is_followed(tmp_path):
+    # Everything 30% slower, nothing waits, no other process: the host's own speed moved.
+    machine = Machine(tmp_path / "ref.json", busy_pauses=0, speed=1.3)
+    stat = machine.measure()
+    assert (stat.rounds, stat.disturbed_rounds, stat.disturbed) == (1, 0, False)
+    assert stat.median_ms == approx(65.0) and stat.reference_shift == approx(1.3)
+    assert machine.reference.calibrated_ms == approx(13.0)
+    assert machine.reference.usual_ms == approx(10.0)  # the history's 25th percentile
+
+
+def test_a_host_that_runs_slower_beside_a_hog_is_not_followed(tmp_path):
+    # The same probes, while another process used our cores: no re-calibration.
+    machine = Machine(tmp_path / "ref.json", busy_pauses=10**6, speed=0.65)
+    stat = machine.measure()  # busy probes read 20 * 0.65 = 13 ms
+    assert stat.disturbed and stat.reference_shift == 1.0
+    assert machine.reference.calibrated_ms == approx(10.0)
 
 
 def test_a_process_that_starts_under_load_calibrates_against_the_machine_history(tmp_path):
@@ -102,10 +148,13 @@ def test_a_process_that_starts_under_load_calibrates_against_the_machine_history
     assert json.loads(store.read_text()) == approx([10.0] * 4 + [20.0])
 
 
-def test_without_the_history_a_process_under_load_would_not_notice(tmp_path):
-    # The counterpart of the test above: what the stored calibrations are for.
-    busy = Machine(tmp_path / "ref.json", busy_pauses=10**6, history=())
-    assert not busy.measure().disturbed
+def test_without_the_history_only_the_run_queue_wait_notices_a_process_under_load(tmp_path):
+    # The counterpart of the test above: what the stored calibrations are for where the OS
+    # says nothing (macOS), and what the wait signal adds where it does.
+    silent = Machine(tmp_path / "a.json", busy_pauses=10**6, history=(), hidden=True)
+    assert not silent.measure().disturbed
+    told = Machine(tmp_path / "b.json", busy_pauses=10**6, history=())
+    assert told.measure().disturbed
 
 
 def test_median_ci_uses_the_order_statistics_of_the_binomial_table():
@@ -120,7 +169,8 @@ def test_a_burst_between_probes_sets_aside_only_the_samples_beside_it():
     # before-and-after pair of probes around the whole round would have missed.
     probes = [10.0, 10.2, 15.0, 9.9, 10.1, 10.0]
     samples = [50.0, 51.0, 80.0, 49.0, 50.0]
-    rounds = [[Sample(ms, probes[i], probes[i + 1]) for i, ms in enumerate(samples)]]
+    rounds = [Round(tuple(Sample(ms, probes[i], probes[i + 1])
+                          for i, ms in enumerate(samples)))]
     stat = decide(rounds, 10.0, runs=3)
     assert stat.samples_ms == (50.0, 49.0, 50.0)  # the two samples beside the burst are out
     assert (stat.rounds, stat.disturbed_rounds, stat.disturbed) == (1, 1, False)
@@ -129,10 +179,54 @@ def test_a_burst_between_probes_sets_aside_only_the_samples_beside_it():
 
 
 def test_with_too_few_clean_samples_the_least_disturbed_are_kept_and_marked():
-    rounds = [[Sample(100.0, 20.0, 21.0), Sample(70.0, 13.0, 12.0), Sample(60.0, 12.0, 11.5)]]
+    rounds = [Round((Sample(100.0, 20.0, 21.0), Sample(70.0, 13.0, 12.0),
+                     Sample(60.0, 12.0, 11.5)))]
     stat = decide(rounds, 10.0, runs=2)
     assert stat.disturbed and stat.samples_ms == (60.0, 70.0)
     assert stat.reference_ratio == approx(1.3)
+
+
+def test_a_sample_that_waited_for_the_cpu_is_set_aside_whatever_its_probes_say():
+    # A hog's time slice fell inside the sample, between two probes that ran alone.
+    samples = (Sample(50.0, 10.0, 10.1), Sample(90.0, 10.1, 9.9, wait=0.4),
+               Sample(51.0, 9.9, 10.0), Sample(49.0, 10.0, 10.2, after_wait=0.3),
+               Sample(50.0, 10.2, 10.0))
+    stat = decide([Round(samples)], 10.0, runs=3)
+    assert stat.samples_ms == (50.0, 51.0, 50.0) and not stat.disturbed
+    assert stat.disturbed_rounds == 1 and stat.wait_share == 0.0
+
+
+def _round_at(probe_ms: float, others: float | None, wait: float = 0.0) -> Round:
+    return Round(tuple(Sample(65.0 + i, probe_ms, probe_ms * (1 + 0.01 * i), wait=wait)
+                       for i in range(5)), others)
+
+
+def test_only_a_round_with_the_cores_to_itself_recalibrates():
+    # Probes 30% over the calibration, agreeing with each other: the host slowed down,
+    # unless another process held our cores or the samples waited for the CPU.
+    assert _round_at(13.0, others=0.0).settled() == approx(13.0)
+    assert _round_at(13.0, others=1.0).settled() is None      # a hog on another core
+    assert _round_at(13.0, others=None).settled() is None     # unknown (macOS)
+    assert _round_at(13.0, others=0.0, wait=0.3).settled() is None  # a hog on our core
+    burst = Round((Sample(65.0, 20.0, 13.0),) + _round_at(13.0, 0.0).samples[1:], 0.0)
+    assert burst.settled() is None  # the probes disagree
+    quiet = decide([_round_at(13.0, others=0.0)], 10.0, runs=5)
+    assert not quiet.disturbed and quiet.reference_shift == approx(1.3)
+    assert decide([_round_at(13.0, others=1.0)], 10.0, runs=5).disturbed
+
+
+def test_a_recalibration_carries_to_the_rounds_after_it_but_not_before():
+    rounds = [_round_at(13.0, others=1.0), _round_at(13.0, others=0.0),
+              _round_at(13.2, others=1.0)]
+    stat = decide(rounds, 10.0, runs=5)
+    assert stat.disturbed_rounds == 1 and len(stat.samples_ms) == 10
+
+
+def test_other_processes_cpu_is_the_cores_busy_time_less_our_own():
+    # 0.5 s of wall time: the cores were busy 0.9 s, 0.4 s of it ours.
+    assert CpuUse.others((10.0, 1.0), (10.9, 1.4), 0.5) == approx(1.0)
+    assert CpuUse.others((None, 1.0), (10.9, 1.4), 0.5) is None
+    assert CpuUse.others((10.0, 1.0), (10.1, 1.4), 0.5) == 0.0  # tick rounding never < 0
 
 
 def test_a_probe_faster_than_the_calibration_is_disturbance_too():
@@ -147,11 +241,14 @@ def test_quieter_measurements_correct_a_calibration_taken_under_load(tmp_path):
     ref = Reference(store, workload=lambda: None)
     ref._remember(31.0)
     for _ in range(6):
-        ref.learn([10.0, 10.5, 9.8])
-    assert ref.calibrated_ms < 11.0
+        ref.learn(_round_at(10.0, others=1.0))  # busy elsewhere, but our probes ran alone
+    assert ref.usual_ms < 11.0 and ref.calibrated_ms == ref.usual_ms
     for _ in range(40):  # a hog that never ends is never learnt as the usual time
-        ref.learn([25.0, 26.0])
-    assert ref.calibrated_ms < 11.0
+        ref.learn(_round_at(25.0, others=1.0))
+        ref.learn(_round_at(13.0, others=0.0, wait=0.3))
+    assert ref.usual_ms < 11.0 and ref.calibrated_ms == ref.usual_ms
+    ref.learn(_round_at(13.0, others=0.0))  # a settled round: the host's speed now
+    assert ref.calibrated_ms == approx(13.0) and ref.usual_ms < 11.0
 
 
 def test_a_short_call_is_timed_over_a_window_of_back_to_back_runs():
@@ -204,3 +301,17 @@ def test_a_cpu_hog_on_the_measuring_core_is_noticed(tmp_path):
     finally:
         os.sched_setaffinity(0, mine)
     assert stat.disturbed_rounds >= 1 and stat.rounds > 1
+    assert stat.wait_share > WAIT_TOLERANCE  # the hogs took the core: wall ran past CPU time
+    assert stat.reference_shift == 1.0  # and never moved the calibration
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="Linux only")
+def test_the_contention_signals_are_read_from_the_kernel():
+    waited = run_queue_wait_ms()
+    busy, own = CpuUse().snapshot()
+    a = mx.random.normal((256, 256))
+    for _ in range(20):
+        mx.eval(a @ a)
+    assert run_queue_wait_ms() >= waited >= 0.0
+    later, own_later = CpuUse().snapshot()
+    assert busy is not None and later >= busy and own_later > own
