@@ -66,6 +66,8 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "122-cos-minsnr-b16x1680": {"unet": L3, "train": {**COS, **SNR, "batch_size": 16,
                                                        "steps": 1680}},
     "12-cos-minsnr": {"train": {**COS, **SNR}},
+    "122-cos-minsnr-seed1": {"unet": L3, "train": {**COS, **SNR, "seed": 1}},  # seed noise
+    "122-cos-seed1": {"unet": L3, "train": {**COS, "ema_decay": 0.995, "seed": 1}},
 }
 
 SAMPLERS = [("dpmpp_2m", 8, "trailing"), ("dpmpp_2m", 16, "trailing"), ("ddim", 16, "trailing"),
