@@ -49,7 +49,8 @@ def trust(stat: LatencyStat) -> dict[str, Any]:
     """The :class:`Measurement` fields that say how far its latency can be trusted."""
     return {"latency_ci": stat.ci, "latency_rounds": stat.rounds,
             "disturbed_rounds": stat.disturbed_rounds, "reference_ratio": stat.reference_ratio,
-            "disturbed": stat.disturbed}
+            "disturbed": stat.disturbed, "wait_share": stat.wait_share,
+            "reference_shift": stat.reference_shift}
 
 
 def remeasure(model: UNet, config: Config, runs: int, first: Measurement) -> Measurement:

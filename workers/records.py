@@ -101,8 +101,10 @@ class Measurement:
 
     The latency's trust, from the steady protocol (``engine.device.bench.LatencyStat``, ``engine.device.steady``):
     ``latency_ci`` (relative half-width of the median's 95% interval), ``latency_rounds``,
-    ``disturbed_rounds``, ``reference_ratio`` and ``disturbed`` (too few clean samples:
-    another process kept taking the CPU). A disturbed latency is measured again at the end of
+    ``disturbed_rounds``, ``reference_ratio``, ``disturbed`` (too few clean samples:
+    another process kept taking the CPU), ``wait_share`` (the median share of the kept
+    samples' time the process waited for its core) and ``reference_shift`` (how far the
+    host's own speed moved the reference's calibration during the measurement). A disturbed latency is measured again at the end of
     the trial; ``latency_attempts`` then holds both (:func:`latency_attempt` documents) and
     the fields above are those of the one kept.
     """
@@ -121,6 +123,8 @@ class Measurement:
     reference_ratio: float = 1.0
     disturbed: bool = False
     latency_attempts: tuple[dict[str, Any], ...] = ()
+    wait_share: float = 0.0
+    reference_shift: float = 1.0
 
     def memory_mb(self, which: str) -> float:
         """The memory objective: ``sample``, ``train`` or ``max`` of the two."""
@@ -129,7 +133,8 @@ class Measurement:
 
 
 LATENCY_TRUST = ("latency_ms", "latency_spread", "latency_ci", "latency_rounds",
-                 "disturbed_rounds", "reference_ratio", "disturbed")
+                 "disturbed_rounds", "reference_ratio", "disturbed", "wait_share",
+                 "reference_shift")
 """The fields of one latency measurement, as a :class:`Measurement` and its attempts name them."""
 
 

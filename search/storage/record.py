@@ -141,6 +141,8 @@ class Measured(Doc):
     reference_ratio: float = 1.0
     disturbed: bool = False
     latency_attempts: tuple[Mapping[str, Any], ...] = ()
+    wait_share: float = 0.0
+    reference_shift: float = 1.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def memory_mb(self, which: str) -> float:
@@ -406,7 +408,8 @@ def measured(m: Measurement, decision: Decision, conversion: Conversion | None) 
     return Measured(m.latency_ms, m.latency_spread, tuple(m.latency_samples_ms), m.train_mb,
                     m.sample_mb, m.seconds, m.budget, m.start, conversion, _answer(decision),
                     decision.reason, m.latency_ci, m.latency_rounds, m.disturbed_rounds,
-                    m.reference_ratio, m.disturbed, tuple(m.latency_attempts))
+                    m.reference_ratio, m.disturbed, tuple(m.latency_attempts),
+                    wait_share=m.wait_share, reference_shift=m.reference_shift)
 
 
 def remeasured(stored: Measured, m: Measurement, scale: float) -> Measured:
@@ -423,4 +426,5 @@ def remeasured(stored: Measured, m: Measurement, scale: float) -> Measured:
                    samples_ms=tuple(v * scale for v in m.latency_samples_ms),
                    latency_ci=m.latency_ci, latency_rounds=m.latency_rounds,
                    disturbed_rounds=m.disturbed_rounds, reference_ratio=m.reference_ratio,
-                   disturbed=m.disturbed, latency_attempts=attempts)
+                   disturbed=m.disturbed, latency_attempts=attempts,
+                   wait_share=m.wait_share, reference_shift=m.reference_shift)
