@@ -15,8 +15,6 @@ from functools import cache
 import mlx.core as mx
 from mlx import nn
 
-from engine.model.activation import sigmoid, silu
-
 
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm(groups, dims, pytorch_compatible=True)``: same parameters and maths."""
@@ -24,12 +22,8 @@ class GroupNorm(nn.GroupNorm):
     def __init__(self, num_groups: int, dims: int, eps: float = 1e-5):
         super().__init__(num_groups, dims, eps=eps, pytorch_compatible=True)
 
-    def __call__(self, x: mx.array, act: Callable[[mx.array], mx.array] | None = None) -> mx.array:
-        """``act(norm(x))``; SiLU is fused with the norm into one custom function."""
-        if act is silu:
-            return _group_norm_silu(self.num_groups, self.eps)(x, self.weight, self.bias)
-        y = _group_norm(self.num_groups, self.eps)(x, self.weight, self.bias)
-        return y if act is None else act(y)
+    def __call__(self, x: mx.array) -> mx.array:
+        return _group_norm(self.num_groups, self.eps)(x, self.weight, self.bias)
 
 
 def _stats(rows: mx.array, groups: int, eps: float) -> tuple[mx.array, mx.array]:
@@ -53,50 +47,6 @@ def _group_norm(groups: int, eps: float) -> Callable[[mx.array, mx.array, mx.arr
         return (xc * (rstd * weight) + bias).reshape(x.shape)
 
     return norm
-
-
-@cache
-def _group_norm_silu(groups: int, eps: float) -> mx.custom_function:
-    """``silu(group_norm(x))`` as one fused loop, with its gradient stated.
-
-    With ``xh`` the normalised input, ``z = xh w + b`` and ``dz = dy silu'(z)``:
-    ``db = sum dz``, ``dw = sum dz xh`` and, per group, ``dx = rstd (g - mean(g) - xh
-    mean(g xh))`` with ``g = dz w`` (the layer-norm gradient; means over the group's
-    positions and channels).
-    """
-
-    @mx.compile
-    def forward(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
-        xc, rstd = _stats(x.reshape(x.shape[0], -1, x.shape[-1]), groups, eps)
-        z = xc * (rstd * weight) + bias
-        return (z * sigmoid(z)).reshape(x.shape)
-
-    @mx.compile
-    def backward(x: mx.array, weight: mx.array, bias: mx.array,
-                 dy: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        b, c = x.shape[0], x.shape[-1]
-        xc, rstd = _stats(x.reshape(b, -1, c), groups, eps)
-        xh = xc * rstd
-        z = xh * weight + bias
-        s = sigmoid(z)
-        dz = dy.reshape(xh.shape) * s * (1.0 + z * (1.0 - s))
-        g = dz * weight
-        n = xh.shape[1] * (c // groups)
-        mg = _per_channel(g.sum(axis=1), groups) / n
-        mgx = _per_channel((g * xh).sum(axis=1), groups) / n
-        dx = rstd * (g - mg - xh * mgx)
-        return dx.reshape(x.shape), (dz * xh).sum(axis=(0, 1)), dz.sum(axis=(0, 1))
-
-    @mx.custom_function
-    def norm_silu(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
-        return forward(x, weight, bias)
-
-    @norm_silu.vjp
-    def norm_silu_vjp(primals: tuple[mx.array, mx.array, mx.array], dy: mx.array,
-                      _: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        return backward(*primals, dy)
-
-    return norm_silu
 
 
 def _per_channel(sums: mx.array, groups: int) -> mx.array:

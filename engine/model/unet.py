@@ -41,12 +41,6 @@ def _norm(cfg: UNetConfig, width: int) -> nn.Module:
     return GroupNorm(groups, width)
 
 
-def _norm_act(norm: nn.Module, x: mx.array, act: Callable[[mx.array], mx.array]) -> mx.array:
-    """``act(norm(x))``: one fused step where ``norm`` is ours (compression may swap in
-    MLX's ``nn.GroupNorm``)."""
-    return norm(x, act) if isinstance(norm, GroupNorm) else act(norm(x))
-
-
 class Conv3x3(nn.Module):
     """A 3x3 conv, or depthwise 3x3 followed by pointwise 1x1 when ``separable``."""
 
@@ -78,9 +72,9 @@ class ResBlock(nn.Module):
         self.skip = Conv2d(cin, cout, 1) if cin != cout else None
 
     def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
-        h = self.conv1(_norm_act(self.norm1, x, self.act))
+        h = self.conv1(self.act(self.norm1(x)))
         h = h + self.temb(temb)[:, None, None, :]
-        h = _norm_act(self.norm2, h, self.act)
+        h = self.act(self.norm2(h))
         if self.dropout is not None:
             h = self.dropout(h)
         h = self.conv2(h)
@@ -194,7 +188,7 @@ class UNet(nn.Module):
             h = _run_level(level, h, temb, None, skips=hs, run=run)
             if i < len(self.upsamples):
                 h = self.upsamples[i](h)
-        return self.conv_out(_norm_act(self.norm_out, h, self.act))
+        return self.conv_out(self.act(self.norm_out(h)))
 
     def num_params(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.parameters()))

@@ -83,28 +83,6 @@ def test_group_norm_matches_pytorch_compatible_group_norm(shape, groups):
         assert _rel(a, c) < 2e-6, name
 
 
-@pytest.mark.parametrize("shape,groups", [((3, 8, 8, 32), 8), ((2, 16, 16, 96), 32),
-                                          ((2, 4, 4, 6), 1)])
-def test_group_norm_fused_with_silu_matches_mlx_layers(shape, groups):
-    """``GroupNorm(x, silu)`` (one custom function, stated gradient) vs MLX's two layers."""
-    old = nn.GroupNorm(groups, shape[-1], pytorch_compatible=True)
-    new = norm.GroupNorm(groups, shape[-1])
-    old.update({"weight": mx.random.normal((shape[-1],)), "bias": mx.random.normal((shape[-1],))})
-    new.update(old.parameters())
-    x = 3 * mx.random.normal(shape, key=mx.random.key(8)) + 1
-
-    def run(m: nn.Module, call) -> tuple[mx.array, ...]:
-        def f(x: mx.array, w: mx.array, b: mx.array) -> mx.array:
-            m.update({"weight": w, "bias": b})
-            return call(m, x)
-        return _value_and_grads(f, [x, old.weight, old.bias], 9)
-
-    ref = run(old, lambda m, x: nn.silu(m(x)))
-    for name, a, c in zip(("y", "dx", "dweight", "dbias"), ref,
-                          run(new, lambda m, x: m(x, activation.silu))):
-        assert _rel(a, c) < 1e-5, name
-
-
 def test_softmax_matches_mlx_softmax_values_and_gradient():
     x = mx.concatenate([mx.linspace(-90, 90, 4096).reshape(4, 1024),
                         8 * mx.random.normal((12, 1024), key=mx.random.key(10))])
