@@ -10,6 +10,7 @@ import ctypes
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 
 import mlx.core as mx
 import numpy as np
@@ -120,16 +121,22 @@ def compiled_forward(model: nn.Module) -> Callable[[mx.array, mx.array], mx.arra
     CPU stream (the same maths: every layer of the U-Net is per sample).
     """
     n = cpu_streams()
-    cache = model.__dict__.setdefault("_compiled_forward", {})  # not a parameter
-    if n not in cache:
+    compiled = model.__dict__.setdefault("_compiled_forward", {})  # not a parameter
+    if n not in compiled:
         state = [model.state, mx.random.state]
         call = model.__call__ if n == 1 else _split_call(model, n)
-        cache[n] = mx.compile(call, inputs=state, outputs=[mx.random.state])
-    return cache[n]  # type: ignore[no-any-return]
+        compiled[n] = mx.compile(call, inputs=state, outputs=[mx.random.state])
+    return compiled[n]  # type: ignore[no-any-return]
+
+
+@cache
+def _streams(n: int) -> tuple[mx.Stream, ...]:
+    """``n`` CPU streams, made once per process (each is a thread of MLX's scheduler)."""
+    return tuple(mx.new_stream(mx.cpu) for _ in range(n))
 
 
 def _split_call(model: nn.Module, n: int) -> Callable[[mx.array, mx.array], mx.array]:
-    streams = [mx.new_stream(mx.cpu) for _ in range(n)]
+    streams = _streams(n)
 
     def call(x: mx.array, t: mx.array) -> mx.array:
         if x.shape[0] < n:
