@@ -74,15 +74,19 @@ _E = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
 
 
 def exp(x: mx.array) -> mx.array:
-    """``e^x`` for float32 ``x`` (clamped to [-87, 88], the normal range), no transcendental call."""
-    x = mx.clip(x, -87.0, 88.0)
+    """``e^x`` (clamped to [-87, 88], float32's normal range), no transcendental call.
+
+    Computed in float32 (the exponent bits are float32's) and returned in ``x``'s dtype.
+    """
+    dtype = x.dtype
+    x = mx.clip(x.astype(mx.float32), -87.0, 88.0)
     n = mx.floor(x * _LOG2E + 0.5)
     r = x - n * _LN2_HI - n * _LN2_LO
     p: mx.array | float = _E[0]
     for c in _E[1:]:
         p = p * r + c
     two_n = mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)
-    return (p * r * r + r + 1.0) * two_n
+    return ((p * r * r + r + 1.0) * two_n).astype(dtype)
 
 
 @mx.compile

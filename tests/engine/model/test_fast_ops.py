@@ -94,6 +94,11 @@ def test_softmax_matches_mlx_softmax_values_and_gradient():
     xs = np.linspace(-87, 88, 100001, dtype=np.float32)
     exact = np.exp(xs.astype(np.float64))
     assert np.max(np.abs(np.array(activation.exp(mx.array(xs))) - exact) / exact) < 1e-6
+    # bf16 in, bf16 out (a custom function's output must keep its input's dtype)
+    xb = x.astype(mx.bfloat16)
+    yb, dxb = _value_and_grads(activation.softmax, [xb], 11)
+    assert yb.dtype == dxb.dtype == mx.bfloat16
+    assert _rel(yb.astype(mx.float32), mx.softmax(xb, axis=-1).astype(mx.float32)) < 1e-2
 
 
 def test_silu_matches_mlx_silu_values_and_gradient():
