@@ -1,4 +1,4 @@
-"""SiLU from multiplies and one divide, for MLX's CPU backend.
+"""SiLU and softmax from multiplies and one divide, for MLX's CPU backend.
 
 MLX's CPU ``exp``/``sigmoid`` evaluate one element at a time (each fused multiply-add a
 call into libm): about 15 ns an element, more than the GEMM work per element of a demo
@@ -7,7 +7,10 @@ approximation of Eigen's ``generic_fast_tanh_float`` (odd degree-13 over even de
 polynomial on [-9, 9], +-1 beyond; float32-accurate to a few ulp): element-wise ops
 only, which ``mx.compile`` fuses into one vectorised loop (about 10x faster).
 :func:`silu` states its derivative ``s (1 + x (1 - s))``, so the backward pass is one
-fused loop as well.
+fused loop as well. :func:`softmax` (attention's) uses :func:`exp` by Cephes' range
+reduction ``e^x = 2^n e^r``: a degree-7 polynomial for ``e^r`` and ``2^n`` written
+straight into the float's exponent bits (3 ns instead of 24 ns an element; max. relative
+error vs float64 8e-8, MLX's own ``exp`` 4e-6).
 """
 
 from __future__ import annotations
@@ -61,3 +64,48 @@ def silu(x: mx.array) -> mx.array:
 @silu.vjp
 def _silu_vjp(x: mx.array, dy: mx.array, _: mx.array) -> mx.array:
     return _silu_grad(x, dy)  # one primal: MLX passes the array itself, not a tuple
+
+
+# Cephes expf: ln 2 split in two for an exact range reduction; e^r - 1 - r - r^2/2 ... on
+# |r| <= ln(2) / 2, coefficients highest degree first.
+_LN2_HI, _LN2_LO, _LOG2E = 0.693359375, -2.12194440e-4, 1.4426950408889634
+_E = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+      1.6666665459e-1, 5.0000001201e-1)
+
+
+def exp(x: mx.array) -> mx.array:
+    """``e^x`` (clamped to [-87, 88], float32's normal range), no transcendental call.
+
+    Computed in float32 (the exponent bits are float32's) and returned in ``x``'s dtype.
+    """
+    dtype = x.dtype
+    x = mx.clip(x.astype(mx.float32), -87.0, 88.0)
+    n = mx.floor(x * _LOG2E + 0.5)
+    r = x - n * _LN2_HI - n * _LN2_LO
+    p: mx.array | float = _E[0]
+    for c in _E[1:]:
+        p = p * r + c
+    two_n = mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)
+    return ((p * r * r + r + 1.0) * two_n).astype(dtype)
+
+
+@mx.compile
+def _softmax(x: mx.array) -> mx.array:
+    e = exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@mx.compile
+def _softmax_grad(p: mx.array, dp: mx.array) -> mx.array:
+    return p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+
+
+@mx.custom_function
+def softmax(x: mx.array) -> mx.array:
+    """``softmax(x)`` over the last axis, with the polynomial :func:`exp`."""
+    return _softmax(x)
+
+
+@softmax.vjp
+def _softmax_vjp(x: mx.array, dp: mx.array, p: mx.array) -> mx.array:
+    return _softmax_grad(p, dp)

@@ -3,8 +3,8 @@
 ``nn.GroupNorm(pytorch_compatible=True)`` transposes (B, HW, G, C/G) to (B, G, HW, C/G)
 and back around a layer norm: two full copies per norm and about 20 graph nodes. The
 same statistics (Wu & He 2018: mean and biased variance over the spatial positions and
-the channels of a group, ``eps`` inside the root) reduce over axes (1, 3) in place, and
-``mx.compile`` fuses the element-wise rest.
+the channels of a group, ``eps`` inside the root) are sums over the positions per
+channel, then per group, and ``mx.compile`` fuses the element-wise rest.
 """
 
 from __future__ import annotations
@@ -26,14 +26,31 @@ class GroupNorm(nn.GroupNorm):
         return _group_norm(self.num_groups, self.eps)(x, self.weight, self.bias)
 
 
+def _stats(rows: mx.array, groups: int, eps: float) -> tuple[mx.array, mx.array]:
+    """``(x - mean, 1 / sqrt(var + eps))`` of rows (B, P, C), per group, as (B, P, C), (B, 1, C).
+
+    Each statistic is a sum over the positions (a reduction along contiguous channel rows,
+    which MLX's CPU runs fast), then over the C / G channels of a group (tiny); a reduction
+    over axes (1, 3) of (B, P, G, C / G) strides through the whole map and ran 2-3x slower.
+    The variance stays the centred two-pass one.
+    """
+    n = rows.shape[1] * (rows.shape[2] // groups)
+    xc = rows - _per_channel(rows.sum(axis=1), groups) / n
+    return xc, mx.rsqrt(_per_channel((xc * xc).sum(axis=1), groups) / n + eps)
+
+
 @cache
 def _group_norm(groups: int, eps: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
     @mx.compile
     def norm(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
-        # x: (B, ..., C) viewed as (B, positions, G, C / G)
-        xg = x.reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
-        xc = xg - xg.mean(axis=(1, 3), keepdims=True)
-        var = (xc * xc).mean(axis=(1, 3), keepdims=True)
-        return (xc * mx.rsqrt(var + eps)).reshape(x.shape) * weight + bias
+        xc, rstd = _stats(x.reshape(x.shape[0], -1, x.shape[-1]), groups, eps)
+        return (xc * (rstd * weight) + bias).reshape(x.shape)
 
     return norm
+
+
+def _per_channel(sums: mx.array, groups: int) -> mx.array:
+    """Per-channel sums (B, C) -> their group's total, repeated per channel: (B, 1, C)."""
+    b, c = sums.shape
+    total = sums.reshape(b, groups, c // groups).sum(axis=-1, keepdims=True)
+    return mx.broadcast_to(total, (b, groups, c // groups)).reshape(b, 1, c)

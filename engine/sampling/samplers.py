@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import mlx.core as mx
 from mlx import nn
 
 from engine.config import ScheduleConfig
 from engine.sampling.adaptive import sample_adaptive
-from engine.sampling.diffusion import Denoise, denoiser
+from engine.sampling.diffusion import Denoise, blas_threads, cpu_streams, denoiser
 from engine.sampling.schedules import Grid, grid
 
 Sampler = Callable[[Denoise, mx.array, Grid, mx.array, float], mx.array]
@@ -105,6 +106,8 @@ def generate(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, imag
                                  max_nfe=schedule.steps)
         return mx.clip(result.samples, -1.0, 1.0) if clip_x0 else result.samples
     denoise = denoiser(model, schedule.prediction, schedule.beta_schedule, clip_x0)
-    out = get_sampler(schedule.sampler)(denoise, x, grid(schedule), k_sample, schedule.eta)
-    mx.eval(out)
+    # A batch split over CPU streams gives each stream one BLAS thread (diffusion.cpu_streams).
+    with blas_threads(1) if min(cpu_streams(), n) > 1 else nullcontext():
+        out = get_sampler(schedule.sampler)(denoise, x, grid(schedule), k_sample, schedule.eta)
+        mx.eval(out)
     return out

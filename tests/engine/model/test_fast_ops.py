@@ -83,6 +83,24 @@ def test_group_norm_matches_pytorch_compatible_group_norm(shape, groups):
         assert _rel(a, c) < 2e-6, name
 
 
+def test_softmax_matches_mlx_softmax_values_and_gradient():
+    x = mx.concatenate([mx.linspace(-90, 90, 4096).reshape(4, 1024),
+                        8 * mx.random.normal((12, 1024), key=mx.random.key(10))])
+    y, dx = _value_and_grads(activation.softmax, [x], 11)
+    y_ref, dx_ref = _value_and_grads(lambda x: mx.softmax(x, axis=-1), [x], 11)
+    assert _rel(y, y_ref) < 1e-5
+    assert _rel(dx, dx_ref) < 1e-5
+    # exp against float64 over float32's normal range, relative error
+    xs = np.linspace(-87, 88, 100001, dtype=np.float32)
+    exact = np.exp(xs.astype(np.float64))
+    assert np.max(np.abs(np.array(activation.exp(mx.array(xs))) - exact) / exact) < 1e-6
+    # bf16 in, bf16 out (a custom function's output must keep its input's dtype)
+    xb = x.astype(mx.bfloat16)
+    yb, dxb = _value_and_grads(activation.softmax, [xb], 11)
+    assert yb.dtype == dxb.dtype == mx.bfloat16
+    assert _rel(yb.astype(mx.float32), mx.softmax(xb, axis=-1).astype(mx.float32)) < 1e-2
+
+
 def test_silu_matches_mlx_silu_values_and_gradient():
     x = mx.concatenate([mx.linspace(-30, 30, 4001), 4 * mx.random.normal((20000,))])
     y, dx = _value_and_grads(activation.silu, [x], 7)
