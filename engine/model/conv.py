@@ -18,28 +18,19 @@ copies dominate a 3x3 conv at these widths. Here, for ``y = conv(x, W)`` with ``
 * **1x1 conv**: a matmul, whose gradients are matmuls.
 
 On a GPU the layer is MLX's own conv (cuDNN there): the k*k GEMMs and their sums are k*k
-kernel launches where one sufficed, and a small model's step on a GPU is launch-bound
-(``benchmarks/gpu/README.md``). ``DIFFNAS_CONV=gemm`` or ``=mlx`` forces either, to compare.
+kernel launches where one sufficed (:mod:`engine.model.formulation`).
 """
 
 from __future__ import annotations
 
-import os
 from functools import cache
 
 import mlx.core as mx
 from mlx import nn
 
+from engine.model.formulation import cpu_layers
+
 _MIN_ROWS = 1024  # padded-grid rows from which the shifted-GEMM forward is used
-
-
-def gemm_convs() -> bool:
-    """Whether convs run as GEMMs here: on MLX's CPU backend, unless ``DIFFNAS_CONV`` says
-    ``gemm`` or ``mlx``; read when a model is traced, so a process keeps one choice per device."""
-    forced = os.environ.get("DIFFNAS_CONV", "auto")
-    if forced in ("gemm", "mlx"):
-        return forced == "gemm"
-    return mx.default_device() == mx.cpu
 
 
 class Conv2d(nn.Conv2d):
@@ -48,7 +39,7 @@ class Conv2d(nn.Conv2d):
     def __call__(self, x: mx.array) -> mx.array:
         (sh, sw), (ph, pw), (kh, kw) = self.stride, self.padding, self.weight.shape[1:3]
         if (self.dilation not in (1, (1, 1)) or sh != sw or ph != pw or kh != kw
-                or not gemm_convs()):
+                or not cpu_layers()):
             return super().__call__(x)  # not a case conv2d covers: MLX's own conv
         y = conv2d(x, self.weight, self.stride[0], self.padding[0], self.groups)
         return y + self.bias if "bias" in self else y

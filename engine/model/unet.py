@@ -20,6 +20,7 @@ from engine.config import UNetConfig
 from engine.model.activation import silu, softmax
 from engine.model.blocks import Block, walk
 from engine.model.conv import Conv2d
+from engine.model.formulation import cpu_layers
 from engine.model.norm import GroupNorm
 
 _ACTIVATIONS = {"silu": silu, "gelu": nn.gelu, "relu": nn.relu}
@@ -98,9 +99,12 @@ class Attention(nn.Module):
         qkv = qkv.reshape(b, h * w, 3, self.heads, c // self.heads).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         scale = 1.0 / math.sqrt(c // self.heads)
-        # softmax(q k^T / sqrt(d)) v, spelled out: MLX's CPU attention kernel runs its
-        # softmax on the one-element-at-a-time ``exp`` (most of this block's time).
-        o = softmax((q * scale) @ k.swapaxes(-1, -2)) @ v
+        if cpu_layers():
+            # softmax(q k^T / sqrt(d)) v, spelled out: MLX's CPU attention kernel runs its
+            # softmax on the one-element-at-a-time ``exp`` (most of this block's time).
+            o = softmax((q * scale) @ k.swapaxes(-1, -2)) @ v
+        else:
+            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
         o = o.transpose(0, 2, 1, 3).reshape(b, h * w, c)
         return x + self.out(o).reshape(b, h, w, c)
 

@@ -1,39 +1,50 @@
-"""Which conv formulation runs: GEMMs on MLX's CPU backend, MLX's own conv on a GPU."""
+"""Which formulation runs: the CPU ones on MLX's CPU backend, MLX's own kernels on a GPU."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx import nn
+from mlx.utils import tree_flatten
 
-from engine.model.conv import Conv2d, gemm_convs
-
-
-def test_the_cpu_runs_gemms_unless_told_otherwise(monkeypatch):
-    monkeypatch.delenv("DIFFNAS_CONV", raising=False)
-    with mx.stream(mx.cpu):
-        assert gemm_convs() is (mx.default_device() == mx.cpu)
-    monkeypatch.setenv("DIFFNAS_CONV", "mlx")
-    assert gemm_convs() is False
-    monkeypatch.setenv("DIFFNAS_CONV", "gemm")
-    assert gemm_convs() is True
+from engine.config import UNetConfig
+from engine.model.conv import Conv2d
+from engine.model.formulation import cpu_layers
+from engine.model.unet import Attention
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_both_formulations_give_the_same_values_and_gradients(monkeypatch, stride):
-    layer = Conv2d(8, 16, 3, stride=stride, padding=1)
-    x = mx.random.normal((4, 16, 16, 8), key=mx.random.key(0))
+def test_the_cpu_runs_its_formulations_unless_told_otherwise(monkeypatch):
+    monkeypatch.delenv("DIFFNAS_LAYERS", raising=False)
+    assert cpu_layers() is (mx.default_device() == mx.cpu)
+    monkeypatch.setenv("DIFFNAS_LAYERS", "mlx")
+    assert cpu_layers() is False
+    monkeypatch.setenv("DIFFNAS_LAYERS", "cpu")
+    assert cpu_layers() is True
+    monkeypatch.setenv("DIFFNAS_LAYERS", "gpu")
+    with pytest.raises(ValueError, match="DIFFNAS_LAYERS='gpu'"):
+        cpu_layers()
 
-    def run() -> tuple[np.ndarray, np.ndarray]:
-        def loss(w: mx.array) -> mx.array:
-            layer.weight = w
-            return (layer(x) ** 2).sum()
-        w = layer.weight
-        value, grad = mx.value_and_grad(loss)(w)
-        layer.weight = w
-        return np.array(layer(x)), np.array(grad)
 
-    monkeypatch.setenv("DIFFNAS_CONV", "gemm")
-    y_gemm, g_gemm = run()
-    monkeypatch.setenv("DIFFNAS_CONV", "mlx")
-    y_mlx, g_mlx = run()
-    np.testing.assert_allclose(y_gemm, y_mlx, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(g_gemm, g_mlx, rtol=1e-3, atol=1e-3)
+def _values_and_grads(layer, x):
+    """The layer's output and the gradient of a loss w.r.t. every parameter, as numpy."""
+    value_and_grad = nn.value_and_grad(layer, lambda x: (layer(x) ** 2).sum())
+    _, grads = value_and_grad(x)
+    return np.array(layer(x)), [np.array(g) for _, g in tree_flatten(grads)]
+
+
+@pytest.mark.parametrize("make", [lambda: Conv2d(8, 16, 3, stride=1, padding=1),
+                                  lambda: Conv2d(8, 16, 3, stride=2, padding=1),
+                                  lambda: Attention(UNetConfig(image_size=8, norm_groups=4,
+                                                               head_dim=8), 16)],
+                         ids=["conv", "strided-conv", "attention"])
+def test_both_formulations_give_the_same_values_and_gradients(monkeypatch, make):
+    layer = make()
+    cin = 16 if isinstance(layer, Attention) else 8
+    x = mx.random.normal((4, 8, 8, cin), key=mx.random.key(0))
+    monkeypatch.setenv("DIFFNAS_LAYERS", "cpu")
+    y_cpu, g_cpu = _values_and_grads(layer, x)
+    monkeypatch.setenv("DIFFNAS_LAYERS", "mlx")
+    y_mlx, g_mlx = _values_and_grads(layer, x)
+    np.testing.assert_allclose(y_cpu, y_mlx, rtol=1e-4, atol=1e-4)
+    assert len(g_cpu) == len(g_mlx) >= 2
+    for a, b in zip(g_cpu, g_mlx, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
