@@ -13,19 +13,17 @@ import mlx.core as mx
 import pytest
 from pytest import approx
 
-from engine.device import steady
+from engine.device.contention import CpuUse, held_still, run_queue_wait_ms
 from engine.device.steady import (
     MAX_ROUNDS,
     MIN_WINDOW_MS,
     PAUSES_S,
     WAIT_TOLERANCE,
-    CpuUse,
     Reference,
     Round,
     Sample,
     decide,
     median_ci,
-    run_queue_wait_ms,
     steady_call,
     window_ms,
 )
@@ -267,7 +265,7 @@ def test_a_short_call_is_timed_over_a_window_of_back_to_back_runs():
 def test_while_timing_no_gc_runs_and_every_thread_stays_on_one_core():
     before = os.sched_getaffinity(0)
     seen = []
-    with steady._held_still(pin=True):
+    with held_still(pin=True):
         seen.append((gc.isenabled(), [os.sched_getaffinity(int(t))
                                       for t in os.listdir("/proc/self/task")]))
     enabled, masks = seen[0]
