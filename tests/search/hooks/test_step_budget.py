@@ -48,7 +48,12 @@ def test_each_trial_samples_with_the_most_steps_that_fit_the_target(ray_cluster,
         schedule = rec.read(trial).config.schedule
         assert (schedule.sampler, schedule.steps) == (budget["sampler"], budget["steps"])
         measurement = trial.user_attrs[rec.MEASURED]
-        assert measurement["latency_ms"] == budget["measured_ms"] == trial.values[1]
+        # A disturbed latency is measured again at the trial's end (the record keeps both
+        # attempts); the budget was chosen on the first.
+        attempts = measurement["latency_attempts"]
+        first = attempts[0]["latency_ms"] if attempts else measurement["latency_ms"]
+        assert first == budget["measured_ms"]
+        assert measurement["latency_ms"] == trial.values[1]
         assert measurement["budget"]["reason"] == budget["reason"]
         assert trial.constraints["latency_target_ms"] == pytest.approx(
             trial.values[1] / TARGET_MS - 1)
