@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
-from engine.config import Config
+from engine.config import LIMITS, Config
 from engine.device import blas as _blas
 from engine.model.cost import flops
 from engine.model.unet import UNet
@@ -165,7 +165,7 @@ def training_peak_mb(config: Config, batch: int | None = None, steps: int = 2) -
 def train_throughput(config: Config, steps: int = 10, warmup: int = 2) -> float:
     """Training images per second at the config's batch size, compile time excluded."""
     images = np.zeros((config.train.batch_size,) + _shape(config), np.float32)
-    cfg = _with_batch(config, None, eval_every=10**9)
+    cfg = _with_batch(config, None, eval_every=int(LIMITS["train_steps"]))  # no validation
     state = init_state(cfg)
     train(state, images, images[:8], until=warmup)
     start = time.perf_counter()
