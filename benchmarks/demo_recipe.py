@@ -88,6 +88,7 @@ def run_one(name: str, n: int, seed: int) -> dict[str, Any]:
     from engine.config import Config
     from engine.data.datasets import load_dataset
     from engine.device import blas
+    from engine.device.bench import device_fingerprint
     from engine.measure import sample_images
     from engine.quality.features import DIGITS_HOLDOUT, digits_feature_network
     from engine.quality.legibility import legibility, typical_set
@@ -113,17 +114,7 @@ def run_one(name: str, n: int, seed: int) -> dict[str, Any]:
             "train_cpu_s": round(cpu, 1), "images": config.train.steps * config.train.batch_size,
             "val_loss": state.history[-1].val_loss if state.history else None,
             "legible": scores, "n": n, "seed": seed, "blas": blas.BLAS_NAME,
-            "cpu": _cpu_name(), "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+            "cpu": device_fingerprint()["chip"], "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def _cores(spec: str) -> list[int]:

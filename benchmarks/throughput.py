@@ -404,6 +404,13 @@ def torch_worker(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def _skip(args: argparse.Namespace, rows: dict[str, Any], name: str, row: str, vname: str,
+          why: str) -> None:
+    """A torch variant this device cannot run: in the table and the partial file, with why."""
+    rows.setdefault(row, {})[vname] = {"skipped": why}
+    _record(args, "torch", name, row, vname, {"skipped": why})
+
+
 def _torch_config(args: argparse.Namespace, torch: Any, tu: Any, cfg: Any, name: str,
                   dev: Any) -> dict[str, Any]:
     """Every ``--torch-variants`` entry (benchmarks/gpu/torch_variants.py) on every row."""
@@ -426,8 +433,7 @@ def _torch_config(args: argparse.Namespace, torch: Any, tu: Any, cfg: Any, name:
                     or _skipped(args.skip, name, f"train_b{batch}_{vname}"):
                 continue
             if why:
-                rows.setdefault(row, {})[vname] = {"skipped": why}
-                _record(args, "torch", name, row, vname, {"skipped": why})
+                _skip(args, rows, name, row, vname, why)
                 continue
             torch.manual_seed(0)
             x0 = torch.from_numpy(np.random.default_rng(0).uniform(
@@ -443,8 +449,7 @@ def _torch_config(args: argparse.Namespace, torch: Any, tu: Any, cfg: Any, name:
             if _skipped(args.skip, name, row) or _skipped(args.skip, name, f"{row}_{vname}"):
                 continue
             if why:
-                rows.setdefault(row, {})[vname] = {"skipped": why}
-                _record(args, "torch", name, row, vname, {"skipped": why})
+                _skip(args, rows, name, row, vname, why)
                 continue
             torch.manual_seed(0)
             _log(f"[torch] {name}: sample ddim{args.sample_steps} b{n} {vname}")

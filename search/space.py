@@ -166,11 +166,11 @@ def _check_decodable(space: SearchSpace, where: Locator) -> None:
 def _named_param(space: SearchSpace, message: str) -> Param | None:
     """The fixed parameter a config error names (``TrainConfig.lr_decay='x': ...``), so that
     the error points at the line to fix rather than at the first fixed key."""
-    for section, kind in CONFIG_SECTIONS.items():
-        for p in space.params:
-            if p.kind == "fixed" and message.startswith(f"{kind.__name__}.{p.name.split('.', 1)[1]}=") \
-                    and p.name.startswith(f"{section}."):
-                return p
+    for p in space.params:
+        section, key = p.name.split(".", 1)
+        kind = CONFIG_SECTIONS.get(section)
+        if p.kind == "fixed" and kind and message.startswith(f"{kind.__name__}.{key}="):
+            return p
     return None
 
 
