@@ -41,6 +41,7 @@ BASE: dict[str, dict[str, Any]] = {
 
 COS = {"lr_decay": "cosine"}
 SNR = {"loss_weight": "min_snr"}
+COND = {"num_classes": 10}
 L3 = {"width_mults": [1, 2, 2]}
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "const-ema999": {},
@@ -68,10 +69,30 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "12-cos-minsnr": {"train": {**COS, **SNR}},
     "122-cos-minsnr-seed1": {"unet": L3, "train": {**COS, **SNR, "seed": 1}},  # seed noise
     "122-cos-seed1": {"unet": L3, "train": {**COS, "ema_decay": 0.995, "seed": 1}},
+    # round 3: class-conditional networks sampled with classifier-free guidance
+    "122-cos-800": {"unet": L3, "train": {**COS, "steps": 800}},
+    "cond-122-cos-800": {"unet": {**L3, **COND}, "train": {**COS, "steps": 800}},
+    "cond-122-cos-800-seed1": {"unet": {**L3, **COND}, "train": {**COS, "steps": 800,
+                                                                   "seed": 1}},
+    "cond-122-cos-800-p20": {"unet": {**L3, **COND}, "train": {**COS, "steps": 800,
+                                                                 "label_dropout": 0.2}},
+    "cond-122-noattn-cos-800": {"unet": {**L3, **COND, "attn_levels": []},
+                                "train": {**COS, "steps": 800}},
+    "cond-122-cos-400": {"unet": {**L3, **COND}, "train": {**COS, "steps": 400}},
+    "cond-12-cos-800": {"unet": COND, "train": {**COS, "steps": 800}},
+    "cond-122-w24-cos-800": {"unet": {**L3, **COND, "base_width": 24},
+                             "train": {**COS, "steps": 800}},
+    "cond-122-cos-b16x1600": {"unet": {**L3, **COND}, "train": {**COS, "steps": 1600,
+                                                                  "batch_size": 16}},
 }
 
 SAMPLERS = [("dpmpp_2m", 8, "trailing"), ("dpmpp_2m", 16, "trailing"), ("ddim", 16, "trailing"),
             ("dpmpp_2m", 16, "karras")]
+GUIDED = [("dpmpp_2m", 8, "trailing", 1.0), ("dpmpp_2m", 8, "trailing", 1.5),
+          ("dpmpp_2m", 8, "trailing", 2.0), ("dpmpp_2m", 8, "trailing", 3.0),
+          ("dpmpp_2m", 12, "trailing", 2.0), ("ddim", 12, "trailing", 2.0),
+          ("dpmpp_2m", 12, "karras", 2.0)]
+"""A class-conditional recipe's sampler settings: (sampler, steps, spacing, guidance)."""
 
 
 def recipe_config(name: str) -> dict[str, Any]:
@@ -89,7 +110,7 @@ def run_one(name: str, n: int, seed: int) -> dict[str, Any]:
     from engine.data.datasets import load_dataset
     from engine.device import blas
     from engine.device.bench import device_fingerprint
-    from engine.measure import sample_images
+    from engine.measure import sample_images, sample_labels
     from engine.quality.features import DIGITS_HOLDOUT, digits_feature_network
     from engine.quality.legibility import legibility, typical_set
     from engine.training.train import init_state, train
@@ -98,22 +119,31 @@ def run_one(name: str, n: int, seed: int) -> dict[str, Any]:
     seen, _ = load_dataset("digits", image_size=16).split(*DIGITS_HOLDOUT)
     train_set, val_set = seen.split(0.1, config.train.seed)
     wall, cpu = time.perf_counter(), time.process_time()
-    state = train(init_state(config), train_set.images, val_set.images[:256])
+    labels = None
+    if config.unet.num_classes:
+        assert train_set.labels is not None and val_set.labels is not None
+        labels = (train_set.labels, val_set.labels[:256])
+    state = train(init_state(config), train_set.images, val_set.images[:256], labels=labels)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     model = state.ema_model()
     net = digits_feature_network()
     assert seen.labels is not None
     typical = typical_set(net, seen.images, seen.labels)
-    scores = {}
-    for sampler, steps, spacing in SAMPLERS:
+    scores, agree = {}, {}
+    settings = GUIDED if config.unet.num_classes else [(*s, 1.0) for s in SAMPLERS]
+    for sampler, steps, spacing, w in settings:
         cfg = replace(config, schedule=replace(config.schedule, sampler=sampler, steps=steps,
-                                               spacing=spacing))
+                                               spacing=spacing, guidance=w))
         images = sample_images(model, cfg, n, seed)
-        scores[f"{sampler}-{steps}-{spacing}"] = round(legibility(images, net, typical), 4)
+        key = f"{sampler}-{steps}-{spacing}" + (f"-w{w:g}" if config.unet.num_classes else "")
+        scores[key] = round(legibility(images, net, typical), 4)
+        if config.unet.num_classes:  # the classifier reads the class each image was drawn for
+            read = net.probabilities(images).argmax(axis=1)
+            agree[key] = round(float((read == sample_labels(n, 10)).mean()), 4)
     return {"recipe": name, "config": recipe_config(name), "train_wall_s": round(wall, 1),
             "train_cpu_s": round(cpu, 1), "images": config.train.steps * config.train.batch_size,
             "val_loss": state.history[-1].val_loss if state.history else None,
-            "legible": scores, "n": n, "seed": seed, "blas": blas.BLAS_NAME,
+            "legible": scores, "class_agreement": agree, "n": n, "seed": seed, "blas": blas.BLAS_NAME,
             "cpu": device_fingerprint()["chip"], "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

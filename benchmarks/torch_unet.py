@@ -46,6 +46,7 @@ class UNetCfg:
     resample: str = "nearest"
     separable: bool = False
     time_emb_dim: int = 128
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "width_mults", tuple(int(m) for m in self.width_mults))
@@ -220,10 +221,17 @@ class UNet(nn.Module):
                 self.upsamples.append(Upsample(width, cfg.resample))
         self.norm_out = _norm(cfg, cin)
         self.conv_out = nn.Conv2d(cin, cfg.channels, 3, padding=1)
+        if cfg.num_classes > 0:  # index num_classes is the null label, as in MLX
+            self.label_emb = nn.Embedding(cfg.num_classes + 1, cfg.time_emb_dim)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
         temb = timestep_embedding(t, self.config.base_width)
         temb = self.time_out(self.act(self.time_in(temb)))
+        if self.config.num_classes > 0:
+            if y is None:
+                y = torch.full((x.shape[0],), self.config.num_classes, device=x.device)
+            temb = temb + self.label_emb(y)
         h = self.conv_in(x)
         hs = [h]
         for i, level in enumerate(self.down):

@@ -44,6 +44,7 @@ LIMITS = {
     "sample_steps": 4000,  # ScheduleConfig.steps: DDPM's own schedule has 1000
     "train_steps": 10_000_000,  # TrainConfig.steps, warmup_steps, eval_every
     "batch_size": 4096,
+    "num_classes": 65536,
 }
 
 
@@ -115,6 +116,9 @@ class UNetConfig:
 
     ``width_mults[l] * base_width`` is the width of level ``l``; every level but the
     last halves the resolution. ``attn_levels`` lists the levels with self-attention.
+    ``num_classes > 0`` makes the network class-conditional (a learned label embedding
+    added to the time embedding, Dhariwal & Nichol 2021), with one more, "null" label for
+    unconditional calls, so that it supports classifier-free guidance (Ho & Salimans 2022).
     """
 
     image_size: int = 16
@@ -131,6 +135,7 @@ class UNetConfig:
     resample: str = "nearest"
     separable: bool = False
     time_emb_dim: int = 128
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         o = "UNetConfig"
@@ -159,6 +164,7 @@ class UNetConfig:
         _check(4 <= self.time_emb_dim <= LIMITS["time_emb_dim"] and self.time_emb_dim % 2 == 0,
                o, "time_emb_dim", self.time_emb_dim,
                f"must be even and in [4, {LIMITS['time_emb_dim']}]")
+        _in(o, "num_classes", self.num_classes, 0, LIMITS["num_classes"])
         for width in self.widths:
             _check(width % self.norm_groups == 0, o, "norm_groups", self.norm_groups,
                    f"must divide every level width (width {width})")
@@ -180,6 +186,10 @@ class ScheduleConfig:
     The ``adaptive`` sampler (:func:`engine.sampling.adaptive.sample_adaptive`) chooses its own
     steps: ``steps`` caps its network evaluations per sample, ``tolerance`` is its error
     tolerance (absolute and relative), and ``spacing`` does not apply.
+    ``guidance`` is the classifier-free guidance weight ``w`` of a class-conditional network
+    (Ho & Salimans 2022): the sampler follows ``u + w (c - u)`` of the unconditional and the
+    conditional prediction, one network call on twice the batch; 1 is the conditional model
+    alone, one call on the batch.
     """
 
     beta_schedule: str = "cosine"
@@ -190,6 +200,7 @@ class ScheduleConfig:
     spacing: str = "trailing"
     timesteps: tuple[float, ...] = ()
     tolerance: float = 0.02
+    guidance: float = 1.0
 
     def __post_init__(self) -> None:
         o = "ScheduleConfig"
@@ -201,6 +212,9 @@ class ScheduleConfig:
         _in(o, "steps", self.steps, 1, LIMITS["sample_steps"])
         _check(0.0 <= self.eta <= 1.0, o, "eta", self.eta, "must be in [0, 1]")
         _check(self.tolerance > 0.0, o, "tolerance", self.tolerance, "must be > 0")
+        _in(o, "guidance", self.guidance, 0.0, 100.0)
+        _check(self.sampler != "adaptive" or self.guidance == 1.0, o, "guidance", self.guidance,
+               "must be 1 with the adaptive sampler (its error control runs on one prediction)")
         _check(self.sampler != "adaptive" or self.steps >= 3, o, "steps", self.steps,
                "must be >= 3 for the adaptive sampler (one step and the final denoise)")
         if self.spacing in ("explicit", "optimized"):
@@ -226,6 +240,9 @@ class TrainConfig:
     ``loss_weight = "min_snr"`` weights each noise level's loss by min-SNR-5 (Hang et al.
     2023, :func:`engine.sampling.diffusion.diffusion_loss`); validation losses stay
     unweighted, so that trials compare at a rung whatever they train with.
+    ``label_dropout`` is the share of training images of a class-conditional network
+    (``UNetConfig.num_classes > 0``) shown with the null label, which trains the
+    unconditional prediction that classifier-free guidance needs (Ho & Salimans 2022: 0.1-0.2).
     """
 
     steps: int = 1000
@@ -234,6 +251,7 @@ class TrainConfig:
     warmup_steps: int = 50
     lr_decay: str = "none"
     loss_weight: str = "none"
+    label_dropout: float = 0.1
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     grad_clip: float = 1.0
@@ -251,6 +269,8 @@ class TrainConfig:
         _in(o, "warmup_steps", self.warmup_steps, 0, LIMITS["train_steps"])
         _check(self.weight_decay >= 0.0, o, "weight_decay", self.weight_decay, "must be >= 0")
         _check(0.0 <= self.ema_decay < 1.0, o, "ema_decay", self.ema_decay, "must be in [0, 1)")
+        _check(0.0 <= self.label_dropout < 1.0, o, "label_dropout", self.label_dropout,
+               "must be in [0, 1)")
         _check(self.grad_clip >= 0.0, o, "grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
         _in(o, "eval_every", self.eval_every, 1, LIMITS["train_steps"])
         _check(self.seed >= 0, o, "seed", self.seed, "must be >= 0")
@@ -269,6 +289,16 @@ class Config:
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.schedule.guidance == 1.0 or self.unet.num_classes > 0, "ScheduleConfig",
+               "guidance", self.schedule.guidance,
+               "needs a class-conditional network (UNetConfig.num_classes > 0)")
+
+    @property
+    def passes(self) -> int:
+        """Network batches per sampler step and image: 2 under classifier-free guidance."""
+        return 2 if self.schedule.guidance != 1.0 else 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import Config
-from engine.data.datasets import Dataset
+from engine.data.datasets import Dataset, labels_of
 from engine.data.images import save_grid
 from engine.device.bench import device_fingerprint
 from engine.io.checkpoint import save_checkpoint
@@ -79,7 +79,8 @@ def run(config: Config, dataset: Dataset, out: Path, settings: QualityEval = Qua
     train_set, val_set = dataset.split(0.1, config.train.seed)
     start = time.perf_counter()
     state = train(init_state(config), train_set.images, val_set.images,
-                  callback=progress_printer(config.train.steps, emit))
+                  callback=progress_printer(config.train.steps, emit),
+                  labels=labels_of(train_set, val_set))
     train_s = time.perf_counter() - start
     save_checkpoint(state, out / "checkpoint")
     model = state.ema_model()

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import mlx.core as mx
 import numpy as np
 from mlx import nn
 
@@ -76,7 +77,8 @@ def sample_images(model: nn.Module, config: Config, n: int, seed: int,
                   batch: int = SAMPLE_BATCH) -> np.ndarray:
     """``n`` samples ``(n, H, W, C)`` as numpy, drawn ``batch`` at a time to bound memory.
 
-    The batch starting at image ``i`` is drawn from seed ``seed + i``.
+    The batch starting at image ``i`` is drawn from seed ``seed + i``. A class-conditional
+    model draws image ``j`` of class ``j mod num_classes`` (:func:`sample_labels`).
     """
     u = config.unet
     return draw(model, config.schedule, n, seed, u.image_size, u.channels, batch)
@@ -85,9 +87,18 @@ def sample_images(model: nn.Module, config: Config, n: int, seed: int,
 def draw(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, size: int,
          channels: int, batch: int = SAMPLE_BATCH) -> np.ndarray:
     """:func:`sample_images` for a bare schedule (a distillation gate scores students by it)."""
-    chunks = [np.array(generate(model, schedule, min(batch, n - i), seed + i, size, channels))
-              for i in range(0, n, batch)]
+    classes = getattr(getattr(model, "config", None), "num_classes", 0)
+    chunks = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        y = mx.array(sample_labels(n, classes)[i:i + b]) if classes else None
+        chunks.append(np.array(generate(model, schedule, b, seed + i, size, channels, labels=y)))
     return np.concatenate(chunks)
+
+
+def sample_labels(n: int, num_classes: int) -> np.ndarray:
+    """The classes :func:`sample_images` draws for ``n`` images: ``j mod num_classes``."""
+    return np.arange(n, dtype=np.int32) % max(num_classes, 1)
 
 
 # -- latency and memory ------------------------------------------------------------------

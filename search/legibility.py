@@ -19,7 +19,7 @@ import optuna
 from engine.config import Config
 from engine.data.datasets import load_dataset
 from engine.io.models import load_model
-from engine.measure import sample_images
+from engine.measure import sample_images, sample_labels
 from engine.quality.features import DIGITS_HOLDOUT, digits_feature_network
 from engine.quality.legibility import TypicalSet, legible, typical_set
 from search import report
@@ -40,12 +40,15 @@ class Score:
     confident: float
     legible: float
     classes: tuple[int, ...]  # images per predicted class
+    agreement: float | None = None  # read as the class drawn (class-conditional samples)
 
     def line(self, what: str) -> str:
         """One line for a person: both shares, and the images per predicted class."""
+        drawn = ("" if self.agreement is None
+                 else f"; {self.agreement:.1%} read as the class they were drawn for")
         return (f"{what}: {self.confident:.1%} confident (p >= {THRESHOLD}), "
                 f"{self.legible:.1%} legible (confident and typical) of {self.n}; "
-                f"per class {list(self.classes)}")
+                f"per class {list(self.classes)}{drawn}")
 
 
 @dataclass(frozen=True)
@@ -62,19 +65,25 @@ class StudyLegibility:
     def lines(self) -> list[str]:
         """What ``diffnas legibility`` prints."""
         s = self.config.schedule
+        guided = f", guidance {s.guidance:g}" if self.config.unet.num_classes else ""
         return [(f"trial {self.label}: FID {self.fid:.3g}, latency {self.latency_ms:.3g} ms; "
-                 f"{s.sampler} {s.steps} steps, {self.config.train.steps} training steps"),
+                 f"{s.sampler} {s.steps} steps{guided}, "
+                 f"{self.config.train.steps} training steps"),
                 self.samples.line("samples"), self.real.line("real digits (held out)")]
 
 
-def score(images: np.ndarray, typical: TypicalSet) -> Score:
-    """Score ``(N, H, W, C)`` ``images`` in [-1, 1] with the shipped digits network."""
+def score(images: np.ndarray, typical: TypicalSet, drawn: np.ndarray | None = None) -> Score:
+    """Score ``(N, H, W, C)`` ``images`` in [-1, 1] with the shipped digits network;
+    ``drawn`` (N,), the classes a class-conditional model drew them for, adds the share
+    the network reads as those classes."""
     net = digits_feature_network()
     confident = legible(images, net, threshold=THRESHOLD)
     both = legible(images, net, typical, THRESHOLD)
-    classes = np.bincount(net.predict(images), minlength=net.config.num_classes)
+    read = net.predict(images)
+    classes = np.bincount(read, minlength=net.config.num_classes)
+    agreement = None if drawn is None else float((read == drawn).mean())
     return Score(len(images), float(confident.mean()), float(both.mean()),
-                 tuple(int(c) for c in classes))
+                 tuple(int(c) for c in classes), agreement)
 
 
 def best_front_label(study: optuna.Study) -> str:
@@ -123,6 +132,7 @@ def study_legibility(study: optuna.Study, label: str | None = None, n: int = 500
     r = rec.read(src.trial)
     fid, latency = r.value("fid"), r.value("latency_ms")
     assert fid is not None and latency is not None  # source() returns COMPLETE trials only
-    scores = StudyLegibility(src.label, fid, latency, config,
-                             score(samples, typical), score(held.images[:n], typical))
+    drawn = sample_labels(n, config.unet.num_classes) if config.unet.num_classes else None
+    scores = StudyLegibility(src.label, fid, latency, config, score(samples, typical, drawn),
+                             score(held.images[:n], typical))
     return scores, samples

@@ -62,7 +62,8 @@ def default_launcher() -> Launcher:
 def payload_digest(data: DataPayload) -> str:
     """A digest of ``data``'s content: the warm process is sent data only when it changes."""
     h = hashlib.blake2b(data.name.encode(), digest_size=16)
-    for array in (data.train, data.val, data.real):
+    labels = [a for a in (data.train_labels, data.val_labels) if a is not None]
+    for array in (data.train, data.val, data.real, *labels):
         h.update(repr((array.shape, array.dtype.str)).encode())
         h.update(np.ascontiguousarray(array).data)
     h.update(data.feature_net)

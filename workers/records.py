@@ -27,6 +27,8 @@ class DataPayload:
 
     ``train``/``val``/``real`` are ``(N, H, W, C)`` float32 images in [-1, 1]; ``real`` is what
     FID/KID compare against. ``feature_net`` is the feature network's safetensors file.
+    ``train_labels``/``val_labels`` are the classes of ``train``/``val`` (N,), where the
+    dataset has labels: a class-conditional candidate trains on them.
     """
 
     name: str
@@ -34,6 +36,15 @@ class DataPayload:
     val: np.ndarray
     real: np.ndarray
     feature_net: bytes
+    train_labels: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
+
+    @property
+    def labels(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(train_labels, val_labels)`` as :func:`engine.training.train.train` takes them."""
+        if self.train_labels is None or self.val_labels is None:
+            return None
+        return self.train_labels, self.val_labels
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,8 @@ def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Config,
     train_start = time.perf_counter()
     guard = clock.step_guard(lambda: len(state.history))
     for rung in rungs:
-        train(state, data.train, data.val, until=rung, callback=_stop_if_orphaned, guard=guard)
+        train(state, data.train, data.val, until=rung, callback=_stop_if_orphaned, guard=guard,
+              labels=data.labels)
         with clock.shared("validate"):
             done.rungs.append(_rung_report(state, data, time.perf_counter() - train_start))
         done.check_memory(f"training to step {rung}")
@@ -285,7 +286,7 @@ def _rung_report(state: TrainState, data: DataPayload, elapsed_s: float) -> Rung
     point = state.history[-1] if state.history else None
     if point is not None and point.step == state.step:
         return RungReport(point.step, point.val_loss, point.train_loss, elapsed_s, history)
-    val_loss = validation_loss(state.ema_model(), state.config, data.val)
+    val_loss = validation_loss(state.ema_model(), state.config, data.val, data.val_labels)
     pending = state.pending_losses
     train_loss = sum(pending) / len(pending) if pending else float("nan")
     return RungReport(state.step, val_loss, train_loss, elapsed_s,

@@ -124,7 +124,8 @@ def payload(data: dict[str, Any], cache: Path) -> DataPayload:
     finally:
         path.unlink(missing_ok=True)
     return DataPayload(name=dataset.name, train=train.images, val=val.images,
-                       real=dataset.images, feature_net=weights)
+                       real=dataset.images, feature_net=weights, train_labels=train.labels,
+                       val_labels=val.labels)
 
 
 def request_for(entry: dict[str, Any], evaluate: dict[str, Any]) -> TrialRequest:

@@ -238,8 +238,12 @@ class _RebuiltState(TrainState):
 
 
 def finetune(model: nn.Module, config: Config, recipe: tuple, images: np.ndarray,
-             val: np.ndarray, steps: int, lr_scale: float = 0.5) -> nn.Module:
-    """Train a compressed model ``steps`` more steps; returns its EMA model."""
+             val: np.ndarray, steps: int, lr_scale: float = 0.5,
+             labels: tuple[np.ndarray, np.ndarray] | None = None) -> nn.Module:
+    """Train a compressed model ``steps`` more steps; returns its EMA model.
+
+    ``labels`` are ``(train labels, validation labels)`` for a class-conditional model.
+    """
     tc = replace(config.train, steps=steps, warmup_steps=0, eval_every=steps,
                  learning_rate=config.train.learning_rate * lr_scale, checkpointing=False)
     cfg = replace(config, train=tc)
@@ -247,7 +251,7 @@ def finetune(model: nn.Module, config: Config, recipe: tuple, images: np.ndarray
     optimizer.init(model.trainable_parameters())
     ema = tree_map(lambda p: mx.array(p), model.parameters())
     state = _RebuiltState(cfg, model, ema, optimizer, recipe=recipe)
-    return train(state, images, val).ema_model()
+    return train(state, images, val, labels=labels).ema_model()
 
 
 # --------------------------------------------------------------------------- the loop
@@ -326,7 +330,7 @@ def _measure(model: nn.Module, config: Config, evaluate: Evaluate, batch: int,
 
 
 def _candidate(config: Config, recipe: tuple, weights: Mapping[str, mx.array], method: str,
-               level: Any, data: tuple[np.ndarray, np.ndarray] | None,
+               level: Any, data: tuple[np.ndarray, ...] | None,
                finetune_steps: int) -> tuple[nn.Module, dict[str, Any]]:
     model = _load(config, recipe, weights)
     step: dict[str, Any] = {"method": method, "level": level}
@@ -334,7 +338,9 @@ def _candidate(config: Config, recipe: tuple, weights: Mapping[str, mx.array], m
         step["kept"] = prune_plan(model, float(level))
     _apply(model, step)
     if method == "prune" and data is not None and finetune_steps > 0:
-        model = finetune(model, config, recipe + (_structure(step),), *data, finetune_steps)
+        labels = (data[2], data[3]) if len(data) == 4 else None
+        model = finetune(model, config, recipe + (_structure(step),), data[0], data[1],
+                         finetune_steps, labels=labels)
     mx.eval(model.parameters())
     return model, _structure(step)
 
@@ -342,7 +348,7 @@ def _candidate(config: Config, recipe: tuple, weights: Mapping[str, mx.array], m
 def compress(model: nn.Module, config: Config, evaluate: Evaluate,
              max_fid_increase: float = 0.05,
              levels: Mapping[str, tuple[Any, ...]] = DEFAULT_LEVELS,
-             data: tuple[np.ndarray, np.ndarray] | None = None, finetune_steps: int = 100,
+             data: tuple[np.ndarray, ...] | None = None, finetune_steps: int = 100,
              memory_batch: int = 1, log: Callable[[str], None] | None = None,
              ) -> CompressionResult:
     """Compress ``model`` as far as the quality gate allows.
@@ -354,7 +360,8 @@ def compress(model: nn.Module, config: Config, evaluate: Evaluate,
             for a given model (fixed seeds), so levels compare paired.
         max_fid_increase: largest accepted relative increase over the baseline score.
         levels: method -> levels from mild to aggressive (default :data:`DEFAULT_LEVELS`).
-        data: ``(train_images, val_images)`` for the fine-tune after pruning; without
+        data: ``(train_images, val_images)`` (and, for a class-conditional model,
+            ``train_labels, val_labels``) for the fine-tune after pruning; without
             it, pruning is scored un-tuned.
         finetune_steps: training steps after each pruning level.
         memory_batch: sampling batch of the peak-memory column.

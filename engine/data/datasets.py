@@ -108,6 +108,14 @@ class Dataset:
         )
 
 
+def labels_of(train: Dataset, val: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(train labels, val labels)`` of a split, as a class-conditional training takes
+    them (:func:`engine.training.train.train`), or None when the dataset has none."""
+    if train.labels is None or val.labels is None:
+        return None
+    return train.labels, val.labels
+
+
 def load_dataset(
     source: str | Path | None = None, image_size: int = 16, channels: int | None = None
 ) -> Dataset:

@@ -31,7 +31,7 @@ from engine.device import blas as _blas
 from engine.model.cost import flops
 from engine.model.unet import UNet
 from engine.sampling.samplers import generate
-from engine.training.train import init_state, train
+from engine.training.train import init_state, stand_in_labels, train
 
 MAX_SPREAD = 0.10
 
@@ -157,7 +157,8 @@ def training_peak_mb(config: Config, batch: int | None = None, steps: int = 2) -
     images = np.zeros((max(config.train.batch_size, 8),) + _shape(config), np.float32)
 
     def run() -> None:
-        train(init_state(config), images, images[:8], until=steps)
+        train(init_state(config), images, images[:8], until=steps,
+              labels=stand_in_labels(config, len(images), 8))
 
     return _peak_mb(run)
 
@@ -166,10 +167,10 @@ def train_throughput(config: Config, steps: int = 10, warmup: int = 2) -> float:
     """Training images per second at the config's batch size, compile time excluded."""
     images = np.zeros((config.train.batch_size,) + _shape(config), np.float32)
     cfg = _with_batch(config, None, eval_every=int(LIMITS["train_steps"]))  # no validation
-    state = init_state(cfg)
-    train(state, images, images[:8], until=warmup)
+    state, labels = init_state(cfg), stand_in_labels(cfg, len(images), 8)
+    train(state, images, images[:8], until=warmup, labels=labels)
     start = time.perf_counter()
-    train(state, images, images[:8], until=warmup + steps)
+    train(state, images, images[:8], until=warmup + steps, labels=labels)
     return steps * cfg.train.batch_size / (time.perf_counter() - start)
 
 

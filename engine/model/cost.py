@@ -52,8 +52,12 @@ def _norm(name: str, res: int, c: int) -> Layer:
 
 
 def _time(cfg: UNetConfig, block: Block) -> list[Layer]:
-    return [_linear("time_in", 1, block.cin, cfg.time_emb_dim),
-            _linear("time_out", 1, cfg.time_emb_dim, block.cout)]
+    out = [_linear("time_in", 1, block.cin, cfg.time_emb_dim),
+           _linear("time_out", 1, cfg.time_emb_dim, block.cout)]
+    if cfg.num_classes > 0:  # the label embedding: a one-hot linear without bias, then an add
+        k, d = cfg.num_classes + 1, cfg.time_emb_dim
+        out.append(Layer("label_emb", "linear", k * d, d, d, 1, k, d))
+    return out
 
 
 def _resblock(cfg: UNetConfig, block: Block) -> list[Layer]:

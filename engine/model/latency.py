@@ -34,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -347,8 +347,12 @@ def _submodule(model: UNet, path: str) -> Any:
 
 
 def _sampler_probe(config: Config, batch: int) -> Probe:
-    """The sampling call with a network that costs nothing: the per-call overhead."""
-    u, s = config.unet, config.schedule
+    """The sampling call with a network that costs nothing: the per-call overhead.
+
+    Guidance's own arithmetic (one subtract, multiply and add a step) is left out of it:
+    its network calls on twice the batch are the blocks' part (:func:`raw_latency_ms`).
+    """
+    u, s = config.unet, replace(config.schedule, guidance=1.0)
     free = _Free()
     return lambda: [generate(free, s, batch, 0, u.image_size, u.channels)]
 
@@ -396,9 +400,12 @@ def forward_latency_ms(cfg: UNetConfig, table: LatencyTable, batch: int = 1) -> 
 
 
 def raw_latency_ms(config: Config, table: LatencyTable, batch: int = 1) -> tuple[float, float]:
-    """``(raw ms, steps * blocks)`` of one sampling call: the calibration's two features."""
+    """``(raw ms, steps * blocks)`` of one sampling call: the calibration's two features.
+
+    Under classifier-free guidance each step runs the network on twice the batch.
+    """
     u, s = config.unet, config.schedule
-    needs = forward_needs(u, batch)
+    needs = forward_needs(u, batch * config.passes)
     pixels = float(s.steps * u.image_size ** 2 * u.channels * batch)
     sampler = Need(sampler_key(config, batch), pixels, lambda: _sampler_probe(config, batch))
     table.fill([*needs, sampler])

@@ -154,7 +154,10 @@ class UNet(nn.Module):
     Args:
         cfg: the architecture.
 
-    Call with ``x`` of shape (B, H, W, C) and ``t`` of shape (B,) in [0, 1].
+    Call with ``x`` of shape (B, H, W, C), ``t`` of shape (B,) in [0, 1] and, for a
+    class-conditional network (``cfg.num_classes > 0``), optional labels ``y`` of shape (B,):
+    integers in [0, num_classes], where ``num_classes`` is the null label that every call
+    without ``y`` uses (the unconditional prediction).
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -168,14 +171,20 @@ class UNet(nn.Module):
         self.mid1, self.mid_attn, self.mid2 = built["mid1"], built["mid_attn"], built["mid2"]
         self.up, self.upsamples = built["up"], built["upsamples"]
         self.norm_out, self.conv_out = built["out"]
+        if cfg.num_classes > 0:  # made last: an unconditional net's initial weights stay the same
+            self.label_emb = nn.Embedding(cfg.num_classes + 1, cfg.time_emb_dim)
         # Gradient checkpointing per ResBlock/Attention (set by engine.training.train, not a weight).
         self.checkpointing = False
 
-    def __call__(self, x: mx.array, t: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, t: mx.array, y: mx.array | None = None) -> mx.array:
         # Compute in the dtype of the weights (bf16/fp16 casts; MLX has no autocast).
         dtype = self.norm_out.weight.dtype
         temb = timestep_embedding(t, self.config.base_width).astype(dtype)
         temb = self.time_out(self.act(self.time_in(temb)))
+        if self.config.num_classes > 0:
+            if y is None:
+                y = mx.full((x.shape[0],), self.config.num_classes, dtype=mx.int32)
+            temb = temb + self.label_emb(y).astype(dtype)
         h = self.conv_in(x.astype(dtype))
         hs = [h]
         run = _checkpointed if self.checkpointing else _direct

@@ -79,7 +79,8 @@ gradient; the paper's gamma."""
 
 
 def diffusion_loss(model: nn.Module, x0: mx.array, key: mx.array, prediction: str,
-                   kind: str, weighting: str = "none") -> mx.array:
+                   kind: str, weighting: str = "none", labels: mx.array | None = None,
+                   label_dropout: float = 0.0) -> mx.array:
     """Denoising score-matching loss, ``E_t,eps w(t) || f(x_t, t) - target ||^2`` (Ho et al. 2020).
 
     Args:
@@ -90,13 +91,22 @@ def diffusion_loss(model: nn.Module, x0: mx.array, key: mx.array, prediction: st
         kind: beta schedule name.
         weighting: ``none`` (w = 1) or ``min_snr``: ``w = min(SNR, gamma) / SNR`` for eps,
             ``/ (SNR + 1)`` for v, ``min(SNR, gamma)`` for x0 (:data:`MIN_SNR_GAMMA`).
+        labels: class labels (B,) of a class-conditional ``model``; None calls it without.
+        label_dropout: the share of ``labels`` replaced by the null label, drawn from ``key``
+            (classifier-free guidance's joint training, Ho & Salimans 2022).
     """
     k_t, k_eps = mx.random.split(key)
     t = mx.random.uniform(T_MIN, 1.0, shape=(x0.shape[0],), key=k_t)
     eps = mx.random.normal(x0.shape, key=k_eps)
     alpha, sigma = (_expand(a) for a in alpha_sigma_mx(t, kind))
     x_t = alpha * x0 + sigma * eps
-    out = model(x_t, t)
+    if labels is None:
+        out = model(x_t, t)
+    else:
+        if label_dropout > 0:
+            drop = mx.random.uniform(shape=labels.shape, key=mx.random.split(k_t)[1]) < label_dropout
+            labels = mx.where(drop, model.config.num_classes, labels)
+        out = model(x_t, t, labels)
     err = (out - target(x0, eps, alpha, sigma, prediction)) ** 2
     if weighting == "none":
         return mx.mean(err)
@@ -125,8 +135,8 @@ def cpu_streams() -> int:
                          "not a whole number") from None
 
 
-def compiled_forward(model: nn.Module) -> Callable[[mx.array, mx.array], mx.array]:
-    """``model(x, t)`` compiled once per model: fused element-wise ops, fewer graph nodes.
+def compiled_forward(model: nn.Module) -> Callable[..., mx.array]:
+    """``model(x, t[, y])`` compiled once per model: fused element-wise ops, fewer graph nodes.
 
     The weights (and the random state, for dropout) are compile inputs, read at every
     call: a model trained or updated between calls is seen as it is. One trace per
@@ -149,17 +159,18 @@ def _streams(n: int) -> tuple[mx.Stream, ...]:
     return tuple(mx.new_stream(mx.cpu) for _ in range(n))
 
 
-def _split_call(model: nn.Module, n: int) -> Callable[[mx.array, mx.array], mx.array]:
+def _split_call(model: nn.Module, n: int) -> Callable[..., mx.array]:
     streams = _streams(n)
 
-    def call(x: mx.array, t: mx.array) -> mx.array:
+    def call(x: mx.array, t: mx.array, *labels: mx.array) -> mx.array:
         if x.shape[0] < n:
-            return model(x, t)  # type: ignore[no-any-return]
+            return model(x, t, *labels)  # type: ignore[no-any-return]
         cuts = [x.shape[0] * i // n for i in range(1, n)]
+        parts = [mx.split(a, cuts) for a in (x, t, *labels)]
         outs = []
-        for s, xi, ti in zip(streams, mx.split(x, cuts), mx.split(t, cuts)):
+        for s, args in zip(streams, zip(*parts)):
             with mx.stream(s):
-                outs.append(model(xi, ti))
+                outs.append(model(*args))
         return mx.concatenate(outs, axis=0)
 
     return call
@@ -185,13 +196,40 @@ def blas_threads(n: int) -> Iterator[None]:
         lib.openblas_set_num_threads(before)
 
 
-def denoiser(model: nn.Module, prediction: str, kind: str, clip_x0: bool = True) -> Denoise:
-    """Wrap a network as ``denoise(x_t, t) -> (x0, eps)``; optionally clip x0 to [-1, 1]."""
+def balanced_labels(n: int, num_classes: int) -> mx.array:
+    """Labels ``0, 1, ..., K-1, 0, 1, ...`` for ``n`` samples: every class equally often."""
+    return mx.arange(n, dtype=mx.int32) % num_classes
+
+
+def denoiser(model: nn.Module, prediction: str, kind: str, clip_x0: bool = True,
+             guidance: float = 1.0, labels: mx.array | None = None) -> Denoise:
+    """Wrap a network as ``denoise(x_t, t) -> (x0, eps)``; optionally clip x0 to [-1, 1].
+
+    A class-conditional network (``num_classes > 0`` in its config) predicts for ``labels``
+    (default :func:`balanced_labels` of the batch); with ``guidance`` ``w != 1`` it follows
+    ``u + w (c - u)`` of the unconditional (null label) and conditional predictions, both
+    from one call on the batch twice over (Ho & Salimans 2022, eq. 6).
+    """
     forward = compiled_forward(model)
+    classes = getattr(getattr(model, "config", None), "num_classes", 0)
+    if guidance != 1.0 and classes == 0:
+        raise ValueError(f"guidance={guidance:g} needs a class-conditional network")
+
+    def predict(x: mx.array, tt: mx.array) -> mx.array:
+        if classes == 0:
+            return forward(x, tt)  # type: ignore[no-any-return]
+        y = labels if labels is not None else balanced_labels(x.shape[0], classes)
+        if guidance == 1.0:
+            return forward(x, tt, y)  # type: ignore[no-any-return]
+        null = mx.full(y.shape, classes, dtype=y.dtype)
+        both = forward(mx.concatenate([x, x]), mx.concatenate([tt, tt]),
+                       mx.concatenate([y, null]))
+        c, u = mx.split(both, 2)
+        return u + guidance * (c - u)
 
     def denoise(x: mx.array, t: float) -> tuple[mx.array, mx.array]:
         a, s = (float(v) for v in alpha_sigma(t, kind))
-        out = forward(x, mx.full((x.shape[0],), t, dtype=mx.float32))
+        out = predict(x, mx.full((x.shape[0],), t, dtype=mx.float32))
         x0, eps = to_x0_eps(out, x, a, s, prediction)
         if clip_x0:
             x0 = mx.clip(x0, -1.0, 1.0)

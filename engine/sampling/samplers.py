@@ -92,8 +92,11 @@ def get_sampler(name: str) -> Sampler:
 
 
 def generate(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, image_size: int,
-             channels: int, clip_x0: bool = True) -> mx.array:
+             channels: int, clip_x0: bool = True, labels: mx.array | None = None) -> mx.array:
     """Draw ``n`` images (n, H, W, C) from ``model`` with the configured sampler and grid.
+
+    A class-conditional ``model`` draws ``labels`` (default: every class equally often,
+    :func:`engine.sampling.diffusion.balanced_labels`) under ``schedule.guidance``.
 
     ``adaptive`` integrates with per-sample step sizes instead of a grid
     (:func:`engine.sampling.adaptive.sample_adaptive`, at most ``schedule.steps`` evaluations).
@@ -105,7 +108,8 @@ def generate(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, imag
                                  atol=schedule.tolerance, rtol=schedule.tolerance,
                                  max_nfe=schedule.steps)
         return mx.clip(result.samples, -1.0, 1.0) if clip_x0 else result.samples
-    denoise = denoiser(model, schedule.prediction, schedule.beta_schedule, clip_x0)
+    denoise = denoiser(model, schedule.prediction, schedule.beta_schedule, clip_x0,
+                       schedule.guidance, labels)
     # A batch split over CPU streams gives each stream one BLAS thread (diffusion.cpu_streams).
     with blas_threads(1) if min(cpu_streams(), n) > 1 else nullcontext():
         out = get_sampler(schedule.sampler)(denoise, x, grid(schedule), k_sample, schedule.eta)

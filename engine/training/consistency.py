@@ -46,8 +46,10 @@ from engine.training.stages import (
     teacher_snapshot,
 )
 from engine.training.student import (
+    Labelled,
     StudentRun,
     copy_model,
+    labelled,
     reparametrise,
     student_prediction,
     student_state,
@@ -126,8 +128,14 @@ class ConsistencyModel(nn.Module):
         self.prediction, self.kind = prediction, kind
         self.sigma_data, self.eps = float(sigma_data), float(eps)
 
-    def __call__(self, x: mx.array, t: mx.array) -> mx.array:
-        return consistency_function(self.unet, x, t, self.prediction, self.kind, self.sigma_data,
+    @property
+    def config(self) -> Any:
+        """The U-Net's config: how many classes it is conditioned on."""
+        return self.unet.config
+
+    def __call__(self, x: mx.array, t: mx.array, y: mx.array | None = None) -> mx.array:
+        unet = self.unet if y is None else Labelled(self.unet, y)
+        return consistency_function(unet, x, t, self.prediction, self.kind, self.sigma_data,
                                     self.eps)
 
 
@@ -176,7 +184,7 @@ def _ema_update(target: nn.Module, model: nn.Module, mu: float) -> dict:
 def consistency_distill(teacher: UNet, config: Config, images: np.ndarray, out: str | Path,
                         quality: QualityFn, settings: ConsistencyConfig = ConsistencyConfig(),
                         gate: Gate | None = None, measure_latency: bool = True,
-                        emit: Emit = print) -> DistillResult:
+                        emit: Emit = print, labels: np.ndarray | None = None) -> DistillResult:
     """Distil ``teacher`` into a consistency model sampled in ``settings.target_steps`` steps.
 
     Stage 0 scores the teacher by DDIM at ``teacher_steps``; each round is gated against
@@ -192,6 +200,7 @@ def consistency_distill(teacher: UNet, config: Config, images: np.ndarray, out: 
         gate: the per-round quality gate (default :class:`Gate`).
         measure_latency: also record each round's batch-1 sampling latency.
         emit: receives one progress line per attempt.
+        labels: the classes of ``images``, for a class-conditional teacher.
 
     Returns:
         The result; its ``model`` is a :class:`ConsistencyModel` (the teacher if round 1 fails).
@@ -202,7 +211,7 @@ def consistency_distill(teacher: UNet, config: Config, images: np.ndarray, out: 
                                       score, out, "consistency", emit)
     prediction = student_prediction(config.schedule.prediction)
     first = reparametrise(teacher, config, images, settings.reparam_steps, settings.learning_rate,
-                          settings.batch_size, settings.seed)
+                          settings.batch_size, settings.seed, labels=labels)
     grid = grid_arrays(discretisation(settings, kind), kind)
     schedule = sampling_schedule(config, settings)
     spec = {"prediction": prediction, "sigma_data": settings.sigma_data, "eps": EPS}
@@ -214,15 +223,16 @@ def consistency_distill(teacher: UNet, config: Config, images: np.ndarray, out: 
             target.update(prev.state.ema)
         target.eval()
 
-        def loss_fn(model: nn.Module, x0: mx.array, key: mx.array) -> mx.array:
-            return consistency_loss(model, target, teacher, x0, key, grid, prediction,
+        def loss_fn(model: nn.Module, x0: mx.array, key: mx.array, *y: mx.array) -> mx.array:
+            nets = labelled((model, target, teacher), config, key, y)
+            return consistency_loss(*nets, x0, key, grid, prediction,
                                     config.schedule.prediction, kind, settings.sigma_data)
 
         run = StudentRun(steps, lr, settings.batch_size, settings.seed + plan.stage,
                          settings.grad_clip, decay=False)
         opt, losses = train_student(
             online, loss_fn, images, run, frozen=[teacher.state, target.state],
-            after_step=lambda: _ema_update(target, online, settings.target_decay))
+            after_step=lambda: _ema_update(target, online, settings.target_decay), labels=labels)
         state = student_state(online, config, replace(schedule, prediction=prediction), run, opt,
                               ema=target.parameters(), ema_decay=settings.target_decay)
         model = ConsistencyModel(target, prediction, kind, settings.sigma_data, EPS)

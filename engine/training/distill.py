@@ -60,16 +60,22 @@ def distill(checkpoint: str | Path, method: str, steps: int, dataset: Dataset, o
     if (dataset.image_size, dataset.channels) != (u.image_size, u.channels):
         raise ValueError(f"dataset {dataset.name!r} has {dataset.image_size} px x {dataset.channels} "
                          f"channels; the checkpoint expects {u.image_size} px x {u.channels}")
+    labels = None
+    if u.num_classes > 0:
+        if dataset.labels is None:
+            raise ValueError(f"dataset {dataset.name!r} has no labels; the checkpoint is "
+                             f"conditioned on {u.num_classes} classes")
+        labels = dataset.labels
     quality = quality or fid_quality(dataset)
     overrides = {k: v for k, v in (("train_steps", train_steps), ("batch_size", batch_size),
                                    ("reparam_steps", reparam_steps)) if v is not None}
     if method == "progressive":
         settings = ProgressiveConfig(teacher_steps=teacher_steps, target_steps=steps, **overrides)
         result = progressive_distill(teacher, config, dataset.images, out, quality, settings, gate,
-                                     emit=emit)
+                                     emit=emit, labels=labels)
     else:
         cd = ConsistencyConfig(teacher_steps=teacher_steps, target_steps=steps, **overrides)
         result = consistency_distill(teacher, config, dataset.images, out, quality, cd, gate,
-                                     emit=emit)
+                                     emit=emit, labels=labels)
     (Path(out) / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
     return result

@@ -36,6 +36,7 @@ from engine.training.stages import (
 from engine.training.student import (
     StudentRun,
     copy_model,
+    labelled,
     reparametrise,
     student_prediction,
     student_state,
@@ -119,7 +120,7 @@ class ProgressiveConfig:
 def progressive_distill(teacher: UNet, config: Config, images: np.ndarray, out: str | Path,
                         quality: QualityFn, settings: ProgressiveConfig = ProgressiveConfig(),
                         gate: Gate | None = None, measure_latency: bool = True,
-                        emit: Emit = print) -> DistillResult:
+                        emit: Emit = print, labels: np.ndarray | None = None) -> DistillResult:
     """Distil ``teacher`` from ``settings.teacher_steps`` to ``settings.target_steps`` DDIM steps.
 
     Args:
@@ -133,6 +134,7 @@ def progressive_distill(teacher: UNet, config: Config, images: np.ndarray, out: 
         gate: the per-stage quality gate (default :class:`Gate`).
         measure_latency: also record each stage's batch-1 sampling latency.
         emit: receives one progress line per attempt.
+        labels: the classes of ``images``, for a class-conditional teacher.
 
     Returns:
         The last passing stage's student; the teacher itself if the first stage fails.
@@ -143,7 +145,7 @@ def progressive_distill(teacher: UNet, config: Config, images: np.ndarray, out: 
     start, record0 = teacher_snapshot(teacher, config, base, score, out, "progressive", emit)
     prediction = student_prediction(config.schedule.prediction)
     first = reparametrise(teacher, config, images, settings.reparam_steps, settings.learning_rate,
-                          settings.batch_size, settings.seed, settings.weight)
+                          settings.batch_size, settings.seed, settings.weight, labels)
 
     def attempt(prev: Snapshot, plan: StagePlan, steps: int, lr: float) -> Trained:
         init = first if plan.stage == 1 else prev.state.model
@@ -151,13 +153,15 @@ def progressive_distill(teacher: UNet, config: Config, images: np.ndarray, out: 
         prev.model.eval()
         grid = schedule_grid(prev.schedule)
 
-        def loss_fn(model: nn.Module, x0: mx.array, key: mx.array) -> mx.array:
-            return progressive_loss(model, prev.model, x0, key, grid, prediction,
-                                    prev.schedule.prediction, settings.weight)
+        def loss_fn(model: nn.Module, x0: mx.array, key: mx.array, *y: mx.array) -> mx.array:
+            s, t = labelled((model, prev.model), config, key, y)
+            return progressive_loss(s, t, x0, key, grid, prediction, prev.schedule.prediction,
+                                    settings.weight)
 
         run = StudentRun(steps, lr, settings.batch_size, settings.seed + plan.stage,
                          settings.grad_clip)
-        opt, losses = train_student(student, loss_fn, images, run, frozen=[prev.model.state])
+        opt, losses = train_student(student, loss_fn, images, run, frozen=[prev.model.state],
+                                    labels=labels)
         student.eval()
         return Trained(student_state(student, config, schedule, run, opt), student, schedule,
                        losses)

@@ -24,8 +24,10 @@ from engine.training.losses import reparam_loss
 from engine.training.train import Loss, TrainState, compiled_update, take_step
 
 __all__ = [
+    "Labelled",
     "StudentRun",
     "copy_model",
+    "labelled",
     "reparametrise",
     "student_prediction",
     "student_state",
@@ -34,6 +36,31 @@ __all__ = [
 
 BATCH_STREAM = (7,)
 """Student batches come from their own ``(seed, 7, step)`` stream, not ``(seed, step)``."""
+
+
+class Labelled:
+    """A class-conditional network with a batch's labels bound: ``Labelled(net, y)(x, t)`` is
+    ``net(x, t, y)``, so the distillation losses, which call ``net(x, t)``, need no labels."""
+
+    def __init__(self, net: Any, labels: mx.array):
+        self.net, self.labels = net, labels
+
+    def __call__(self, x: mx.array, t: mx.array) -> mx.array:
+        return self.net(x, t, self.labels)  # type: ignore[no-any-return]
+
+
+def labelled(nets: Sequence[Any], config: Config, key: mx.array,
+             labels: Sequence[mx.array]) -> tuple[Any, ...]:
+    """``nets`` (student, teacher, ...) bound to one batch's ``labels``, the same labels for
+    all, ``config.train.label_dropout`` of them dropped to the null label (drawn from
+    ``key``), so that the student also learns the unconditional prediction guidance needs.
+    Without labels (an unconditional network) the nets are returned as they are."""
+    if not labels:
+        return tuple(nets)
+    y, classes = labels[0], config.unet.num_classes
+    drop = mx.random.uniform(shape=y.shape, key=mx.random.split(key, 3)[2])
+    y = mx.where(drop < config.train.label_dropout, classes, y)
+    return tuple(Labelled(n, y) for n in nets)
 
 
 @dataclass(frozen=True)
@@ -50,8 +77,8 @@ class StudentRun:
 
 def train_student(model: UNet, loss_fn: Loss, images: np.ndarray, run: StudentRun,
                   frozen: Sequence[Any] = (), after_step: Callable[[], Any] | None = None,
-                  ) -> tuple[optim.Optimizer, list[float]]:
-    """Minimise ``loss_fn(model, x0, key)`` over ``model`` for ``run.steps`` steps.
+                  labels: np.ndarray | None = None) -> tuple[optim.Optimizer, list[float]]:
+    """Minimise ``loss_fn(model, x0, key[, y])`` over ``model`` for ``run.steps`` steps.
 
     Args:
         model: the student, trained in place.
@@ -60,6 +87,8 @@ def train_student(model: UNet, loss_fn: Loss, images: np.ndarray, run: StudentRu
         run: steps, learning rate, batch size, seed and gradient clip.
         frozen: state of the networks ``loss_fn`` reads (teacher, target network).
         after_step: returns arrays to evaluate with each step (a target EMA update).
+        labels: the classes of ``images`` (N,), passed with each batch as ``y``, for a
+            class-conditional student.
 
     Returns:
         The optimizer and the loss of every step; a non-finite loss stops training and
@@ -73,7 +102,7 @@ def train_student(model: UNet, loss_fn: Loss, images: np.ndarray, run: StudentRu
     update = compiled_update(model, opt, loss_fn, run.grad_clip, frozen=frozen)
     losses: list[float] = []
     for n in range(run.steps):
-        value = take_step(update, images, run.seed, n, run.batch_size, BATCH_STREAM)
+        value = take_step(update, images, run.seed, n, run.batch_size, BATCH_STREAM, labels)
         extra = after_step() if after_step is not None else None
         mx.eval(value, model.state, opt.state, extra)
         losses.append(float(np.array(value)))
@@ -96,7 +125,7 @@ def student_prediction(teacher_prediction: str) -> str:
 
 def reparametrise(teacher: UNet, config: Config, images: np.ndarray, steps: int,
                   learning_rate: float, batch_size: int = 64, seed: int = 0,
-                  weight: str = "truncated_snr") -> UNet:
+                  weight: str = "truncated_snr", labels: np.ndarray | None = None) -> UNet:
     """A copy of ``teacher`` predicting v instead of eps, trained to match its x0.
 
     Returns ``teacher`` itself when its prediction needs no change.
@@ -107,12 +136,13 @@ def reparametrise(teacher: UNet, config: Config, images: np.ndarray, steps: int,
     student = copy_model(teacher)
     teacher.eval()
 
-    def loss_fn(model: nn.Module, x0: mx.array, key: mx.array) -> mx.array:
-        return reparam_loss(model, teacher, x0, key, student_prediction(prediction), prediction,
+    def loss_fn(model: nn.Module, x0: mx.array, key: mx.array, *y: mx.array) -> mx.array:
+        s, t = labelled((model, teacher), config, key, y)
+        return reparam_loss(s, t, x0, key, student_prediction(prediction), prediction,
                             config.schedule.beta_schedule, weight)
 
     run = StudentRun(steps, learning_rate, batch_size, seed, 1.0)
-    train_student(student, loss_fn, images, run, frozen=[teacher.state])
+    train_student(student, loss_fn, images, run, frozen=[teacher.state], labels=labels)
     return student
 
 

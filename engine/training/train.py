@@ -28,10 +28,12 @@ from engine.sampling.diffusion import diffusion_loss
 
 VAL_BATCH = 256
 
-Loss = Callable[[nn.Module, mx.array, mx.array], mx.array]
-"""``loss_fn(model, x0, key) -> scalar``, ``x0`` a data batch (B, H, W, C), ``key`` its noise."""
-Update = Callable[[mx.array, mx.array], mx.array]
-"""``update(x0, key) -> loss``: one optimizer step on the model, from :func:`compiled_update`."""
+Loss = Callable[..., mx.array]
+"""``loss_fn(model, x0, key[, labels]) -> scalar``, ``x0`` a data batch (B, H, W, C), ``key``
+its noise, ``labels`` (B,) its classes where the model is class-conditional."""
+Update = Callable[..., mx.array]
+"""``update(x0, key[, labels]) -> loss``: one optimizer step on the model, from
+:func:`compiled_update`."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -115,10 +117,14 @@ def _step_key(seed: int, step: int) -> mx.array:
     return mx.random.key((seed * 1_000_003 + step) % (2**63))
 
 
-def _batch(images: np.ndarray, seed: int, step: int, size: int,
-           stream: tuple[int, ...] = ()) -> mx.array:
+def _batch(images: np.ndarray, seed: int, step: int, size: int, stream: tuple[int, ...] = (),
+           labels: np.ndarray | None = None) -> list[mx.array]:
+    """``[images]`` or ``[images, labels]`` of the step's draw (the same indices for both)."""
     rng = np.random.default_rng([seed, *stream, step])
-    return mx.array(images[rng.integers(0, len(images), size)])
+    idx = rng.integers(0, len(images), size)
+    if labels is None:
+        return [mx.array(images[idx])]
+    return [mx.array(images[idx]), mx.array(labels[idx].astype(np.int32))]
 
 
 def _ema_decay(decay: float, step: int) -> float:
@@ -138,18 +144,18 @@ def _loss_and_grad(model: nn.Module, loss_fn: Loss, dtype: str) -> Callable:
     optimizer state stay float32 (Micikevicius et al. 2018, mixed-precision training).
     """
     if dtype == "float32":
-        return nn.value_and_grad(model, lambda x0, key: loss_fn(model, x0, key))
+        return nn.value_and_grad(model, lambda x0, key, *y: loss_fn(model, x0, key, *y))
     low, scale = getattr(mx, dtype), LOSS_SCALE[dtype]
 
-    def scaled_loss(params: dict, x0: mx.array, key: mx.array) -> mx.array:
+    def scaled_loss(params: dict, x0: mx.array, key: mx.array, *y: mx.array) -> mx.array:
         model.update(tree_map(lambda p: p.astype(low), params))
-        return loss_fn(model, x0, key).astype(mx.float32) * scale
+        return loss_fn(model, x0, key, *y).astype(mx.float32) * scale
 
     grad_fn = mx.value_and_grad(scaled_loss)
 
-    def loss_and_grad(x0: mx.array, key: mx.array) -> tuple[mx.array, dict]:
+    def loss_and_grad(x0: mx.array, key: mx.array, *y: mx.array) -> tuple[mx.array, dict]:
         master = model.trainable_parameters()
-        loss, grads = grad_fn(master, x0, key)
+        loss, grads = grad_fn(master, x0, key, *y)
         model.update(master)  # the optimizer steps the fp32 weights, never the casts
         return loss / scale, tree_map(lambda g: g / scale, grads)
 
@@ -158,9 +164,17 @@ def _loss_and_grad(model: nn.Module, loss_fn: Loss, dtype: str) -> Callable:
 
 def base_loss(config: Config) -> Loss:
     """The diffusion loss of ``config.schedule`` (its prediction target and beta schedule),
-    weighted as ``config.train.loss_weight`` says."""
-    return partial(diffusion_loss, prediction=config.schedule.prediction,
+    weighted as ``config.train.loss_weight`` says; a class-conditional network's labels
+    are dropped to the null label at ``config.train.label_dropout``."""
+    loss = partial(diffusion_loss, prediction=config.schedule.prediction,
                    kind=config.schedule.beta_schedule, weighting=config.train.loss_weight)
+    if config.unet.num_classes == 0:
+        return loss
+
+    def conditional(model: nn.Module, x0: mx.array, key: mx.array, y: mx.array) -> mx.array:
+        return loss(model, x0, key, labels=y, label_dropout=config.train.label_dropout)
+
+    return conditional
 
 
 def compiled_update(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Loss,
@@ -183,8 +197,8 @@ def compiled_update(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Loss,
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=compiled_state + list(frozen), outputs=compiled_state)
-    def step(x0: mx.array, key: mx.array) -> mx.array:
-        loss, grads = loss_and_grad(x0, key)
+    def step(x0: mx.array, key: mx.array, *labels: mx.array) -> mx.array:
+        loss, grads = loss_and_grad(x0, key, *labels)
         if grad_clip > 0:
             grads, _ = optim.clip_grad_norm(grads, grad_clip)
         optimizer.update(model, grads)
@@ -194,14 +208,16 @@ def compiled_update(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Loss,
 
 
 def take_step(update: Update, images: np.ndarray, seed: int, step: int, batch_size: int,
-              stream: tuple[int, ...] = ()) -> mx.array:
+              stream: tuple[int, ...] = (), labels: np.ndarray | None = None) -> mx.array:
     """Run ``update`` once on the batch, noise key and dropout draws of ``(seed, step)``.
 
     ``stream`` tags a run's batch draws apart from a plain training run with the same seed
     (distillation uses its own, so a student never replays its teacher's batch order).
+    ``labels`` (N,), the images' classes, go with the batch to a class-conditional update.
     """
     mx.random.seed(seed * 7919 + step)  # dropout draws from the global generator
-    return update(_batch(images, seed, step, batch_size, stream), _step_key(seed, step))
+    x0, *y = _batch(images, seed, step, batch_size, stream, labels)
+    return update(x0, _step_key(seed, step), *y)
 
 
 def _compiled_step(state: TrainState) -> Update:
@@ -211,25 +227,31 @@ def _compiled_step(state: TrainState) -> Update:
                            cfg.train.dtype)
 
 
-def validation_loss(model: nn.Module, config: Config, val: np.ndarray) -> float:
+def validation_loss(model: nn.Module, config: Config, val: np.ndarray,
+                    val_labels: np.ndarray | None = None) -> float:
     """Loss on a fixed validation set with fixed noise, so values compare across steps.
 
     Evaluated in chunks of the training batch size, so validation never raises the
-    training peak memory.
+    training peak memory. A class-conditional network is scored on ``val_labels`` (none
+    dropped), or unconditionally (the null label) when there are none.
     """
     images, chunk = val[:VAL_BATCH], config.train.batch_size
     total = 0.0
     for i, start in enumerate(range(0, len(images), chunk)):
         x0 = mx.array(images[start:start + chunk])
+        y = None
+        if config.unet.num_classes > 0 and val_labels is not None:
+            y = mx.array(val_labels[start:start + chunk].astype(np.int32))
         loss = diffusion_loss(model, x0, mx.random.key(12345 + i), config.schedule.prediction,
-                              config.schedule.beta_schedule)
+                              config.schedule.beta_schedule, labels=y)
         total += float(loss.item()) * len(x0)
     return total / len(images)
 
 
 def train(state: TrainState, images: np.ndarray, val: np.ndarray, until: int | None = None,
           callback: Callback | None = None,
-          guard: Callable[[], AbstractContextManager[Any]] | None = None) -> TrainState:
+          guard: Callable[[], AbstractContextManager[Any]] | None = None,
+          labels: tuple[np.ndarray, np.ndarray] | None = None) -> TrainState:
     """Train ``state`` in place up to step ``until`` (default: ``config.train.steps``).
 
     Args:
@@ -241,30 +263,62 @@ def train(state: TrainState, images: np.ndarray, val: np.ndarray, until: int | N
             returning ``False`` stops training early.
         guard: each step (with its validation, if due) runs inside ``guard()``, for
             example a lock that other processes on the device share.
+        labels: ``(train labels, validation labels)``, the classes of ``images`` and ``val``;
+            a class-conditional network (``num_classes > 0``) needs them.
 
     Returns:
         The same ``state``, advanced.
 
     Raises:
         TrainingDiverged: the loss became NaN or infinite.
+        ValueError: a class-conditional network without labels, or a label out of its range.
     """
     tc = state.config.train
     until = tc.steps if until is None else min(until, tc.steps)
+    check_labels(state.config, labels, len(images), len(val))
     step_fn = _compiled_step(state)
     start = time.perf_counter()
     while state.step < until:
         with guard() if guard is not None else nullcontext():
-            point = _one_step(state, step_fn, images, val, start)
+            point = _one_step(state, step_fn, images, val, start, labels)
         if point is not None and callback is not None and callback(point) is False:
             break
     return state
 
 
+def check_labels(config: Config, labels: tuple[np.ndarray, np.ndarray] | None,
+                 n_train: int, n_val: int) -> None:
+    """Raise ``ValueError`` unless ``labels`` fit ``config``'s network and the two image sets."""
+    classes = config.unet.num_classes
+    if classes == 0:
+        return
+    if labels is None:
+        raise ValueError(f"UNetConfig.num_classes={classes}: the dataset has no labels")
+    for name, y, n in (("training", labels[0], n_train), ("validation", labels[1], n_val)):
+        if y.shape != (n,):
+            raise ValueError(f"{name} labels: shape {y.shape} for {n} images")
+        if n and (y.min() < 0 or y.max() >= classes):
+            raise ValueError(f"UNetConfig.num_classes={classes}: {name} labels span "
+                             f"[{y.min()}, {y.max()}]")
+
+
+def stand_in_labels(config: Config, n_train: int, n_val: int
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Class 0 for every image, for a class-conditional ``config``, else None: what speed
+    and memory probes train on (the label's value changes neither)."""
+    if config.unet.num_classes == 0:
+        return None
+    return np.zeros(n_train, np.int64), np.zeros(n_val, np.int64)
+
+
 def _one_step(state: TrainState, step_fn: Update, images: np.ndarray, val: np.ndarray,
-              start: float) -> EvalPoint | None:
+              start: float, labels: tuple[np.ndarray, np.ndarray] | None = None
+              ) -> EvalPoint | None:
     """Step ``state`` once; returns the new :class:`EvalPoint` when validation was due."""
     tc, n, losses = state.config.train, state.step, state.pending_losses
-    loss = take_step(step_fn, images, tc.seed, n, tc.batch_size)
+    cond = state.config.unet.num_classes > 0 and labels is not None
+    loss = take_step(step_fn, images, tc.seed, n, tc.batch_size,
+                     labels=labels[0] if cond and labels is not None else None)
     d = _ema_decay(tc.ema_decay, n)
     state.ema = tree_map(lambda e, p: d * e + (1 - d) * p, state.ema, state.model.parameters())
     mx.eval(loss, state.ema, state.model.state, state.optimizer.state)
@@ -276,7 +330,8 @@ def _one_step(state: TrainState, step_fn: Update, images: np.ndarray, val: np.nd
     if state.step % tc.eval_every and state.step != tc.steps:
         return None
     point = EvalPoint(state.step, float(np.mean(losses)),
-                      validation_loss(state.ema_model(), state.config, val),
+                      validation_loss(state.ema_model(), state.config, val,
+                                      labels[1] if cond and labels is not None else None),
                       time.perf_counter() - start)
     state.history.append(point)
     losses.clear()

@@ -25,6 +25,7 @@ from engine.compression.compress import (
     format_table,
     save_compressed,
 )
+from engine.data.datasets import labels_of
 from engine.io.checkpoint import load_weights
 from engine.io.models import kind_of, load_model
 from engine.quality.features import feature_network_for
@@ -139,7 +140,8 @@ def compress_trial(src: dv.Source, max_fid_increase: float, results: Path,
     levels = {m: DEFAULT_LEVELS[m] for m in (methods or tuple(DEFAULT_LEVELS))}
     train, val = dataset.split(src.space.data.val_fraction, src.space.data.split_seed)
     result = compress(model, config, evaluate, max_fid_increase, levels,
-                      (train.images, val.images), finetune_steps, log=emit)
+                      (train.images, val.images, *(labels_of(train, val) or ())),
+                      finetune_steps, log=emit)
     emit(format_table(result))
     if not result.recipe:
         return None, result
@@ -173,8 +175,9 @@ def schedule_trial(src: dv.Source, steps: int, results: Path, sampler: str | Non
     if sampler == "adaptive":
         raise ValueError("the adaptive sampler chooses its own steps; pass --sampler ddim, "
                          "euler, dpmpp_2m or ddpm")
-    found = optimize_schedule(denoiser(model, s.prediction, s.beta_schedule),
-                              (u.image_size, u.image_size, u.channels), steps, s.beta_schedule,
+    denoise = denoiser(model, s.prediction, s.beta_schedule, guidance=s.guidance)
+    found = optimize_schedule(denoise, (u.image_size, u.image_size, u.channels), steps,
+                              s.beta_schedule,
                               sampler, batch=batch, seed=seed, time_limit_s=seconds)
     emit(f"optimised {steps} times for {sampler} in {found.seconds:.1f} s "
          f"({found.evaluations} evaluations): error {found.error:.4g} vs "

@@ -204,7 +204,20 @@ def _checked_inputs(space: SearchSpace, options: SearchOptions, results: Path,
     """Validate the options and load the dataset before the storage is touched."""
     make_pruner(options.pruner or space.study.pruner, space)
     return build_payload(space.data, results / "feature-nets", progress,
-                         fid_samples=space.evaluate.fid_samples)
+                         fid_samples=space.evaluate.fid_samples,
+                         num_classes=conditional_classes(space))
+
+
+def conditional_classes(space: SearchSpace) -> int:
+    """The fewest classes a class-conditional candidate of ``space`` has; 0 if none is."""
+    param = next((p for p in space.params if p.name == "unet.num_classes"), None)
+    if param is None:
+        return 0
+    if param.searched and not param.choices:
+        values = [int(param.low), int(param.high)]
+    else:
+        values = [int(v) for v in (param.choices or (param.value,))]
+    return min((v for v in values if v > 0), default=0)
 
 
 def _run(study: optuna.Study, space: SearchSpace, options: SearchOptions, run: Run,

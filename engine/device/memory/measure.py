@@ -21,7 +21,7 @@ from engine.device.memory.limits import release
 from engine.device.memory.model import MB
 from engine.model.unet import UNet
 from engine.sampling.samplers import generate
-from engine.training.train import init_state, train
+from engine.training.train import init_state, stand_in_labels, train
 
 
 def _measured_peak_mb(fn: Any) -> float:
@@ -51,7 +51,9 @@ def measure_train_step_mb(config: Config, batch: int | None = None, steps: int =
                                         eval_every=10**6))
     u = cfg.unet
     images = np.zeros((batch, u.image_size, u.image_size, u.channels), np.float32)
-    return _measured_peak_mb(lambda: train(init_state(cfg), images, images[:1], until=steps))
+    labels = stand_in_labels(cfg, batch, 1)
+    return _measured_peak_mb(lambda: train(init_state(cfg), images, images[:1], until=steps,
+                                           labels=labels))
 
 
 def measure_sampling_mb(config: Config, batch: int) -> float:

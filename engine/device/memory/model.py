@@ -231,5 +231,5 @@ def predict(config: Config, batch: int | None = None, sample_n: int = 16,
         weights_mb=p_mb, optimizer_mb=STATE_COPIES["optimizer"] * p_mb,
         ema_mb=STATE_COPIES["ema"] * p_mb, train_step_mb=step, val_batch=val_batch,
         validation_mb=validation, train_peak_mb=max(step, validation),
-        sample_b1_mb=peak_mb(u, 1, sample), sample_n=sample_n,
-        sample_bn_mb=peak_mb(u, sample_n, sample))
+        sample_b1_mb=peak_mb(u, config.passes, sample), sample_n=sample_n,
+        sample_bn_mb=peak_mb(u, sample_n * config.passes, sample))

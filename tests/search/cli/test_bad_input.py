@@ -220,3 +220,21 @@ def test_the_real_process_prints_one_line_and_no_traceback(tmp_path, a_file, res
         _refused((proc.returncode, proc.stderr), fragment)
         assert "Traceback" not in proc.stderr
     assert not results.exists()
+
+
+# -- a class-conditional space on data without the labels it needs ---------------------------
+
+def test_search_refuses_a_conditional_space_on_unlabelled_data(capsys, tmp_path, results):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "plain.npz"
+    np.savez(data, images=rng.integers(0, 255, (40, 16, 16), np.uint8))
+    space = tmp_path / "cond.toml"
+    space.write_text(SEARCHED + f"num_classes = 10\n[data]\ndataset = '{data}'\n"
+                     "[evaluate]\nfid_samples = 8\n")
+    _refused(_cli(capsys, "search", "--space", space, "--results", results),
+             "[unet] num_classes = 10", "'plain' has no labels")
+    np.savez(data, images=rng.integers(0, 255, (40, 16, 16), np.uint8),
+             labels=np.arange(40) % 12)
+    _refused(_cli(capsys, "search", "--space", space, "--results", results),
+             "[unet] num_classes = 10", "labels up to 11")
+    assert not (results / "feature-nets").exists()  # refused before any network trains
