@@ -113,12 +113,13 @@ def inherit(parent_config: UNetConfig, parent_params: dict, child_config: UNetCo
     - the same weights: ``activation``, ``dropout``, ``norm``, ``norm_groups``,
       ``image_size``.
 
-    Anything else (``channels``, ``time_emb_dim``, ``head_dim`` with attention, the number
-    of levels, dense -> separable, transposed -> nearest, width ratios that are not powers
-    of two) returns None.
+    Anything else (``channels``, ``time_emb_dim``, ``num_classes``, ``head_dim`` with
+    attention, the number of levels, dense -> separable, transposed -> nearest, width ratios
+    that are not powers of two) returns None. A class-conditional parent's label embedding
+    (it feeds the time embedding, which no morphism changes) passes to the child as it is.
     """
     p, c = parent_config, child_config
-    if (p.channels, p.time_emb_dim) != (c.channels, c.time_emb_dim):
+    if (p.channels, p.time_emb_dim, p.num_classes) != (c.channels, c.time_emb_dim, c.num_classes):
         return None
     if p.head_dim != c.head_dim and (p.attn_levels or c.attn_levels):
         return None
@@ -134,6 +135,8 @@ def inherit(parent_config: UNetConfig, parent_params: dict, child_config: UNetCo
         return None
     if cfg != c:
         return None
+    if c.num_classes > 0:
+        params = {**params, "label_emb": parent_params["label_emb"]}
     return params
 
 

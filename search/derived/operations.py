@@ -177,8 +177,8 @@ def schedule_trial(src: dv.Source, steps: int, results: Path, sampler: str | Non
                          "euler, dpmpp_2m or ddpm")
     denoise = denoiser(model, s.prediction, s.beta_schedule, guidance=s.guidance)
     found = optimize_schedule(denoise, (u.image_size, u.image_size, u.channels), steps,
-                              s.beta_schedule,
-                              sampler, batch=batch, seed=seed, time_limit_s=seconds)
+                              s.beta_schedule, sampler, batch=batch, seed=seed,
+                              time_limit_s=seconds)
     emit(f"optimised {steps} times for {sampler} in {found.seconds:.1f} s "
          f"({found.evaluations} evaluations): error {found.error:.4g} vs "
          f"{found.baseline_error:.4g} for trailing spacing")

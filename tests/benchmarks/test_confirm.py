@@ -85,6 +85,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> DataPayload:
     return record.payload(vars(space.data), record.CACHE)
 
 
+@pytest.mark.slow  # trains a real trial (45 s); the next test runs a live trial too
 def test_live_table_trains_a_proposal_and_reuses_it(tmp_path: Path, data: DataPayload) -> None:
     space, doc = tiny(tmp_path, 1000)
     trials = tmp_path / "trials.jsonl"

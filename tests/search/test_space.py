@@ -36,6 +36,8 @@ def test_the_demo_preset_is_a_ten_minute_search_of_architectures_and_schedules()
     assert "unet.attn_levels" in dists  # with and without attention
     assert {"schedule.sampler", "schedule.steps", "schedule.spacing"} <= set(dists)
     assert dists["schedule.steps"].low >= 8  # fewer sampler steps cost legibility
+    # class-conditional and always guided: 0.88-0.975 legible at 800 steps, 0.615 without
+    assert fixed["unet.num_classes"] == 10 and dists["schedule.guidance"].low > 1
 
 
 def test_list_choices_round_trip_through_optuna():

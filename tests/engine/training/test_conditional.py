@@ -147,3 +147,16 @@ def test_a_conditional_teacher_distils_with_its_labels(trained, tmp_path, method
     unlabelled = replace(dataset, labels=None)
     with pytest.raises(ValueError, match="has no labels; the checkpoint is conditioned on 10"):
         distill(tmp_path / "teacher", method, 2, unlabelled, tmp_path / "x", quality=quality)
+
+
+def test_a_morphism_keeps_the_label_embedding(trained):
+    from engine.model.morph import inherit
+
+    parent = trained.ema_model()
+    child_cfg = replace(UNET, base_width=16, norm_groups=4)  # widen x2: function-preserving
+    child = UNet(child_cfg)
+    child.update(inherit(UNET, parent.parameters(), child_cfg))
+    x, t = mx.random.normal((3, 16, 16, 1), key=mx.random.key(4)), mx.full((3,), 0.4)
+    y = mx.array([0, 5, 9], dtype=mx.int32)
+    np.testing.assert_allclose(np.array(child(x, t, y)), np.array(parent(x, t, y)), atol=1e-4)
+    assert inherit(UNET, parent.parameters(), replace(UNET, num_classes=5)) is None

@@ -97,8 +97,11 @@ def test_presets_search_the_spacings_and_the_adaptive_tolerance(preset):
 
 
 @pytest.mark.parametrize("schedule", [
-    {"schedule.sampler": "adaptive", "schedule.tolerance": 0.08, "schedule.steps": 6},
-    {"schedule.sampler": "ddim", "schedule.spacing": "quadratic", "schedule.steps": 4}])
+    # the adaptive sampler's error control runs unguided; ddim runs guided (the demo's labels)
+    {"schedule.sampler": "adaptive", "schedule.tolerance": 0.08, "schedule.steps": 6,
+     "schedule.guidance": 1.0},
+    {"schedule.sampler": "ddim", "schedule.spacing": "quadratic", "schedule.steps": 4,
+     "schedule.guidance": 2.0}])
 def test_a_demo_trial_with_the_new_schedule_options_runs(schedule, tmp_path):
     space = load_space("demo")
     values = {"unet.base_width": 16, "unet.width_mults": "[1, 2]", "unet.attn_levels": "[]",

@@ -64,6 +64,7 @@ def test_smoke_study_with_two_workers(ray_cluster, results, storage, tmp_path):
     assert (out / "samples.png").is_file() and config.unet.image_size == 8
 
 
+@pytest.mark.slow  # 3 min on 2 cores; test_smoke_study_with_two_workers covers two nodes
 def test_trials_run_on_every_node_and_a_joining_node_gets_work(ray_cluster, results, storage):
     import ray
 
@@ -94,7 +95,9 @@ def _kill_once(target):
     return action
 
 
-@pytest.mark.parametrize("target", ["trial", "worker"])
+@pytest.mark.parametrize("target", [
+    # a dead trial process: tests/workers/test_walltime.py (a killed warm process) covers it fast
+    pytest.param("trial", marks=pytest.mark.slow), "worker"])
 def test_killed_trial_process_or_worker_is_retried(ray_cluster, results, storage, target):
     result = run_search(_options(results, storage, workers=2), Hook(_kill_once(target)))
     assert (result.finished, result.complete) == (4, 4)
@@ -108,6 +111,7 @@ def test_killed_trial_process_or_worker_is_retried(ray_cluster, results, storage
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow  # 3 min on 2 cores; a worker that dies mid-trial (above) takes the same path
 def test_a_node_leaving_mid_trial_sends_its_trial_elsewhere(ray_cluster, results, storage):
     leaving = ray_cluster.add_node(num_cpus=1, resources={RESOURCE: 1, "node_4": 1})
     removed = []
@@ -152,6 +156,7 @@ class ScriptedPruner:
         return Decision(number != 2, f"dominated at step {rung.step}")
 
 
+@pytest.mark.slow  # tests/search/pruning/test_mo_asha_study.py prunes at every stage, fast
 def test_a_registered_pruner_decides_at_every_stage(ray_cluster, results, storage, monkeypatch):
     monkeypatch.setitem(PRUNERS, "scripted", ScriptedPruner)
     result = run_search(_options(results, storage, workers=2, pruner="scripted"))

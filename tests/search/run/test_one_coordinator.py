@@ -13,7 +13,7 @@ from search.storage import record as rec
 from search.storage import study as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-TRIALS = 3
+TRIALS = 2  # one round on the two workers
 
 
 def _start(ray_cluster, results, storage):
