@@ -29,9 +29,9 @@ def test_the_demo_preset_is_a_ten_minute_search_of_architectures_and_schedules()
     fixed = {p.name: p.value for p in space.params if not p.searched}
     assert (space.study.trials, space.study.pruner, space.data.dataset, space.data.image_size,
             space.evaluate.fid_samples) == (2, "none", "digits", 16, 200)
-    assert (fixed["train.steps"], fixed["train.batch_size"]) == (720, 32)
+    assert (fixed["train.steps"], fixed["train.batch_size"]) == (600, 32)
     assert (fixed["unet.width_mults"], fixed["train.lr_decay"]) == ([1, 2, 2], "cosine")
-    assert space.rungs.steps(fixed["train.steps"]) == (360, 720)
+    assert space.rungs.steps(fixed["train.steps"]) == (300, 600)
     dists = space.distributions()
     assert {"schedule.sampler", "schedule.steps", "schedule.spacing"} <= set(dists)
     assert dists["schedule.steps"].low >= 8  # fewer sampler steps cost legibility
