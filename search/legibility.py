@@ -6,7 +6,8 @@ folder the way ``diffnas export`` finds it and draws samples with its own sample
 Each sample is scored by the shipped digits classifier (:mod:`engine.quality.legibility`):
 *confident* when its top class probability is at least 0.9, *legible* when it is also inside
 that class's typical set of real digits. The same shares of as many held-out real digits
-(never seen by the classifier) give the ceiling the measure reaches on real data.
+(never seen by the classifier, drawn at random: :func:`held_out_digits`) give the ceiling
+the measure reaches on real data.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from search.derived.points import source
 from search.storage import record as rec
 from search.storage import study as st
 
-__all__ = ["Score", "StudyLegibility", "best_front_label", "score", "study_legibility"]
+__all__ = ["Score", "StudyLegibility", "best_front_label", "held_out_digits", "score",
+           "study_legibility"]
 
 THRESHOLD = 0.9  # the least top class probability of a confident image
 
@@ -86,6 +88,12 @@ def score(images: np.ndarray, typical: TypicalSet, drawn: np.ndarray | None = No
                  tuple(int(c) for c in classes), agreement)
 
 
+def held_out_digits(images: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` of the held-out real ``images`` drawn at random (a fixed seed): the held-out
+    split keeps the file's order, whose first images are nearly all 0-3."""
+    return images[np.random.default_rng(seed).permutation(len(images))[:n]]
+
+
 def best_front_label(study: optuna.Study) -> str:
     """The label (``"3"`` or ``"d0"``) of the front's point of lowest FID.
 
@@ -134,5 +142,5 @@ def study_legibility(study: optuna.Study, label: str | None = None, n: int = 500
     assert fid is not None and latency is not None  # source() returns COMPLETE trials only
     drawn = sample_labels(n, config.unet.num_classes) if config.unet.num_classes else None
     scores = StudyLegibility(src.label, fid, latency, config, score(samples, typical, drawn),
-                             score(held.images[:n], typical))
+                             score(held_out_digits(held.images, n), typical))
     return scores, samples

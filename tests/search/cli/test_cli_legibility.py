@@ -16,6 +16,7 @@ from engine.quality.features import DIGITS_HOLDOUT, digits_feature_network
 from engine.quality.legibility import legible, typical_set
 from search import report
 from search.derived.points import source
+from search.legibility import held_out_digits
 from search.storage import study as st
 
 LEARNING_RATE = "{ float = [1e-3, 3e-3], log = true }"  # a space must search something
@@ -45,7 +46,7 @@ def _engine_shares(study, label, n):
     seen, held = load_dataset("digits", image_size=config.unet.image_size).split(*DIGITS_HOLDOUT)
     typical = typical_set(net, seen.images, seen.labels)
     return [(legible(x, net).mean(), legible(x, net, typical).mean())
-            for x in (sample_images(model, config, n, 0), held.images[:n])]
+            for x in (sample_images(model, config, n, 0), held_out_digits(held.images, n))]
 
 
 def test_scores_the_front_trial_of_lowest_fid(tiny_search, results, storage, tmp_path):
