@@ -316,9 +316,9 @@ def _one_step(state: TrainState, step_fn: Update, images: np.ndarray, val: np.nd
               ) -> EvalPoint | None:
     """Step ``state`` once; returns the new :class:`EvalPoint` when validation was due."""
     tc, n, losses = state.config.train, state.step, state.pending_losses
-    cond = state.config.unet.num_classes > 0 and labels is not None
-    loss = take_step(step_fn, images, tc.seed, n, tc.batch_size,
-                     labels=labels[0] if cond and labels is not None else None)
+    # An unconditional network ignores the dataset's labels.
+    y_train, y_val = labels if labels and state.config.unet.num_classes else (None, None)
+    loss = take_step(step_fn, images, tc.seed, n, tc.batch_size, labels=y_train)
     d = _ema_decay(tc.ema_decay, n)
     state.ema = tree_map(lambda e, p: d * e + (1 - d) * p, state.ema, state.model.parameters())
     mx.eval(loss, state.ema, state.model.state, state.optimizer.state)
@@ -330,8 +330,7 @@ def _one_step(state: TrainState, step_fn: Update, images: np.ndarray, val: np.nd
     if state.step % tc.eval_every and state.step != tc.steps:
         return None
     point = EvalPoint(state.step, float(np.mean(losses)),
-                      validation_loss(state.ema_model(), state.config, val,
-                                      labels[1] if cond and labels is not None else None),
+                      validation_loss(state.ema_model(), state.config, val, y_val),
                       time.perf_counter() - start)
     state.history.append(point)
     losses.clear()

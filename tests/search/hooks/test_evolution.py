@@ -37,7 +37,8 @@ def test_mutations_decode_to_valid_configs_inside_the_space(preset):
                 distributions[name].to_internal_repr(child[name]))
             assert params[name].allows(params[name].decode(child[name]))
         kinds.add("morphism" if changed[0].startswith("unet.") else "step")
-    assert kinds == {"morphism", "step"}
+    searches_the_unet = any(name.startswith("unet.") for name in params)  # demo: it does not
+    assert kinds == ({"morphism", "step"} if searches_the_unet else {"step"})
 
 
 def test_architecture_mutations_are_morphisms_that_map_onto_the_space():
