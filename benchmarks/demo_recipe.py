@@ -139,7 +139,8 @@ def run_one(name: str, n: int, seed: int) -> dict[str, Any]:
         scores[key] = round(legibility(images, net, typical), 4)
         if config.unet.num_classes:  # the classifier reads the class each image was drawn for
             read = net.probabilities(images).argmax(axis=1)
-            agree[key] = round(float((read == sample_labels(n, 10)).mean()), 4)
+            drawn = sample_labels(n, config.unet.num_classes)
+            agree[key] = round(float((read == drawn).mean()), 4)
     return {"recipe": name, "config": recipe_config(name), "train_wall_s": round(wall, 1),
             "train_cpu_s": round(cpu, 1), "images": config.train.steps * config.train.batch_size,
             "val_loss": state.history[-1].val_loss if state.history else None,

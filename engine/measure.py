@@ -41,6 +41,7 @@ from engine.device.steady import steady_call
 from engine.model.unet import UNet
 from engine.quality.metrics import FeatureExtractor, QualityRecord, evaluate_quality
 from engine.sampling.adaptive import StepBudget, choose_budget, with_budget
+from engine.sampling.diffusion import num_classes_of
 from engine.sampling.samplers import generate
 
 __all__ = [
@@ -87,11 +88,12 @@ def sample_images(model: nn.Module, config: Config, n: int, seed: int,
 def draw(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, size: int,
          channels: int, batch: int = SAMPLE_BATCH) -> np.ndarray:
     """:func:`sample_images` for a bare schedule (a distillation gate scores students by it)."""
-    classes = getattr(getattr(model, "config", None), "num_classes", 0)
+    classes = num_classes_of(model)
+    drawn = mx.array(sample_labels(n, classes)) if classes else None
     chunks = []
     for i in range(0, n, batch):
         b = min(batch, n - i)
-        y = mx.array(sample_labels(n, classes)[i:i + b]) if classes else None
+        y = drawn[i:i + b] if drawn is not None else None
         chunks.append(np.array(generate(model, schedule, b, seed + i, size, channels, labels=y)))
     return np.concatenate(chunks)
 

@@ -103,9 +103,8 @@ def diffusion_loss(model: nn.Module, x0: mx.array, key: mx.array, prediction: st
     if labels is None:
         out = model(x_t, t)
     else:
-        if label_dropout > 0:
-            drop = mx.random.uniform(shape=labels.shape, key=mx.random.split(k_t)[1]) < label_dropout
-            labels = mx.where(drop, model.config.num_classes, labels)
+        labels = drop_labels(labels, mx.random.split(k_t)[1], label_dropout,
+                             model.config.num_classes)
         out = model(x_t, t, labels)
     err = (out - target(x0, eps, alpha, sigma, prediction)) ** 2
     if weighting == "none":
@@ -114,6 +113,18 @@ def diffusion_loss(model: nn.Module, x0: mx.array, key: mx.array, prediction: st
     w = mx.minimum(snr, MIN_SNR_GAMMA)
     w = w / snr if prediction == "eps" else w / (snr + 1.0) if prediction == "v" else w
     return mx.mean(w * err)
+
+
+def drop_labels(labels: mx.array, key: mx.array, rate: float, null: int) -> mx.array:
+    """``labels`` with a ``rate`` share, drawn from ``key``, replaced by the ``null`` label."""
+    if rate <= 0:
+        return labels
+    return mx.where(mx.random.uniform(shape=labels.shape, key=key) < rate, null, labels)
+
+
+def num_classes_of(model: nn.Module) -> int:
+    """The classes ``model`` is conditioned on (its config's ``num_classes``; 0 if none)."""
+    return int(getattr(getattr(model, "config", None), "num_classes", 0))
 
 
 def cpu_streams() -> int:
@@ -211,7 +222,7 @@ def denoiser(model: nn.Module, prediction: str, kind: str, clip_x0: bool = True,
     from one call on the batch twice over (Ho & Salimans 2022, eq. 6).
     """
     forward = compiled_forward(model)
-    classes = getattr(getattr(model, "config", None), "num_classes", 0)
+    classes = num_classes_of(model)
     if guidance != 1.0 and classes == 0:
         raise ValueError(f"guidance={guidance:g} needs a class-conditional network")
 

@@ -20,6 +20,7 @@ from mlx.utils import tree_map
 
 from engine.config import Config, ScheduleConfig, TrainConfig
 from engine.model.unet import UNet
+from engine.sampling.diffusion import drop_labels
 from engine.training.losses import reparam_loss
 from engine.training.train import Loss, TrainState, compiled_update, take_step
 
@@ -57,9 +58,8 @@ def labelled(nets: Sequence[Any], config: Config, key: mx.array,
     Without labels (an unconditional network) the nets are returned as they are."""
     if not labels:
         return tuple(nets)
-    y, classes = labels[0], config.unet.num_classes
-    drop = mx.random.uniform(shape=y.shape, key=mx.random.split(key, 3)[2])
-    y = mx.where(drop < config.train.label_dropout, classes, y)
+    y = drop_labels(labels[0], mx.random.split(key, 3)[2], config.train.label_dropout,
+                    config.unet.num_classes)
     return tuple(Labelled(n, y) for n in nets)
 
 
