@@ -42,3 +42,18 @@ def results(tmp_path):
 def storage(results):
     """The SQLite storage URL inside ``results`` (the default a search would use)."""
     return f"sqlite:///{results / 'diffnas.db'}"
+
+
+@pytest.fixture()
+def fake_cuda_install():
+    """``make(root)``: a folder holding only an ``mlx-cuda-13`` dist-info, which is all that
+    ``engine.device.kernel_cache.cuda_backend`` reads; put it on a path to make a process
+    believe an MLX CUDA backend is installed (this machine has no GPU)."""
+    def make(root):
+        site = root / "site"
+        info = site / "mlx_cuda_13-0.32.4.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(
+            "Metadata-Version: 2.1\nName: mlx-cuda-13\nVersion: 0.32.4\n")
+        return site
+    return make

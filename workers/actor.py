@@ -36,14 +36,16 @@ RESOURCE = "diffnas_device"
 
 def device_profile() -> dict[str, Any]:
     """This process's device: chip or CPU, backend, memory, MLX and BLAS, host, pid, its
-    device class (:func:`workers.table.device_class`) and MLX's kernel cache (the folder
-    that the worker's trial processes share, :mod:`engine.device.kernel_cache`)."""
+    device class (:func:`workers.table.device_class`), MLX's kernel cache (the folder
+    that the worker's trial processes share, :mod:`engine.device.kernel_cache`) and whether
+    ``mx.compile`` compiles (:mod:`engine.device.compile_mode`)."""
     import engine  # noqa: F401  (binds an optimised BLAS and sets the kernel cache before mlx loads)
-    from engine.device import kernel_cache
+    from engine.device import compile_mode, kernel_cache
     from engine.device.bench import device_fingerprint
 
     profile = dict(device_fingerprint())
     profile.update(kernel_cache.describe())
+    profile.update(compile_mode.STATUS)
     profile.update(host=socket.gethostname(), pid=os.getpid())
     labels: dict[str, str] = {}
     try:

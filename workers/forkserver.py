@@ -9,7 +9,10 @@ Why forking is safe here: MLX starts its CPU stream thread on the first computat
 the engine sets ``OPENBLAS_NUM_THREADS=1`` before any BLAS loads, so the warm process,
 which only imports and unpickles, has one thread when it forks (the tests check it).
 On macOS, where MLX loads Metal at import and Apple's frameworks are not fork-safe,
-trials are spawned fresh instead (:func:`default_launcher`).
+trials are spawned fresh instead (:func:`default_launcher`); so they are where an MLX CUDA
+backend is installed: once CUDA is initialised in a process (``import engine`` asks MLX for
+its default device there), a forked child dies with SIGSEGV at its first kernel (H200,
+2026-12-03: every trial of the demo search).
 
 The warm process talks to the worker over one socket: ``("data", DataPayload)`` ->
 ``("ok",)``; ``("fork", launched_at)`` plus two passed descriptors (the trial's pipe and
@@ -47,13 +50,16 @@ _ENTRY = "import sys; from workers.forkserver import main; sys.exit(main(sys.arg
 
 
 def default_launcher() -> Launcher:
-    """The launcher :data:`START_ENV` asks for, else the platform's default.
+    """The launcher :data:`START_ENV` asks for, else the platform's default: ``fork`` on
+    Linux without an MLX CUDA backend, ``spawn`` elsewhere.
 
     Raises:
         ValueError: :data:`START_ENV` is neither ``fork`` nor ``spawn``.
     """
-    mode = os.environ.get(START_ENV) or ("fork" if sys.platform.startswith("linux")
-                                         else "spawn")
+    from engine.device.kernel_cache import cuda_backend
+
+    forkable = sys.platform.startswith("linux") and cuda_backend() is None
+    mode = os.environ.get(START_ENV) or ("fork" if forkable else "spawn")
     if mode not in ("fork", "spawn"):
         raise ValueError(f"{START_ENV}={mode!r}: expected 'fork' or 'spawn'")
     return ForkServer() if mode == "fork" else Spawn()

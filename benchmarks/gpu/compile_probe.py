@@ -42,7 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--sample-batch", type=int, default=1, help="0: no sampling")
     p.add_argument("--label", default="", help="a name for this run in the output")
+    p.add_argument("--eager", action="store_true",
+                   help="mx.disable_compile(): every mx.compile runs its function as is")
+    p.add_argument("--steady-steps", type=int, default=2,
+                   help="train calls timed after the first (their median is the steady cost)")
     args = p.parse_args(argv)
+    if args.eager:
+        mx.disable_compile()
     start_process = time.perf_counter()
     data = {**({**CONFIGS, **LARGE}[args.config])}
     ucfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
@@ -50,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
                  train=TrainConfig(batch_size=args.batch, steps=10**6, dtype=args.dtype))
     before = kernel_cache.describe().get("kernel_cache_modules")
     out = {"label": args.label, "config": args.config, "batch": args.batch,
-           "dtype": args.dtype, "device": str(mx.default_device()), "mlx": mx.__version__,
+           "dtype": args.dtype, "eager": args.eager, "device": str(mx.default_device()), "mlx": mx.__version__,
            **kernel_cache.describe()}
     shape = (args.batch, ucfg.image_size, ucfg.image_size, ucfg.channels)
     x0 = mx.array(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
@@ -58,12 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     state = etrain.init_state(cfg)
     step = etrain._compiled_step(state)
     times = []
-    for i in range(3):  # the first call compiles; the next two show the steady cost
+    for i in range(1 + args.steady_steps):  # the first call compiles; the rest are steady
         t0 = time.perf_counter()
         loss = step(x0, mx.random.key(i + 1))
         mx.eval(loss, state.model.state, state.optimizer.state)
         times.append(time.perf_counter() - t0)
-    out["train_first_call_s"], out["train_next_calls_s"] = times[0], times[1:]
+    out["train_first_call_s"], out["train_next_calls_s"] = times[0], times[1:4]
+    out["train_steady_median_s"] = float(np.median(times[1:]))
+    out["modules_after_train"] = kernel_cache.describe().get("kernel_cache_modules")
     print(json.dumps(out), flush=True)  # kept if the sampling part runs past a time limit
     if args.sample_batch:
         model = UNet(ucfg)

@@ -107,6 +107,15 @@ def test_an_unknown_start_mode_is_named(monkeypatch):
     assert default_launcher().mode == "spawn"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is Linux's default")
+def test_an_mlx_cuda_install_spawns_its_trials(monkeypatch, tmp_path, fake_cuda_install):
+    # A child forked after CUDA started dies at its first kernel (every trial, on an H200).
+    monkeypatch.delenv(START_ENV, raising=False)
+    assert default_launcher().mode == "fork"
+    monkeypatch.syspath_prepend(str(fake_cuda_install(tmp_path)))
+    assert default_launcher().mode == "spawn"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the warm process is Linux's")
 def test_a_dead_warm_process_crashes_its_trial_and_the_next_starts_a_new_one(smoke, server):
     payload, request = smoke

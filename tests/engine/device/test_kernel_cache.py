@@ -12,8 +12,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from importlib import metadata
 from pathlib import Path
+
+import pytest
 
 from engine.device import kernel_cache
 
@@ -22,30 +25,26 @@ MLX_VERSION = metadata.version("mlx")
 PROBE = textwrap.dedent("""
     import json, os, subprocess, sys
     import engine
-    loaded_before = "mlx.core" in sys.modules
     from engine.device import kernel_cache
     import mlx.core as mx
     child = subprocess.run([sys.executable, "-c",
                             "import os; print(os.environ.get('MLX_PTX_CACHE_DIR'))"],
                            capture_output=True, text=True).stdout.strip()
     print(json.dumps({"env": os.environ.get("MLX_PTX_CACHE_DIR"), "child": child,
-                      "mlx_loaded_before": loaded_before, **kernel_cache.describe()}))
+                      **kernel_cache.describe()}))
 """)
 
 
-def _fake_cuda_install(root: Path) -> Path:
-    site = root / "site"
-    info = site / "mlx_cuda_13-0.32.4.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mlx-cuda-13\nVersion: 0.32.4\n")
-    return site
+@pytest.fixture()
+def probe(fake_cuda_install):
+    return partial(_probe, fake_cuda_install)
 
 
-def _probe(tmp_path: Path, cuda: bool, **env: str) -> dict:
+def _probe(fake_cuda_install, tmp_path: Path, cuda: bool, **env: str) -> dict:
     full = {k: v for k, v in os.environ.items()
             if k not in (kernel_cache.MLX_ENV, kernel_cache.DIFFNAS_ENV)}
     full["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
-    paths = [str(_fake_cuda_install(tmp_path))] if cuda else []
+    paths = [str(fake_cuda_install(tmp_path))] if cuda else []
     full["PYTHONPATH"] = os.pathsep.join(paths + [str(Path(__file__).resolve().parents[3])])
     full.update(env)
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
@@ -53,33 +52,34 @@ def _probe(tmp_path: Path, cuda: bool, **env: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_default_is_a_persistent_per_version_folder_set_before_mlx_loads(tmp_path):
-    res = _probe(tmp_path, cuda=True)
+def test_default_is_a_persistent_per_version_folder_set_by_import_engine(tmp_path, probe):
+    res = probe(tmp_path, cuda=True)
     want = str(tmp_path / "xdg" / "diffnas" / "mlx-ptx" / MLX_VERSION)
     assert res["env"] == want and res["kernel_cache"] == want
     assert res["kernel_cache_source"] == "diffnas default"
-    assert not res["mlx_loaded_before"]  # set before mlx.core was imported
+    # ``import engine`` sets it before anything in engine loads mlx (engine.device's first
+    # statement; the compile mode, which imports mlx on a CUDA install, comes after it).
     assert Path(want).is_dir()
     assert res["child"] == want  # a trial process inherits it
     assert res["kernel_cache_modules"] == 0
 
 
-def test_a_given_mlx_variable_wins(tmp_path):
+def test_a_given_mlx_variable_wins(tmp_path, probe):
     mine = str(tmp_path / "mine")
-    res = _probe(tmp_path, cuda=True, MLX_PTX_CACHE_DIR=mine)
+    res = probe(tmp_path, cuda=True, MLX_PTX_CACHE_DIR=mine)
     assert res["env"] == mine and res["kernel_cache_source"] == "MLX_PTX_CACHE_DIR (given)"
     assert not (tmp_path / "xdg" / "diffnas" / "mlx-ptx").exists()
 
 
-def test_diffnas_variable_moves_the_parent_or_turns_it_off(tmp_path):
-    res = _probe(tmp_path, cuda=True, DIFFNAS_KERNEL_CACHE=str(tmp_path / "shared"))
+def test_diffnas_variable_moves_the_parent_or_turns_it_off(tmp_path, probe):
+    res = probe(tmp_path, cuda=True, DIFFNAS_KERNEL_CACHE=str(tmp_path / "shared"))
     assert res["env"] == str(tmp_path / "shared" / "mlx-ptx" / MLX_VERSION)
-    off = _probe(tmp_path / "b", cuda=True, DIFFNAS_KERNEL_CACHE="off")
+    off = probe(tmp_path / "b", cuda=True, DIFFNAS_KERNEL_CACHE="off")
     assert off["env"] is None and off["kernel_cache"] == "mlx default"
 
 
-def test_nothing_is_set_without_a_cuda_backend(tmp_path):
-    res = _probe(tmp_path, cuda=False)
+def test_nothing_is_set_without_a_cuda_backend(tmp_path, probe):
+    res = probe(tmp_path, cuda=False)
     assert res["env"] is None and res["kernel_cache"] == "n/a"
     assert not (tmp_path / "xdg" / "diffnas" / "mlx-ptx").exists()
 
