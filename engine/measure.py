@@ -37,7 +37,7 @@ from engine.device.bench import (
     sampling_peak_mb,
     training_peak_mb,
 )
-from engine.device.steady import steady_call
+from engine.device.steady import MAX_ROUNDS, steady_call
 from engine.model.unet import UNet
 from engine.quality.metrics import FeatureExtractor, QualityRecord, evaluate_quality
 from engine.sampling.adaptive import StepBudget, choose_budget, with_budget
@@ -107,7 +107,8 @@ def sample_labels(n: int, num_classes: int) -> np.ndarray:
 
 
 def measure_latency(model: nn.Module, config: Config, runs: int = 5, pin: bool = True,
-                    pause: Callable[[float], None] = time.sleep) -> LatencyStat:
+                    pause: Callable[[float], None] = time.sleep,
+                    max_rounds: int = MAX_ROUNDS) -> LatencyStat:
     """Latency of the whole sampling loop at batch 1, steady against other processes.
 
     Args:
@@ -117,6 +118,7 @@ def measure_latency(model: nn.Module, config: Config, runs: int = 5, pin: bool =
         pin: keep the process on one core while timing (``benchmarks/steady_latency.py``
             compares without).
         pause: how to wait after a disturbed round (:func:`engine.device.steady.steady_call`).
+        max_rounds: the most rounds taken (:data:`engine.device.steady.MAX_ROUNDS`).
 
     Returns:
         The median of the pooled clean samples (at least ``runs``), with the rounds, the
@@ -124,7 +126,7 @@ def measure_latency(model: nn.Module, config: Config, runs: int = 5, pin: bool =
     """
     u = config.unet
     return steady_call(lambda: generate(model, config.schedule, 1, 0, u.image_size, u.channels),
-                       runs, pause=pause, pin=pin)
+                       runs, pause=pause, pin=pin, max_rounds=max_rounds)
 
 
 @dataclass(frozen=True)

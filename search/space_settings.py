@@ -76,6 +76,7 @@ class EvalSettings:
     grid_images: int = 64
     memory: str = "sample"
     latency_runs: int = 5
+    latency_rounds: int = 6
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,6 +85,7 @@ class EvalSettings:
         _require(self.memory in MEMORY_OBJECTIVES, "memory",
                  f"must be one of {', '.join(MEMORY_OBJECTIVES)}")
         _require(self.latency_runs >= 5, "latency_runs", "must be >= 5 (measurement protocol)")
+        _require(1 <= self.latency_rounds <= 20, "latency_rounds", "must be in 1..20")
 
 
 @dataclass(frozen=True)

@@ -11,20 +11,21 @@ from dataclasses import replace
 from typing import Any
 
 from engine.config import Config
+from engine.device.steady import MAX_ROUNDS
 from engine.measure import BudgetFit, LatencyStat, measure_latency, measure_memory
 from engine.model.unet import UNet
 from workers.clock import PhaseClock
 from workers.records import Measurement, latency_attempt
 
 
-def latency(model: UNet, config: Config, runs: int, fit: BudgetFit | None
-             ) -> tuple[LatencyStat, float]:
+def latency(model: UNet, config: Config, runs: int, fit: BudgetFit | None,
+            rounds: int = MAX_ROUNDS) -> tuple[LatencyStat, float]:
     """Latency of the full sampling loop at batch 1 and the seconds it took to measure (the
     step budget's, whose latency is not measured again)."""
     if fit is not None:
         return fit.latency, fit.seconds
     start = time.perf_counter()
-    stat = measure_latency(model, config, runs)
+    stat = measure_latency(model, config, runs, max_rounds=rounds)
     return stat, time.perf_counter() - start
 
 
@@ -53,7 +54,8 @@ def trust(stat: LatencyStat) -> dict[str, Any]:
             "reference_shift": stat.reference_shift}
 
 
-def remeasure(model: UNet, config: Config, runs: int, first: Measurement) -> Measurement:
+def remeasure(model: UNet, config: Config, runs: int, first: Measurement,
+              rounds: int = MAX_ROUNDS) -> Measurement:
     """A disturbed latency taken again at the end of the trial, minutes after the first.
 
     Returns:
@@ -62,7 +64,7 @@ def remeasure(model: UNet, config: Config, runs: int, first: Measurement) -> Mea
         reference ratio is nearer 1), still marked ``disturbed``.
     """
     start = time.perf_counter()
-    stat = measure_latency(model, config, runs)
+    stat = measure_latency(model, config, runs, max_rounds=rounds)
     second = replace(first, latency_ms=stat.median_ms, latency_spread=stat.spread,
                      latency_samples_ms=stat.samples_ms, **trust(stat))
     seconds = time.perf_counter() - start

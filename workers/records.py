@@ -84,6 +84,7 @@ class TrialRequest:
     fid_samples: int = 500
     grid_images: int = 64
     latency_runs: int = 5
+    latency_rounds: int = 6  # the steady protocol's most rounds (engine.device.steady)
     memory: str = "sample"
     eval_seed: int = 0
     memory_limit_mb: float | None = None  # the whole trial must fit (engine.device.memory)

@@ -186,7 +186,8 @@ def _stages(request: TrialRequest, data: DataPayload, ask: Ask, config: Config,
             fit = fit_step_budget(state.model, config, request.latency_target_ms,
                                   request.latency_runs)
             config = state.config = fit.config  # trained, evaluated and saved with it
-        latency = measuring.latency(state.model, config, request.latency_runs, fit)
+        latency = measuring.latency(state.model, config, request.latency_runs, fit,
+                                    request.latency_rounds)
     measurement = done.measurement = measuring.measure(state.model, config, latency, fit,
                                                        start, clock)
     done.device = device_fingerprint()
@@ -225,8 +226,8 @@ def _complete(state: TrainState, config: Config, data: DataPayload, request: Tri
     if measurement.disturbed:
         remeasure_start = time.perf_counter()
         with done.clock.phase("latency"), DEVICE.exclusive():
-            measurement = done.measurement = measuring.remeasure(state.model, config,
-                                                        request.latency_runs, measurement)
+            measurement = done.measurement = measuring.remeasure(
+                state.model, config, request.latency_runs, measurement, request.latency_rounds)
         done.timings["remeasure_s"] = time.perf_counter() - remeasure_start
     values = {"fid": quality.record.fid, "latency_ms": measurement.latency_ms,
               "peak_mem_mb": measurement.memory_mb(request.memory)}

@@ -278,8 +278,8 @@ class Round:
 def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | None = None,
                 pause: Callable[[float], None] = time.sleep,
                 clock: Callable[[], float] = time.perf_counter, pin: bool = True,
-                cpu: CpuUse | None = None, lost: Callable[[], float] | None = None
-                ) -> LatencyStat:
+                cpu: CpuUse | None = None, lost: Callable[[], float] | None = None,
+                max_rounds: int = MAX_ROUNDS) -> LatencyStat:
     """Samples of ``fn`` interleaved with probes of the reference workload, in rounds until
     the clean ones pin the median down (see the module docstring).
 
@@ -293,6 +293,8 @@ def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | Non
         cpu: what other processes take from our cores (default: read from ``/proc/stat``).
         lost: a counter (ms) of the time other processes took from this one (default:
             :func:`lost_counter`).
+        max_rounds: the most rounds taken (:data:`MAX_ROUNDS`); a study that trades
+            confidence for time may take fewer (``[evaluate] latency_rounds``).
 
     Returns:
         :func:`decide` of every round taken.
@@ -303,14 +305,14 @@ def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | Non
     taken: list[Round] = []
     with held_still(pin) as pinned:
         lost = lost or lost_counter(pinned)
-        while len(taken) < MAX_ROUNDS:
+        while len(taken) < max_rounds:
             fn()  # warm-up: compile and first touch stay out of the samples
             taken.append(_round(fn, max(runs, 5), reference, clock, cpu, lost))
             reference.learn(taken[-1])
             stat = decide(taken, start, runs)
             if not stat.disturbed and stat.ci <= TARGET_CI:
                 break
-            if len(taken) < MAX_ROUNDS and not _round_clean(taken, start):
+            if len(taken) < max_rounds and not _round_clean(taken, start):
                 pause(PAUSES_S[min(stat.disturbed_rounds, len(PAUSES_S)) - 1])
     return stat
 

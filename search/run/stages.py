@@ -116,7 +116,8 @@ def dispatch(ctx: Context, flight: Flight, worker: Worker) -> None:
     request = TrialRequest(flight.number, flight.attempt, flight.config.to_dict(),
                            ctx.space.rungs.steps(flight.config.train.steps),
                            fid_samples=ev.fid_samples, grid_images=ev.grid_images,
-                           latency_runs=ev.latency_runs, memory=ev.memory, eval_seed=ev.seed,
+                           latency_runs=ev.latency_runs, latency_rounds=ev.latency_rounds,
+                           memory=ev.memory, eval_seed=ev.seed,
                            memory_limit_mb=ctx.space.constraints.max_trial_memory_mb,
                            latency_target_ms=ctx.latency_target_ms)
     request = replace(ctx.hooks.on_dispatch(ctx, flight, worker, request), sent_at=time.time())

@@ -29,7 +29,7 @@ def stored_trials():
 
 
 TINY = {"data": {"image_size": "8"}, "study": {"trials": "2", "startup_trials": "2"},
-        "evaluate": {"fid_samples": "16", "grid_images": "4"},
+        "evaluate": {"fid_samples": "16", "grid_images": "4", "latency_rounds": "2"},
         "unet": {"base_width": "8", "width_mults": "[1, 2]", "norm_groups": "4",
                  "time_emb_dim": "32"},
         "train": {"batch_size": "8"}}

@@ -79,6 +79,7 @@ def test_fingerprint_ignores_only_the_trial_target():
      "x.toml:3: [unet] activation: value 'tanh': never gives a valid config"),
     ("[study]\ntrials = 'many'\n", "x.toml:2: [study] trials: expected int"),
     ("[study]\ntrials = 0\n", "x.toml:2: [study] trials: must be >= 1"),
+    ("[evaluate]\nlatency_rounds = 0\n", "x.toml:2: [evaluate] latency_rounds: must be in 1..20"),
     ("[schedule]\nsteps = { int = [9, 2] }\n", "x.toml:2: [schedule] steps: low 9 is above high 2"),
     ("[train]\nlearning_rate = { float = [0.0, 1.0], log = true }\n",
      "x.toml:2: [train] learning_rate: log ranges need low > 0"),

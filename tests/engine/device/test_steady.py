@@ -78,7 +78,7 @@ class Machine:
         self.calls += 1
         self.spend((100.0 if self.busy else 50.0) + (0, 1, -1, 0, 0)[self.calls % 5])
 
-    def measure(self):
+    def measure(self, max_rounds=MAX_ROUNDS):
         machine = self
 
         class Cpu(CpuUse):
@@ -86,7 +86,7 @@ class Machine:
                 return (None if machine.hidden else machine.others_s), 0.0
 
         return steady_call(self.call, 5, self.reference, self.pauses.append, self.clock,
-                           cpu=Cpu(), lost=lambda: self.lost_ms)
+                           cpu=Cpu(), lost=lambda: self.lost_ms, max_rounds=max_rounds)
 
 
 def test_a_quiet_machine_takes_one_round(tmp_path):
@@ -113,6 +113,13 @@ def test_a_disturbance_that_never_ends_is_recorded(tmp_path, hidden):
     assert stat.median_ms == approx(100.0) and stat.reference_ratio == approx(2.0)
     assert stat.wait_share == approx(0.0 if hidden else 0.5)
     assert stat.reference_shift == 1.0  # a hog never moves the calibration
+
+
+def test_fewer_rounds_record_the_disturbance_sooner(tmp_path):  # [evaluate] latency_rounds
+    machine = Machine(tmp_path / "ref.json", busy_pauses=10**6)
+    stat = machine.measure(max_rounds=2)
+    assert machine.pauses == [PAUSES_S[0]]
+    assert (stat.rounds, stat.disturbed_rounds, stat.disturbed) == (2, 2, True)
     assert machine.reference.calibrated_ms == approx(10.0)
 
 
