@@ -1,11 +1,33 @@
 """Fixtures of the search tests."""
 
+import subprocess
+import sys
+
 import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
 from search.storage import record as rec
 from search.storage import study as st
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory):
+    """``(results folder, the search's CompletedProcess)``: one real ``diffnas search --preset
+    smoke`` (its own process, its own embedded Ray) plus ``diffnas compress smoke 0`` (a
+    derived point ``d0``), run once per session for the tests that only read a finished
+    study (the CLI's outputs, the HTML report)."""
+    def diffnas(*args):
+        return subprocess.run([sys.executable, "-m", "search.cli", *map(str, args)],
+                              capture_output=True, text=True, timeout=600, check=False)
+
+    results = tmp_path_factory.mktemp("smoke") / "results"
+    search = diffnas("search", "--preset", "smoke", "--study", "smoke", "--results", results)
+    assert search.returncode == 0, search.stderr[-2000:]
+    derived = diffnas("compress", "smoke", "0", "--max-fid-increase", "1000%",
+                      "--results", results)
+    assert derived.returncode == 0, derived.stderr[-2000:]
+    return results, search
 
 
 @pytest.fixture()

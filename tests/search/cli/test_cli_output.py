@@ -25,16 +25,11 @@ def diffnas(*args):
                           capture_output=True, text=True, timeout=600, check=False)
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """``(results folder, stdout of the search)`` of a finished smoke study with a d0."""
-    results = tmp_path_factory.mktemp("out") / "results"
-    search = diffnas("search", "--preset", "smoke", "--results", results)
-    assert search.returncode == 0, search.stderr
-    derived = diffnas("compress", "smoke", "0", "--max-fid-increase", "1000%",
-                      "--results", results)
-    assert derived.returncode == 0, derived.stderr
-    return results, search
+@pytest.fixture()
+def smoke(smoke_study):
+    """``(results folder, the search's CompletedProcess)`` of the session's smoke study,
+    which has a d0 (``tests/search/conftest.py``)."""
+    return smoke_study
 
 
 def _json(results, *extra):

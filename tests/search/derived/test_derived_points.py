@@ -28,6 +28,7 @@ image_size = 8
 
 [evaluate]
 fid_samples = 32
+latency_rounds = 2
 grid_images = 4
 
 [unet]

@@ -28,12 +28,11 @@ def diffnas(*args):
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """A real smoke study (``diffnas search --preset smoke``) and its report; one per module.
+def smoke(smoke_study):
+    """The session's smoke study (``tests/search/conftest.py``: a real ``diffnas search
+    --preset smoke`` with a compressed d0) and its report.
     Returns ``(results, study, report path, the report command's output)``."""
-    results = tmp_path_factory.mktemp("report") / "results"
-    done = diffnas("search", "--preset", "smoke", "--study", "smoke", "--results", results)
-    assert done.returncode == 0, done.stderr[-2000:]
+    results = smoke_study[0]
     made = diffnas("report", "smoke", "--results", results)
     assert made.returncode == 0, made.stderr[-2000:]
     study = st.load_existing(st.open_storage(st.default_storage(results), create=False), "smoke")
@@ -73,14 +72,17 @@ def test_the_document_matches_the_study(smoke):
     doc = _document(path.read_text())
     front = report.front(study, st.stored_space(study))
     rows = {r["label"]: r for r in doc["trials"]}
-    assert sorted(rows) == sorted(str(t.number) for t in study.trials)
-    for t in study.trials:
-        row, r = rows[str(t.number)], rec.read(t)
+    assert sorted(rows) == sorted([*(str(t.number) for t in study.trials), "d0"])
+    assert sorted(rows) == sorted(front.labels)  # the search's trials and the derived d0
+    for label, t in zip(front.labels, front.trials):
+        row, r = rows[label], rec.read(t)
         assert [row["values"][k] for k in doc["objectives"]] == pytest.approx(t.values)
         assert row["params"] == t.params and row["fid_floor"] == r.finished.quality["fid_floor"]
         assert row["thumb"].startswith("data:image/webp;base64,")
-        assert row["on_front"] == bool(front.on_front[front.labels.index(str(t.number))])
-        curve = next(c for c in doc["curves"] if c["label"] == str(t.number))
+        assert row["on_front"] == bool(front.on_front[front.labels.index(label)])
+        if label.startswith("d"):
+            continue  # a derived point has no training curve of its own
+        curve = next(c for c in doc["curves"] if c["label"] == label)
         assert dict(map(tuple, curve["points"])) == {
             **{s: v for g in r.rungs for s, v in g.history}, **r.validation_points()}
     assert doc["hypervolume_over_time"][-1]["hypervolume"] == pytest.approx(front.hypervolume)
@@ -188,15 +190,16 @@ def _click_point(page, trial):
 
 
 def _check_sorting(page, study):
+    front = report.front(study, st.stored_space(study))  # the trials and the derived d0
     page.locator('#trials th[data-key="fid"]').click()
     column = _column(page, "fid")
     shown = [float(page.locator(f"#trials tbody tr:nth-child({i + 1}) td:nth-child({column})")
-                   .inner_text()) for i in range(len(study.trials))]
+                   .inner_text()) for i in range(len(front.labels))]
     assert shown == sorted(shown) and len(set(shown)) > 1
     page.locator('#trials th[data-key="fid"]').click()
     order = page.locator("#trials tbody tr").evaluate_all("rows => rows.map(r => r.dataset.label)")
-    by_fid = sorted(study.trials, key=lambda t: -t.values[0])
-    assert order == [str(t.number) for t in by_fid]
+    by_fid = sorted(zip(front.labels, front.trials), key=lambda pair: -pair[1].values[0])
+    assert order == [label for label, _ in by_fid]
 
 
 def _column(page, key):

@@ -31,6 +31,7 @@ max_memory_mb = 12      # batch 64 peaks near 20 MB in training, batch 8 near 3 
 
 [evaluate]
 fid_samples = 16
+latency_rounds = 2
 grid_images = 4
 memory = "train"
 

@@ -23,6 +23,7 @@ startup_trials = 3
 
 [evaluate]
 fid_samples = 250
+latency_rounds = 2
 grid_images = 4
 
 [constraints]
