@@ -25,11 +25,12 @@ import engine  # noqa: F401  (BLAS binding and kernel cache before mlx loads)
 
 # isort: split
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 from throughput import CONFIGS, LARGE
 
 from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
-from engine.device import kernel_cache
+from engine.device import compile_mode, kernel_cache
 from engine.model.unet import UNet
 from engine.sampling.samplers import generate
 from engine.training import train as etrain
@@ -44,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--label", default="", help="a name for this run in the output")
     p.add_argument("--eager", action="store_true",
                    help="mx.disable_compile(): every mx.compile runs its function as is")
+    p.add_argument("--optimizer", default="engine", choices=("engine", "mlx"),
+                   help="engine: train.make_optimizer (fused per array where the step is not "
+                        "compiled whole); mlx: mlx.optimizers.AdamW(bias_correction=True)")
     p.add_argument("--steady-steps", type=int, default=2,
                    help="train calls timed after the first (their median is the steady cost)")
     args = p.parse_args(argv)
@@ -56,12 +60,18 @@ def main(argv: list[str] | None = None) -> None:
                  train=TrainConfig(batch_size=args.batch, steps=10**6, dtype=args.dtype))
     before = kernel_cache.describe().get("kernel_cache_modules")
     out = {"label": args.label, "config": args.config, "batch": args.batch,
-           "dtype": args.dtype, "eager": args.eager, "device": str(mx.default_device()), "mlx": mx.__version__,
+           "dtype": args.dtype, "eager": args.eager, "optimizer": args.optimizer,
+           "compile_mode": compile_mode.STATUS["compile"], "device": str(mx.default_device()), "mlx": mx.__version__,
            **kernel_cache.describe()}
     shape = (args.batch, ucfg.image_size, ucfg.image_size, ucfg.channels)
     x0 = mx.array(np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32))
     print(json.dumps(out), flush=True)
     state = etrain.init_state(cfg)
+    if args.optimizer == "mlx":
+        state.optimizer = optim.AdamW(learning_rate=etrain.learning_rate_schedule(cfg.train),
+                                      weight_decay=cfg.train.weight_decay, bias_correction=True)
+        state.optimizer.init(state.model.trainable_parameters())
+    out["optimizer_class"] = type(state.optimizer).__name__
     step = etrain._compiled_step(state)
     times = []
     for i in range(1 + args.steady_steps):  # the first call compiles; the rest are steady

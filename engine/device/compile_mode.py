@@ -1,4 +1,4 @@
-"""Whether ``mx.compile`` compiles: yes on the CPU and on Metal, no on an MLX CUDA GPU.
+"""Whether the engine compiles whole graphs: yes on the CPU and on Metal, no on MLX CUDA.
 
 ``mx.compile`` fuses element-wise chains into generated kernels. On the CPU that is what
 makes the engine's layers fast (``benchmarks/cpu_speed.md``) and costs milliseconds. On
@@ -19,16 +19,19 @@ compiled, warm cache   17.0 s        20 ms        30.1 s        13 more
 =====================  ============  ===========  ============  =============
 
 A compiled demo trial (600 steps) saves 600 x 31 ms = 19 s of training and pays 47 s with
-a warm cache, minutes with a cold one. So on a CUDA GPU the engine runs eagerly by
-default (:func:`mlx.core.disable_compile`: every ``mx.compile`` calls its function as it
-is). ``DIFFNAS_COMPILE=on`` or ``=off`` forces either way on any device (``auto``, the
-default, decides as above).
+a warm cache, minutes with a cold one. So on a CUDA GPU the engine's whole-graph compiles
+(the training step, the sampler's forward, the feature network's step: :func:`whole`) run
+their functions as they are. Small shapeless compiled functions, one kernel per dtype and
+rank (:mod:`engine.training.fused`: the optimizer and EMA updates), stay compiled.
+``DIFFNAS_COMPILE=on`` or ``=off`` forces either way on any device (``auto``, the default,
+decides as above).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from engine.device import kernel_cache
@@ -51,8 +54,22 @@ def decide(mode: str, cuda_gpu: bool) -> tuple[bool, str]:
     return True, "auto: CPU or Metal"
 
 
+def whole_graph() -> bool:
+    """Whether this process compiles whole graphs (:func:`apply` decided)."""
+    return bool(STATUS["compile"] == "on")
+
+
+def whole(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
+    """``mx.compile(fn, **kwargs)`` where whole graphs are compiled, else ``fn`` itself."""
+    if not whole_graph():
+        return fn
+    import mlx.core as mx
+
+    return mx.compile(fn, **kwargs)
+
+
 def apply(environ: dict[str, str] | os._Environ[str] | None = None) -> dict[str, Any]:
-    """Turn ``mx.compile`` on or off for this process; ``import engine`` calls it.
+    """Decide whether this process compiles whole graphs; ``import engine`` calls it.
 
     A value of ``DIFFNAS_COMPILE`` outside :data:`CHOICES` is one line on stderr, and
     ``auto`` is used.
@@ -73,9 +90,5 @@ def apply(environ: dict[str, str] | os._Environ[str] | None = None) -> dict[str,
         import mlx.core as mx
 
         on, why = decide(mode, cuda_gpu=cuda and mx.default_device() == mx.gpu)
-        if on:
-            mx.enable_compile()
-        else:
-            mx.disable_compile()
     STATUS.update(compile="on" if on else "off", compile_source=why)
     return dict(STATUS)

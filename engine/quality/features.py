@@ -30,6 +30,7 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from engine.data.datasets import Dataset, dataset_fingerprint, load_dataset, resize_images
+from engine.device import compile_mode
 
 __all__ = [
     "DIGITS_WEIGHTS",
@@ -327,7 +328,7 @@ def _compiled_step(model: FeatureCNN, optimizer: optim.Optimizer) -> Callable[..
         optimizer.update(model, grads)
         return loss
 
-    return mx.compile(step, inputs=state, outputs=state)
+    return compile_mode.whole(step, inputs=state, outputs=state)
 
 
 def _training_batch(

@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 from mlx import nn
 
+from engine.device import compile_mode
 from engine.sampling.schedules import (
     ALPHA_BAR_MIN,
     BETA_MAX,
@@ -160,7 +161,7 @@ def compiled_forward(model: nn.Module) -> Callable[..., mx.array]:
     if n not in compiled:
         state = [model.state, mx.random.state]
         call = model.__call__ if n == 1 else _split_call(model, n)
-        compiled[n] = mx.compile(call, inputs=state, outputs=[mx.random.state])
+        compiled[n] = compile_mode.whole(call, inputs=state, outputs=[mx.random.state])
     return compiled[n]  # type: ignore[no-any-return]
 
 

@@ -23,8 +23,10 @@ from mlx import nn
 from mlx.utils import tree_map
 
 from engine.config import Config, TrainConfig
+from engine.device import compile_mode
 from engine.model.unet import UNet
 from engine.sampling.diffusion import diffusion_loss
+from engine.training.fused import FusedAdamW, ema_update
 
 VAL_BATCH = 256
 
@@ -79,7 +81,10 @@ class TrainState:
 
 
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
-    """AdamW with linear warm-up, then a constant learning rate or a cosine decay to zero."""
+    """AdamW with linear warm-up, then a constant learning rate or a cosine decay to zero;
+    fused per array where the step is not compiled whole (:mod:`engine.training.fused`)."""
+    if not compile_mode.whole_graph():
+        return FusedAdamW(learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
     return optim.AdamW(learning_rate=learning_rate_schedule(cfg), weight_decay=cfg.weight_decay,
                        bias_correction=True)
 
@@ -196,7 +201,7 @@ def compiled_update(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Loss,
     loss_and_grad = _loss_and_grad(model, loss_fn, dtype)
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=compiled_state + list(frozen), outputs=compiled_state)
+    @partial(compile_mode.whole, inputs=compiled_state + list(frozen), outputs=compiled_state)
     def step(x0: mx.array, key: mx.array, *labels: mx.array) -> mx.array:
         loss, grads = loss_and_grad(x0, key, *labels)
         if grad_clip > 0:
@@ -320,7 +325,11 @@ def _one_step(state: TrainState, step_fn: Update, images: np.ndarray, val: np.nd
     y_train, y_val = labels if labels and state.config.unet.num_classes else (None, None)
     loss = take_step(step_fn, images, tc.seed, n, tc.batch_size, labels=y_train)
     d = _ema_decay(tc.ema_decay, n)
-    state.ema = tree_map(lambda e, p: d * e + (1 - d) * p, state.ema, state.model.parameters())
+    if compile_mode.whole_graph():
+        state.ema = tree_map(lambda e, p: d * e + (1 - d) * p, state.ema,
+                             state.model.parameters())
+    else:  # eager: one fused kernel per array (engine.training.fused)
+        state.ema = ema_update(state.ema, state.model.parameters(), d)
     mx.eval(loss, state.ema, state.model.state, state.optimizer.state)
     value = float(loss.item())
     if not math.isfinite(value):

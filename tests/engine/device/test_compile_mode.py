@@ -1,6 +1,7 @@
-"""Whether mx.compile compiles (engine.device.compile_mode): on by default on this CPU,
-off on an MLX CUDA GPU, forced either way by DIFFNAS_COMPILE; observed on a real compiled
-function, whose Python body runs once when compiled and at every call when not."""
+"""Whether the engine compiles whole graphs (engine.device.compile_mode): on by default on
+this CPU, off on an MLX CUDA GPU, forced either way by DIFFNAS_COMPILE; observed on a real
+function passed through ``compile_mode.whole``, whose Python body runs once when compiled
+and at every call when not, and on the optimizer training picks (fused when eager)."""
 
 import json
 import os
@@ -18,16 +19,18 @@ PROBE = textwrap.dedent("""
     import engine
     import mlx.core as mx
     from engine.device import compile_mode
+    from engine.training import train
     calls = []
 
-    @mx.compile
     def f(x):
         calls.append(1)
         return x * 2 + 1
 
+    g = compile_mode.whole(f)
     for _ in range(3):
-        mx.eval(f(mx.ones((4,))))
-    print(json.dumps({"traced": len(calls), **compile_mode.STATUS}))
+        mx.eval(g(mx.ones((4,))))
+    optimizer = type(train.make_optimizer(train.TrainConfig())).__name__
+    print(json.dumps({"traced": len(calls), "optimizer": optimizer, **compile_mode.STATUS}))
 """)
 
 
@@ -42,13 +45,13 @@ def _probe(**env: str) -> tuple[dict, str]:
 
 def test_the_cpu_compiles_by_default():
     res, _ = _probe()
-    assert res["compile"] == "on" and res["traced"] == 1
+    assert res["compile"] == "on" and res["traced"] == 1 and res["optimizer"] == "AdamW"
     assert res["compile_source"] == "auto: CPU or Metal"
 
 
 def test_off_runs_the_function_at_every_call_and_on_restores_it():
     off, _ = _probe(DIFFNAS_COMPILE="off")
-    assert off["compile"] == "off" and off["traced"] == 3
+    assert off["compile"] == "off" and off["traced"] == 3 and off["optimizer"] == "FusedAdamW"
     on, _ = _probe(DIFFNAS_COMPILE="On")
     assert on["compile"] == "on" and on["traced"] == 1
 
