@@ -19,12 +19,20 @@ compiled, warm cache   17.0 s        20 ms        30.1 s        13 more
 =====================  ============  ===========  ============  =============
 
 A compiled demo trial (600 steps) saves 600 x 31 ms = 19 s of training and pays 47 s with
-a warm cache, minutes with a cold one. So on a CUDA GPU the engine's whole-graph compiles
-(the training step, the sampler's forward, the feature network's step: :func:`whole`) run
-their functions as they are. Small shapeless compiled functions, one kernel per dtype and
-rank (:mod:`engine.training.fused`: the optimizer and EMA updates), stay compiled.
-``DIFFNAS_COMPILE=on`` or ``=off`` forces either way on any device (``auto``, the default,
-decides as above).
+a warm cache, minutes with a cold one. So on a CUDA GPU the engine runs eagerly by default
+(``off``: :func:`mlx.core.disable_compile`, every ``mx.compile`` calls its function as it
+is; the mode measured above and in the demo search on the H200).
+
+The modes, forced with ``DIFFNAS_COMPILE`` on any device (``auto``, the default, decides as
+above):
+
+- ``on``: the engine's whole-graph compiles (the training step, the sampler's forward, the
+  feature network's step: :func:`whole`) are compiled;
+- ``fused``: those run as they are, while each parameter array's AdamW and EMA update is
+  one small shapeless compiled kernel (:mod:`engine.training.fused`). It is meant for the
+  eager GPU step, whose per-array updates are thousands of kernel launches. It is not yet
+  measured on a GPU, so ``auto`` does not choose it;
+- ``off``: nothing is compiled.
 """
 
 from __future__ import annotations
@@ -37,26 +45,31 @@ from typing import Any
 from engine.device import kernel_cache
 
 ENV = "DIFFNAS_COMPILE"
-CHOICES = ("auto", "on", "off")
+CHOICES = ("auto", "on", "fused", "off")
 
 STATUS: dict[str, Any] = {"compile": "on", "compile_source": "not applied"}
 """What :func:`apply` decided in this process, for the device report."""
 
 
-def decide(mode: str, cuda_gpu: bool) -> tuple[bool, str]:
-    """Whether to compile, and why, for ``DIFFNAS_COMPILE=mode`` on this device."""
+def decide(mode: str, cuda_gpu: bool) -> tuple[str, str]:
+    """The mode (``on``, ``fused`` or ``off``) and why, for ``DIFFNAS_COMPILE=mode`` here."""
     if mode not in CHOICES:
         raise ValueError(f"{ENV}={mode!r}: expected one of {', '.join(CHOICES)}")
     if mode != "auto":
-        return mode == "on", f"{ENV}={mode}"
+        return mode, f"{ENV}={mode}"
     if cuda_gpu:
-        return False, "auto: MLX CUDA GPU (NVRTC builds each fused graph in every process)"
-    return True, "auto: CPU or Metal"
+        return "off", "auto: MLX CUDA GPU (NVRTC builds each fused graph in every process)"
+    return "on", "auto: CPU or Metal"
 
 
 def whole_graph() -> bool:
     """Whether this process compiles whole graphs (:func:`apply` decided)."""
     return bool(STATUS["compile"] == "on")
+
+
+def fused_updates() -> bool:
+    """Whether per-array optimizer and EMA updates are fused kernels (mode ``fused``)."""
+    return bool(STATUS["compile"] == "fused")
 
 
 def whole(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
@@ -69,7 +82,7 @@ def whole(fn: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
 
 
 def apply(environ: dict[str, str] | os._Environ[str] | None = None) -> dict[str, Any]:
-    """Decide whether this process compiles whole graphs; ``import engine`` calls it.
+    """Decide what this process compiles; ``import engine`` calls it.
 
     A value of ``DIFFNAS_COMPILE`` outside :data:`CHOICES` is one line on stderr, and
     ``auto`` is used.
@@ -85,10 +98,14 @@ def apply(environ: dict[str, str] | os._Environ[str] | None = None) -> dict[str,
         mode = "auto"
     cuda = kernel_cache.cuda_backend() is not None
     if mode == "auto" and not cuda:
-        on, why = decide(mode, cuda_gpu=False)
+        chosen, why = decide(mode, cuda_gpu=False)
     else:
         import mlx.core as mx
 
-        on, why = decide(mode, cuda_gpu=cuda and mx.default_device() == mx.gpu)
-    STATUS.update(compile="on" if on else "off", compile_source=why)
+        chosen, why = decide(mode, cuda_gpu=cuda and mx.default_device() == mx.gpu)
+        if chosen == "off":
+            mx.disable_compile()
+        else:
+            mx.enable_compile()
+    STATUS.update(compile=chosen, compile_source=why)
     return dict(STATUS)

@@ -1,7 +1,8 @@
 """Per-parameter updates as one fused kernel each, for an engine that runs eagerly.
 
-Where whole graphs are not compiled (MLX's CUDA backend, :mod:`engine.device.compile_mode`)
-every element-wise op is a kernel launch of its own. MLX's AdamW spends about 15 of them on
+Where whole graphs are not compiled (MLX's CUDA backend; the ``fused`` mode of
+:mod:`engine.device.compile_mode` uses this module) every element-wise op is a kernel
+launch of its own. MLX's AdamW spends about 15 of them on
 each parameter array (the moments, weight decay, and bias corrections computed again for
 every array), and the EMA three more, so the demo U-Net's 100-odd arrays cost thousands of
 launches a step: more than its forward and backward passes.

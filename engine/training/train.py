@@ -82,8 +82,8 @@ class TrainState:
 
 def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     """AdamW with linear warm-up, then a constant learning rate or a cosine decay to zero;
-    fused per array where the step is not compiled whole (:mod:`engine.training.fused`)."""
-    if not compile_mode.whole_graph():
+    one fused kernel per array in the ``fused`` compile mode (:mod:`engine.training.fused`)."""
+    if compile_mode.fused_updates():
         return FusedAdamW(learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
     return optim.AdamW(learning_rate=learning_rate_schedule(cfg), weight_decay=cfg.weight_decay,
                        bias_correction=True)
@@ -325,11 +325,11 @@ def _one_step(state: TrainState, step_fn: Update, images: np.ndarray, val: np.nd
     y_train, y_val = labels if labels and state.config.unet.num_classes else (None, None)
     loss = take_step(step_fn, images, tc.seed, n, tc.batch_size, labels=y_train)
     d = _ema_decay(tc.ema_decay, n)
-    if compile_mode.whole_graph():
+    if compile_mode.fused_updates():  # one fused kernel per array (engine.training.fused)
+        state.ema = ema_update(state.ema, state.model.parameters(), d)
+    else:
         state.ema = tree_map(lambda e, p: d * e + (1 - d) * p, state.ema,
                              state.model.parameters())
-    else:  # eager: one fused kernel per array (engine.training.fused)
-        state.ema = ema_update(state.ema, state.model.parameters(), d)
     mx.eval(loss, state.ema, state.model.state, state.optimizer.state)
     value = float(loss.item())
     if not math.isfinite(value):

@@ -51,7 +51,10 @@ def test_the_cpu_compiles_by_default():
 
 def test_off_runs_the_function_at_every_call_and_on_restores_it():
     off, _ = _probe(DIFFNAS_COMPILE="off")
-    assert off["compile"] == "off" and off["traced"] == 3 and off["optimizer"] == "FusedAdamW"
+    assert off["compile"] == "off" and off["traced"] == 3 and off["optimizer"] == "AdamW"
+    fused, _ = _probe(DIFFNAS_COMPILE="fused")  # whole graphs eager, per-array updates fused
+    assert fused["compile"] == "fused" and fused["traced"] == 3
+    assert fused["optimizer"] == "FusedAdamW"
     on, _ = _probe(DIFFNAS_COMPILE="On")
     assert on["compile"] == "on" and on["traced"] == 1
 
@@ -60,15 +63,16 @@ def test_a_wrong_value_is_one_line_and_auto_is_used():
     res, err = _probe(DIFFNAS_COMPILE="sometimes")
     assert res["compile"] == "on" and res["traced"] == 1
     lines = [line for line in err.splitlines() if "DIFFNAS_COMPILE" in line]
-    assert lines == [("diffnas: DIFFNAS_COMPILE='sometimes' is not one of auto, on, off; "
+    assert lines == [("diffnas: DIFFNAS_COMPILE='sometimes' is not one of auto, on, fused, off; "
                       "using auto")]
 
 
-@pytest.mark.parametrize("cuda_gpu, want", [(True, False), (False, True)])
+@pytest.mark.parametrize("cuda_gpu, want", [(True, "off"), (False, "on")])
 def test_auto_compiles_everywhere_but_on_a_cuda_gpu(cuda_gpu, want):
-    on, why = compile_mode.decide("auto", cuda_gpu=cuda_gpu)
-    assert on is want and why.startswith("auto: ")
-    assert compile_mode.decide("on", cuda_gpu=True)[0] is True
-    assert compile_mode.decide("off", cuda_gpu=False)[0] is False
+    mode, why = compile_mode.decide("auto", cuda_gpu=cuda_gpu)
+    assert mode == want and why.startswith("auto: ")
+    assert compile_mode.decide("on", cuda_gpu=True)[0] == "on"
+    assert compile_mode.decide("fused", cuda_gpu=True)[0] == "fused"
+    assert compile_mode.decide("off", cuda_gpu=False)[0] == "off"
     with pytest.raises(ValueError, match="DIFFNAS_COMPILE='x'"):
         compile_mode.decide("x", cuda_gpu=False)
