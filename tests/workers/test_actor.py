@@ -12,7 +12,8 @@ def test_actor_profile_and_a_trial_answered_through_the_long_poll(ray_cluster, t
     config = space.decode({"unet.base_width": 8, "unet.activation": "relu",
                            "schedule.sampler": "euler", "schedule.steps": 2,
                            "train.learning_rate": 2e-3})
-    request = TrialRequest(3, 0, config.to_dict(), (10, 30), fid_samples=16, grid_images=4)
+    request = TrialRequest(3, 0, config.to_dict(), (10, 30), fid_samples=16, grid_images=4,
+                           latency_rounds=2)
     data = ray.put(build_payload(space.data, tmp_path))
     actor = start_worker("probe")
     try:

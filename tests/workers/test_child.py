@@ -23,7 +23,7 @@ def smoke(tmp_path_factory):
               "schedule.steps": 2, "train.learning_rate": 2e-3}
     config = space.decode(values)
     request = TrialRequest(7, 0, config.to_dict(), space.rungs.steps(config.train.steps),
-                           fid_samples=16, grid_images=4)
+                           fid_samples=16, grid_images=4, latency_rounds=2)
     return space, payload, request
 
 

@@ -27,7 +27,7 @@ def smoke(tmp_path_factory):
                            "schedule.sampler": "ddim", "schedule.steps": 2,
                            "train.learning_rate": 2e-3})
     request = TrialRequest(5, 0, config.to_dict(), space.rungs.steps(config.train.steps),
-                           fid_samples=16, grid_images=4, latency_runs=2)
+                           fid_samples=16, grid_images=4, latency_runs=2, latency_rounds=2)
     return payload, request
 
 

@@ -109,7 +109,8 @@ def test_a_demo_trial_with_the_new_schedule_options_runs(schedule, tmp_path):
               "schedule.beta_schedule": "cosine", "schedule.prediction": "eps",
               "schedule.tolerance": 0.02, "train.learning_rate": 2e-3, **schedule}
     config = space.decode(values)
-    request = TrialRequest(0, 0, config.to_dict(), (10,), fid_samples=16, grid_images=4)
+    request = TrialRequest(0, 0, config.to_dict(), (10,), fid_samples=16, grid_images=4,
+                           latency_rounds=2)
     outcome = run_in_child(request, build_payload(space.data, tmp_path),
                            lambda kind, payload, needs: Decision())
     assert outcome.status is Outcome.COMPLETED, outcome.reason

@@ -24,6 +24,7 @@ def test_a_search_stores_the_breakdown_and_status_shows_it(tiny_search):
     assert sum(wall.phases().values()) == pytest.approx(wall.wall_s, rel=1e-6)
     assert wall.wall_s <= r.finished.timings["wall_s"]  # dispatch to record, within ask to tell
     assert wall.mode in ("spawn", "fork") and wall.train_s > 0 and wall.fid_s > 0
+    assert 1 <= r.measured.latency_rounds <= 2  # the tiny space's [evaluate] latency_rounds
     [worker] = stored_time.read_workers(study)
     assert worker.worker == r.finished.worker and worker.started_at > 0
     assert worker.mode == wall.mode and worker.actor_start_s > 0
