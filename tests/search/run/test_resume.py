@@ -67,7 +67,11 @@ def test_sigkilled_coordinator_resumes_without_loss_or_duplicates(ray_cluster, r
     for number in stale:
         assert after[number].state == TrialState.FAIL and after[number].user_attrs[lin.REQUEUED]
         reruns = [t for t in after.values() if t.user_attrs.get(lin.REQUEUED_FROM) == number]
-        assert len(reruns) == 1 and reruns[0].params == after[number].params
+        # The re-run keeps every parameter the stale trial had; a coordinator killed while
+        # it asked the trial's parameters left only the first ones, and the re-run asks the
+        # rest.
+        assert len(reruns) == 1
+        assert after[number].params.items() <= reruns[0].params.items()
     for t in finished:
         assert (results / "crash" / f"trial-{t.number}" / "samples.png").is_file()
     assert not list((results / "crash").glob("*.partial"))
