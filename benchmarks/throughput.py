@@ -199,6 +199,9 @@ def _measure(args: argparse.Namespace, framework: str, config: str, row: str, va
 
 def _mlx_setup(device: str) -> Any:
     sys.path.insert(0, str(ROOT))
+    # The MLX variants choose compiled or eager themselves: the engine's compile mode must
+    # not turn the compiled ones eager (its default on a CUDA GPU, engine.device.compile_mode).
+    os.environ.setdefault("DIFFNAS_COMPILE", "on")
     # engine first: it binds OpenBLAS before mlx loads (unless DIFFNAS_BLAS=reference).
     import engine  # noqa: F401, I001
     import mlx.core as mx

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""MLX's start-up cost in one fresh process: the first compiled train step and the first
-DDIM run, with the kernel cache that ``engine.device.kernel_cache`` chose.
+"""MLX's start-up cost in one fresh process: the first train step and the first DDIM run,
+with the kernel cache that ``engine.device.kernel_cache`` chose and the engine's compile
+mode (``DIFFNAS_COMPILE=on|fused|off``, ``engine.device.compile_mode``; on a CUDA GPU the
+default is ``off``: set ``on`` to time the compiled step).
 
 Run it twice with the same cache folder: the first run on an empty folder measures a cold
 start (every kernel compiled by NVRTC), the second a warm one (kernels read from disk), as
 a worker's second trial, or a later study, starts. Prints a JSON line after each stage (the last
 is complete, the earlier ones survive a time limit):
 
-  python3 benchmarks/gpu/compile_probe.py --config demo --batch 32 --label cold
+  DIFFNAS_COMPILE=on python3 benchmarks/gpu/compile_probe.py --config demo --batch 32 --label cold
 """
 
 from __future__ import annotations
@@ -43,16 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--sample-batch", type=int, default=1, help="0: no sampling")
     p.add_argument("--label", default="", help="a name for this run in the output")
-    p.add_argument("--eager", action="store_true",
-                   help="mx.disable_compile(): every mx.compile runs its function as is")
     p.add_argument("--optimizer", default="engine", choices=("engine", "mlx"),
                    help="engine: train.make_optimizer (fused per array where the step is not "
                         "compiled whole); mlx: mlx.optimizers.AdamW(bias_correction=True)")
     p.add_argument("--steady-steps", type=int, default=2,
                    help="train calls timed after the first (their median is the steady cost)")
     args = p.parse_args(argv)
-    if args.eager:
-        mx.disable_compile()
     start_process = time.perf_counter()
     data = {**({**CONFIGS, **LARGE}[args.config])}
     ucfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
@@ -60,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
                  train=TrainConfig(batch_size=args.batch, steps=10**6, dtype=args.dtype))
     before = kernel_cache.describe().get("kernel_cache_modules")
     out = {"label": args.label, "config": args.config, "batch": args.batch,
-           "dtype": args.dtype, "eager": args.eager, "optimizer": args.optimizer,
+           "dtype": args.dtype, "optimizer": args.optimizer,
            "compile_mode": compile_mode.STATUS["compile"], "device": str(mx.default_device()), "mlx": mx.__version__,
            **kernel_cache.describe()}
     shape = (args.batch, ucfg.image_size, ucfg.image_size, ucfg.channels)

@@ -15,6 +15,9 @@ mkdir -p "$OUT"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export OPENBLAS_NUM_THREADS=1
+# This script times MLX's compiled step (its eager rows opt out themselves); the engine's
+# default on a CUDA GPU is eager (engine/device/compile_mode.py).
+export DIFFNAS_COMPILE="${DIFFNAS_COMPILE:-on}"
 PY="${PYTHON:-python3}"        # the driver; the H200 host runs both sides in python3
 MLX_PY="${MLX_PY:-$PY}"; TORCH_PY="${TORCH_PY:-$PY}"  # a dry run elsewhere may split them
 DEADLINE=$((SECONDS + ${BUDGET_S:-530}))
