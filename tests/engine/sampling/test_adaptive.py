@@ -7,7 +7,7 @@ import pytest
 from engine.config import Config, ScheduleConfig, UNetConfig
 from engine.device.bench import forward_latency
 from engine.model.unet import UNet
-from engine.sampling.adaptive import choose_budget, sample_adaptive
+from engine.sampling.adaptive import StepBudget, choose_budget, sample_adaptive, with_budget
 from engine.sampling.samplers import generate
 from engine.sampling.schedules import alpha_sigma, trailing_times, uniform_times
 from engine.sampling.timesteps import (
@@ -88,6 +88,17 @@ def test_budget_fits_measured_latency():
 
 
 # -- the adaptive sampler by name, through ScheduleConfig and engine.sampling.samplers.generate --
+
+
+@pytest.mark.parametrize("steps, sampler", [(3, "adaptive"), (9, "adaptive"), (2, "ddim")])
+def test_a_budget_keeps_the_adaptive_sampler_when_three_steps_fit(steps, sampler):
+    schedule = ScheduleConfig(sampler="adaptive", steps=3, spacing="optimized",
+                              timesteps=(0.9, 0.5, 0.1), tolerance=0.05)
+    kept = with_budget(schedule, StepBudget("ddim", steps, 1.0, 2.0))
+    # the steps cap the adaptive sampler's evaluations; stored times become trailing
+    assert (kept.sampler, kept.steps, kept.spacing, kept.timesteps) == (
+        sampler, steps, "trailing", ())
+    assert kept.tolerance == 0.05
 
 
 def test_generate_with_the_adaptive_sampler_solves_the_gaussian_ode():
