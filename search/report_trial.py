@@ -137,22 +137,27 @@ def _trust_lines(m: rec.Measured) -> list[str]:
     reference ratio, then each attempt when a disturbed latency was measured again."""
     lines = [_decision("latency", "", "", _trust(m.latency_ms, m.latency_ci, m.latency_rounds,
                                                  m.disturbed_rounds, m.reference_ratio,
-                                                 m.disturbed, m.wait_share, m.reference_shift))]
+                                                 m.disturbed, m.wait_share, m.reference_shift,
+                                                 m.host_slowdown))]
     for i, a in enumerate(m.latency_attempts):
         lines.append(_decision(f"  attempt {i + 1}", "", "", f"{a.get('at', '?')}: " + _trust(
             a["latency_ms"], a["latency_ci"], a["latency_rounds"], a["disturbed_rounds"],
             a["reference_ratio"], a["disturbed"], a.get("wait_share", 0.0),
-            a.get("reference_shift", 1.0)) + f", {a.get('seconds', 0.0):.1f} s"))
+            a.get("reference_shift", 1.0), a.get("host_slowdown", 1.0))
+            + f", {a.get('seconds', 0.0):.1f} s"))
     return lines
 
 
 def _trust(ms: float, ci: float, rounds: int, disturbed_rounds: int, ratio: float,
-           disturbed: bool, wait_share: float = 0.0, shift: float = 1.0) -> str:
+           disturbed: bool, wait_share: float = 0.0, shift: float = 1.0,
+           slowdown: float = 1.0) -> str:
     mark = "DISTURBED (too few clean samples) " if disturbed else ""
     waited = f", waited {wait_share:.0%} for the core" if wait_share else ""
     moved = f", host speed moved the reference x{shift:.3g}" if shift != 1.0 else ""
+    scaled = (f", at the host's usual speed (it ran x{slowdown:.3g}: {ms * slowdown:.4g} ms as "
+              "timed)") if slowdown != 1.0 else ""
     return (f"{mark}{ms:.4g} ms +-{ci:.1%} (95% CI of the median), {rounds} rounds "
-            f"({disturbed_rounds} disturbed), reference x{ratio:.3g}{waited}{moved}")
+            f"({disturbed_rounds} disturbed), reference x{ratio:.3g}{waited}{moved}{scaled}")
 
 
 def disturbed_note(r: rec.TrialRecord) -> str:

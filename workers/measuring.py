@@ -51,7 +51,7 @@ def trust(stat: LatencyStat) -> dict[str, Any]:
     return {"latency_ci": stat.ci, "latency_rounds": stat.rounds,
             "disturbed_rounds": stat.disturbed_rounds, "reference_ratio": stat.reference_ratio,
             "disturbed": stat.disturbed, "wait_share": stat.wait_share,
-            "reference_shift": stat.reference_shift}
+            "reference_shift": stat.reference_shift, "host_slowdown": stat.host_slowdown}
 
 
 def remeasure(model: UNet, config: Config, runs: int, first: Measurement,

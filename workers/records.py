@@ -116,7 +116,9 @@ class Measurement:
     ``disturbed_rounds``, ``reference_ratio``, ``disturbed`` (too few clean samples:
     another process kept taking the CPU), ``wait_share`` (the median share of the kept
     samples' time the process waited for its core) and ``reference_shift`` (how far the
-    host's own speed moved the reference's calibration during the measurement). A disturbed latency is measured again at the end of
+    host's own speed moved the reference's calibration during the measurement) and
+    ``host_slowdown`` (how much slower than usual the host ran: the latency is scaled back
+    to the usual speed by it). A disturbed latency is measured again at the end of
     the trial; ``latency_attempts`` then holds both (:func:`latency_attempt` documents) and
     the fields above are those of the one kept.
     """
@@ -137,6 +139,7 @@ class Measurement:
     latency_attempts: tuple[dict[str, Any], ...] = ()
     wait_share: float = 0.0
     reference_shift: float = 1.0
+    host_slowdown: float = 1.0
 
     def memory_mb(self, which: str) -> float:
         """The memory objective: ``sample``, ``train`` or ``max`` of the two."""
@@ -146,7 +149,7 @@ class Measurement:
 
 LATENCY_TRUST = ("latency_ms", "latency_spread", "latency_ci", "latency_rounds",
                  "disturbed_rounds", "reference_ratio", "disturbed", "wait_share",
-                 "reference_shift")
+                 "reference_shift", "host_slowdown")
 """The fields of one latency measurement, as a :class:`Measurement` and its attempts name them."""
 
 

@@ -89,7 +89,9 @@ class LatencyStat:
     samples were clean, so the samples are the least disturbed ones; ``wait_share``, the
     median share of the kept samples' time that the process waited on the run queue (a CPU
     hog on its core); ``reference_shift``, the calibration the last round was judged by over
-    the one the measurement started with (the host's own speed moved).
+    the one the measurement started with (the host's own speed moved); ``host_slowdown``,
+    the kept samples' calibration over the machine's usual reference time: the factor the
+    samples (and so the median) were divided by, to the machine's usual speed.
     """
 
     median_ms: float
@@ -102,6 +104,7 @@ class LatencyStat:
     disturbed: bool = False
     wait_share: float = 0.0
     reference_shift: float = 1.0
+    host_slowdown: float = 1.0
 
 
 def time_call(fn: Callable[[], Any], runs: int = 5, warmup: int = 1, retries: int = 2,

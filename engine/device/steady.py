@@ -17,7 +17,10 @@ The calibration follows the host's own speed: a *settled* round (no other proces
 our cores, :data:`QUIET_OTHERS`; no probe waited; the probes agree with each other) shows
 the machine as it is now, and its median probe becomes the calibration, however far from
 the old one (re-calibration). A CPU hog never makes a round settled, so it never moves the
-calibration. Disturbed samples are set aside; a round with one is followed by a pause;
+calibration. Each sample is scaled by the machine's usual reference time over the
+calibration it was judged by: the latency is the one at the host's usual speed, whichever
+speed it ran at (``LatencyStat.host_slowdown`` keeps the factor). Disturbed samples are set
+aside; a round with one is followed by a pause;
 clean samples are pooled until the 95% confidence interval of their median is within
 :data:`TARGET_CI`, up to :data:`MAX_ROUNDS` rounds. While it times, the process collects
 no garbage and its threads stay on one core.
@@ -302,6 +305,7 @@ def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | Non
     reference = reference or _process_reference()
     cpu = cpu or CpuUse()  # before pinning: the cores we may use
     start = reference.calibrated_ms  # first, unpinned: as every process calibrates
+    usual = reference.usual_ms
     taken: list[Round] = []
     with held_still(pin) as pinned:
         lost = lost or lost_counter(pinned)
@@ -309,7 +313,7 @@ def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | Non
             fn()  # warm-up: compile and first touch stay out of the samples
             taken.append(_round(fn, max(runs, 5), reference, clock, cpu, lost))
             reference.learn(taken[-1])
-            stat = decide(taken, start, runs)
+            stat = decide(taken, start, runs, usual)
             if not stat.disturbed and stat.ci <= TARGET_CI:
                 break
             if len(taken) < max_rounds and not _round_clean(taken, start):
@@ -348,7 +352,8 @@ def _judged(rounds: list[Round], calibrated_ms: float) -> list[tuple[Sample, flo
     return judged
 
 
-def decide(rounds: list[Round], calibrated_ms: float, runs: int = 5) -> LatencyStat:
+def decide(rounds: list[Round], calibrated_ms: float, runs: int = 5,
+           usual_ms: float | None = None) -> LatencyStat:
     """The latency that the samples taken in ``rounds`` support (pure: nothing is timed).
 
     A sample is clean when neither it nor its probes waited on the run queue and both probes
@@ -358,18 +363,27 @@ def decide(rounds: list[Round], calibrated_ms: float, runs: int = 5) -> LatencyS
     still long enough: the ``runs`` least disturbed samples give the latency, marked
     ``disturbed``.
 
+    Each sample is scaled to the machine's usual speed: by ``usual_ms`` (the reference's
+    usual time, :attr:`Reference.usual_ms`; default ``calibrated_ms``) over the calibration
+    it was judged by. A settled round moves the calibration only when the host itself runs
+    faster or slower (never for a hog), and the reference, run on MLX's stream like the
+    model, slows with it: on an idle host the same model ran at about 60 and about 98 ms in
+    turn, its probes moving with it (benchmarks/steady_latency.md). Scaled, a latency
+    compares with one taken in the other speed mode; ``host_slowdown`` keeps the factor.
+
     Returns:
         The :class:`LatencyStat`; ``disturbed_rounds`` counts rounds with a disturbed sample,
         ``reference_ratio`` is the probe furthest from 1 beside the samples kept,
         ``wait_share`` their median run-queue wait share and ``reference_shift`` the last
         calibration over ``calibrated_ms``.
     """
+    usual = usual_ms or calibrated_ms
     judged = _judged(rounds, calibrated_ms)
     clean = [(s, c) for s, c in judged if s.clean(c)]
     disturbed = len(clean) < runs
     kept = sorted(judged, key=lambda sc: sc[0].disturbance(sc[1]))[:runs] if disturbed \
         else clean
-    samples = [s.ms for s, _ in kept]
+    samples = [s.ms * usual / c for s, c in kept]
     q1, med, q3 = np.percentile(samples, [25, 50, 75])
     ratio = max((s.ratio(c) for s, c in kept), key=lambda r: abs(r - 1))
     bounds = np.cumsum([0] + [len(r.samples) for r in rounds])
@@ -377,7 +391,8 @@ def decide(rounds: list[Round], calibrated_ms: float, runs: int = 5) -> LatencyS
     return LatencyStat(float(med), float((q3 - q1) / med), tuple(samples), median_ci(samples),
                        len(rounds), dirty, ratio, disturbed,
                        float(np.median([s.wait for s, _ in kept])),
-                       judged[-1][1] / calibrated_ms)
+                       judged[-1][1] / calibrated_ms,
+                       float(np.median([c / usual for _, c in kept])))
 
 
 def _process_reference() -> Reference:

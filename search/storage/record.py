@@ -143,6 +143,7 @@ class Measured(Doc):
     latency_attempts: tuple[Mapping[str, Any], ...] = ()
     wait_share: float = 0.0
     reference_shift: float = 1.0
+    host_slowdown: float = 1.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def memory_mb(self, which: str) -> float:
@@ -409,7 +410,8 @@ def measured(m: Measurement, decision: Decision, conversion: Conversion | None) 
                     m.sample_mb, m.seconds, m.budget, m.start, conversion, _answer(decision),
                     decision.reason, m.latency_ci, m.latency_rounds, m.disturbed_rounds,
                     m.reference_ratio, m.disturbed, tuple(m.latency_attempts),
-                    wait_share=m.wait_share, reference_shift=m.reference_shift)
+                    wait_share=m.wait_share, reference_shift=m.reference_shift,
+                    host_slowdown=m.host_slowdown)
 
 
 def remeasured(stored: Measured, m: Measurement, scale: float) -> Measured:
@@ -427,4 +429,5 @@ def remeasured(stored: Measured, m: Measurement, scale: float) -> Measured:
                    latency_ci=m.latency_ci, latency_rounds=m.latency_rounds,
                    disturbed_rounds=m.disturbed_rounds, reference_ratio=m.reference_ratio,
                    disturbed=m.disturbed, latency_attempts=attempts,
-                   wait_share=m.wait_share, reference_shift=m.reference_shift)
+                   wait_share=m.wait_share, reference_shift=m.reference_shift,
+                   host_slowdown=m.host_slowdown)

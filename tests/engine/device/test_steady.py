@@ -125,10 +125,12 @@ def test_fewer_rounds_record_the_disturbance_sooner(tmp_path):  # [evaluate] lat
 
 def test_a_host_that_runs_slower_with_nothing_else_running_is_followed(tmp_path):
     # Everything 30% slower, nothing waits, no other process: the host's own speed moved.
+    # The calibration follows it, and the latency (65 ms as timed) is the usual speed's.
     machine = Machine(tmp_path / "ref.json", busy_pauses=0, speed=1.3)
     stat = machine.measure()
     assert (stat.rounds, stat.disturbed_rounds, stat.disturbed) == (1, 0, False)
-    assert stat.median_ms == approx(65.0) and stat.reference_shift == approx(1.3)
+    assert stat.median_ms == approx(50.0) and stat.reference_shift == approx(1.3)
+    assert stat.host_slowdown == approx(1.3) and max(stat.samples_ms) < 52.0
     assert machine.reference.calibrated_ms == approx(13.0)
     assert machine.reference.usual_ms == approx(10.0)  # the history's 25th percentile
 
@@ -137,7 +139,7 @@ def test_a_host_that_runs_slower_beside_a_hog_is_not_followed(tmp_path):
     # The same probes, while another process used our cores: no re-calibration.
     machine = Machine(tmp_path / "ref.json", busy_pauses=10**6, speed=0.65)
     stat = machine.measure()  # busy probes read 20 * 0.65 = 13 ms
-    assert stat.disturbed and stat.reference_shift == 1.0
+    assert stat.disturbed and stat.reference_shift == 1.0 and stat.host_slowdown == 1.0
     assert machine.reference.calibrated_ms == approx(10.0)
 
 

@@ -10,8 +10,13 @@ from mlx.utils import tree_map
 
 from engine.config import Config, TrainConfig, UNetConfig
 from engine.io.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from engine.training.train import (TrainingDiverged, compiled_update, init_state,
-                                   learning_rate_schedule, train)
+from engine.training.train import (
+    TrainingDiverged,
+    compiled_update,
+    init_state,
+    learning_rate_schedule,
+    train,
+)
 
 TINY = Config(unet=UNetConfig(image_size=8, base_width=8, norm_groups=4, width_mults=(1, 2),
                               time_emb_dim=16),

@@ -20,7 +20,6 @@ from search.derived.points import source
 from search.legibility import held_out_digits
 from search.storage import study as st
 
-LEARNING_RATE = "{ float = [1e-3, 3e-3], log = true }"  # a space must search something
 BENCH = Path(__file__).parents[3] / "benchmarks" / "legibility.py"
 
 
@@ -50,27 +49,29 @@ def _engine_shares(study, label, n):
             for x in (sample_images(model, config, n, 0), held_out_digits(held.images, n))]
 
 
-def test_scores_the_front_trial_of_lowest_fid(tiny_search, results, storage, tmp_path):
-    _, study = tiny_search("leg", {"study": {"trials": "3", "startup_trials": "3"},
-                                   "train": {"steps": "20", "learning_rate": LEARNING_RATE}})
+def test_scores_the_front_trial_of_lowest_fid(smoke_study, tmp_path):
+    # The session's finished smoke study (tests/search/conftest.py): 4 trials and a d0.
+    results = smoke_study[0]
+    storage = st.default_storage(results)
+    study = st.load_existing(st.open_storage(storage, create=False), "smoke")
     front = report.front(study, st.stored_space(study))
     on = np.flatnonzero(front.on_front)
     best = front.labels[on[np.argmin(front.points[on, 0])]]
     png = tmp_path / "grid.png"
-    run = diffnas("legibility", "leg", "--results", results, "--storage", storage, "--n", 30,
+    run = diffnas("legibility", "smoke", "--results", results, "--storage", storage, "--n", 30,
                   "--png", png)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert f"study leg, trial {best}: FID {front.points[on, 0].min():.3g}" in run.stdout
+    assert f"study smoke, trial {best}: FID {front.points[on, 0].min():.3g}" in run.stdout
     assert np.allclose(_shares(run.stdout), _engine_shares(study, best, 30), atol=0.0005)
     with Image.open(png) as grid:  # rows of 10 tiles of 8 px, 1 px apart, scaled 2x
         assert grid.size == (2 * (10 * 9 + 1), 2 * (3 * 9 + 1))
     other = next(label for label in front.labels if label != best)
-    run = diffnas("legibility", "leg", "--trial", other, "--results", results, "--storage",
+    run = diffnas("legibility", "smoke", "--trial", other, "--results", results, "--storage",
                   storage, "--n", 10)
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"trial {other}: FID" in run.stdout
     assert np.allclose(_shares(run.stdout), _engine_shares(study, other, 10), atol=0.0005)
-    run = bench("--study", "leg", "--results", results, "--storage", storage, "--n", 30)
+    run = bench("--study", "smoke", "--results", results, "--storage", storage, "--n", 30)
     assert run.returncode == 0, run.stderr[-2000:]  # the benchmark scores the same trial
     assert f"trial {best}: FID" in run.stdout and "study wall time" in run.stdout
 

@@ -22,7 +22,8 @@ from workers.records import Decision, Measurement, Outcome, TrialOutcome, latenc
 
 FIRST = Measurement(118.0, 0.2, (110.0, 118.0, 125.0, 119.0, 121.0), 30.0, 10.0, 4.0,
                     latency_ci=0.08, latency_rounds=6, disturbed_rounds=6, reference_ratio=1.8,
-                    disturbed=True, wait_share=0.31, reference_shift=1.05)
+                    disturbed=True, wait_share=0.31, reference_shift=1.05,
+                    host_slowdown=1.25)
 
 
 class Pool:
@@ -107,10 +108,11 @@ def test_the_trust_fields_round_trip_without_a_re_measurement(tmp_path):
     assert stored == rec.measured(FIRST, Decision(), flight.conversion)
     assert (stored.latency_ci, stored.latency_rounds, stored.disturbed_rounds,
             stored.reference_ratio, stored.disturbed) == (0.08, 6, 6, 1.8, True)
-    assert (stored.wait_share, stored.reference_shift) == (0.31, 1.05)
+    assert (stored.wait_share, stored.reference_shift, stored.host_slowdown) == (0.31, 1.05, 1.25)
     assert stored.latency_attempts == ()
     trust = "\n".join(report_trial._trust_lines(stored))
     assert "waited 31% for the core" in trust and "moved the reference x1.05" in trust
+    assert "at the host's usual speed (it ran x1.25: 147.5 ms as timed)" in trust
 
 
 def test_an_older_measured_record_reads_with_default_trust_fields():
