@@ -34,6 +34,7 @@ import numpy as np
 
 from engine.config import Config, ScheduleConfig, UNetConfig
 from engine.device.bench import device_fingerprint, sampling_latency  # first: binds BLAS
+from engine.device.steady import last_measurement
 from engine.measure import measure_latency
 from engine.model.unet import UNet
 
@@ -65,12 +66,22 @@ def measure(model, config, pin: bool) -> dict:
     start = time.perf_counter()
     stat = measure_latency(model, config, pin=pin)
     seconds = time.perf_counter() - start
+    rounds, start_ms, usual_ms = last_measurement()
     plain = sampling_latency(model, config, batch=1).median_ms
     return {"ms": stat.median_ms, "plain_ms": plain, "ci": stat.ci, "rounds": stat.rounds,
             "disturbed_rounds": stat.disturbed_rounds, "disturbed": stat.disturbed,
             "ratio": stat.reference_ratio, "wait": stat.wait_share,
             "shift": stat.reference_shift, "slowdown": stat.host_slowdown,
-            "seconds": seconds, "load": os.getloadavg()[0]}
+            "seconds": seconds, "load": os.getloadavg()[0],
+            "raw": {"start_ms": start_ms, "usual_ms": usual_ms,
+                    "rounds": [{"others": r.others, "samples": [
+                        [s.ms, s.before_ms, s.after_ms, s.wait, s.before_wait, s.after_wait]
+                        for s in r.samples]} for r in rounds]}}
+
+
+def brief(row: dict) -> dict:
+    """A row without its raw samples and probes, to print."""
+    return {k: v for k, v in row.items() if k != "raw"}
 
 
 def phase(models: list, label: str, pin: bool, after=lambda rows: None) -> list[dict]:
@@ -78,7 +89,7 @@ def phase(models: list, label: str, pin: bool, after=lambda rows: None) -> list[
     rows: list[dict] = []
     for name, model, config in models:
         rows.append({"model": name, **measure(model, config, pin)})
-        print(f"{label}: {json.dumps(rows[-1])}", flush=True)
+        print(f"{label}: {json.dumps(brief(rows[-1]))}", flush=True)
         after(rows)
     return rows
 
@@ -90,10 +101,10 @@ def remeasure(models: list, busy: list[dict], pin: bool) -> None:
         if not row["disturbed"]:
             continue
         again = measure(model, config, pin)
-        print(f"re-measured: {json.dumps({'model': name, **again})}", flush=True)
+        print(f"re-measured: {json.dumps({'model': name, **brief(again)})}", flush=True)
         row["remeasured"] = again
         if not again["disturbed"] or abs(again["ratio"] - 1) <= abs(row["ratio"] - 1):
-            row["kept"] = {k: again[k] for k in ("ms", "disturbed", "ratio")}
+            row["kept"] = {k: again[k] for k in ("ms", "disturbed", "ratio", "slowdown")}
 
 
 def with_hogs(count: int, fn):
