@@ -23,6 +23,7 @@ from engine.device.steady import (
     Round,
     Sample,
     decide,
+    last_measurement,
     median_ci,
     steady_call,
     window_ms,
@@ -133,6 +134,15 @@ def test_a_host_that_runs_slower_with_nothing_else_running_is_followed(tmp_path)
     assert stat.host_slowdown == approx(1.3) and max(stat.samples_ms) < 52.0
     assert machine.reference.calibrated_ms == approx(13.0)
     assert machine.reference.usual_ms == approx(10.0)  # the history's 25th percentile
+
+
+def test_the_last_measurement_can_be_judged_again(tmp_path):
+    # benchmarks/steady_latency.py keeps the raw rounds and re-judges them offline.
+    machine = Machine(tmp_path / "ref.json", busy_pauses=2, speed=1.3)
+    stat = machine.measure()
+    rounds, start_ms, usual_ms = last_measurement()
+    assert len(rounds) == stat.rounds == 3 and (start_ms, usual_ms) == approx((10.0, 10.0))
+    assert decide(list(rounds), start_ms, 5, usual_ms) == stat
 
 
 def test_a_host_that_runs_slower_beside_a_hog_is_not_followed(tmp_path):
