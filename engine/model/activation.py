@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from engine.model.formulation import gradients_stated
+
 # tanh(x) ~ x P(x^2) / Q(x^2); coefficients highest degree first (Eigen, MathFunctionsImpl.h).
 _P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
       5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
@@ -55,13 +57,19 @@ def _silu_grad(x: mx.array, dy: mx.array) -> mx.array:
     return dy * s * (1.0 + x * (1.0 - s))
 
 
-@mx.custom_function
 def silu(x: mx.array) -> mx.array:
-    """``x * sigmoid(x)`` (Elfwing et al. 2018) with the rational :func:`sigmoid`."""
+    """``x * sigmoid(x)`` (Elfwing et al. 2018) with the rational :func:`sigmoid`; its
+    derivative stated, unless traced for a forward pass alone
+    (:func:`engine.model.formulation.forward_only`)."""
+    return _silu_stated(x) if gradients_stated() else _silu(x)
+
+
+@mx.custom_function
+def _silu_stated(x: mx.array) -> mx.array:
     return _silu(x)
 
 
-@silu.vjp
+@_silu_stated.vjp
 def _silu_vjp(x: mx.array, dy: mx.array, _: mx.array) -> mx.array:
     return _silu_grad(x, dy)  # one primal: MLX passes the array itself, not a tuple
 
@@ -100,12 +108,17 @@ def _softmax_grad(p: mx.array, dp: mx.array) -> mx.array:
     return p * (dp - (dp * p).sum(axis=-1, keepdims=True))
 
 
-@mx.custom_function
 def softmax(x: mx.array) -> mx.array:
-    """``softmax(x)`` over the last axis, with the polynomial :func:`exp`."""
+    """``softmax(x)`` over the last axis, with the polynomial :func:`exp`; its derivative
+    stated, unless traced for a forward pass alone."""
+    return _softmax_stated(x) if gradients_stated() else _softmax(x)
+
+
+@mx.custom_function
+def _softmax_stated(x: mx.array) -> mx.array:
     return _softmax(x)
 
 
-@softmax.vjp
+@_softmax_stated.vjp
 def _softmax_vjp(x: mx.array, dp: mx.array, p: mx.array) -> mx.array:
     return _softmax_grad(p, dp)

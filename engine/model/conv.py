@@ -28,7 +28,7 @@ from functools import cache
 import mlx.core as mx
 from mlx import nn
 
-from engine.model.formulation import cpu_layers
+from engine.model.formulation import cpu_layers, gradients_stated
 
 _MIN_ROWS = 1024  # padded-grid rows from which the shifted-GEMM forward is used
 
@@ -64,6 +64,10 @@ def conv2d(x: mx.array, w: mx.array, stride: int = 1, padding: int = 0,
         return mx.conv2d(x, w, stride=stride, padding=padding, groups=groups)
     if k == 1 and stride == 1 and padding == 0:
         return mx.matmul(x, w.reshape(w.shape[0], -1).T)
+    if not gradients_stated():  # a forward pass alone: no custom-function node
+        if stride == 1 and 2 * padding == k - 1:
+            return _same_forward(x, w, k)
+        return mx.conv2d(x, w, stride=stride, padding=padding)
     if stride == 1 and 2 * padding == k - 1:
         return _same(k)(x, w)  # type: ignore[no-any-return,return-value]
     return _strided(stride, padding)(x, w)  # type: ignore[return-value]
@@ -82,33 +86,44 @@ def _padded_rows(x: mx.array, p: int) -> mx.array:
     return mx.pad(x, [(0, 0), (p, p), (p, p), (0, 0)]).reshape(-1, x.shape[-1])
 
 
+def _geometry(x: mx.array, k: int) -> tuple[int, int, list[int]]:
+    """The padded grid of a same-size ``k x k`` conv of ``x``: its height, width and the
+    row offset of each tap in the flattened grid."""
+    p = k // 2
+    wp = x.shape[2] + 2 * p
+    return x.shape[1] + 2 * p, wp, [i * wp + j for i in range(k) for j in range(k)]
+
+
+def _same_forward(x: mx.array, w: mx.array, k: int) -> mx.array:
+    """The same-size ``k x k`` conv's forward: shifted GEMMs, or ``mx.conv2d`` on few rows."""
+    p = k // 2
+    if x.shape[0] * (x.shape[1] + 2 * p) * (x.shape[2] + 2 * p) < _MIN_ROWS:
+        return mx.conv2d(x, w, padding=p)  # few rows: k*k GEMMs cost more nodes than work
+    (b, h, wd, _), cout = x.shape, w.shape[0]
+    hp, wp, shifts = _geometry(x, k)
+    rows = _padded_rows(x, p)
+    n = rows.shape[0] - shifts[-1]  # output rows whose every tap lies inside x_p
+    y = _shifted_gemm(rows, [w[:, i, j, :].T for i in range(k) for j in range(k)], shifts, n)
+    y = mx.pad(y, [(0, shifts[-1]), (0, 0)]).reshape(b, hp, wp, cout)
+    return y[:, :h, :wd, :]
+
+
 @cache
 def _same(k: int) -> mx.custom_function:
-    """The same-size ``k x k`` conv (stride 1, padding ``k // 2``) as shifted GEMMs."""
+    """The same-size ``k x k`` conv (stride 1, padding ``k // 2``) as shifted GEMMs, with
+    GEMM gradients."""
     p = k // 2
-
-    def geometry(x: mx.array) -> tuple[int, int, list[int]]:
-        wp = x.shape[2] + 2 * p
-        return x.shape[1] + 2 * p, wp, [i * wp + j for i in range(k) for j in range(k)]
 
     @mx.custom_function
     def conv(x: mx.array, w: mx.array) -> mx.array:
-        if x.shape[0] * (x.shape[1] + 2 * p) * (x.shape[2] + 2 * p) < _MIN_ROWS:
-            return mx.conv2d(x, w, padding=p)  # few rows: k*k GEMMs cost more nodes than work
-        (b, h, wd, _), cout = x.shape, w.shape[0]
-        hp, wp, shifts = geometry(x)
-        rows = _padded_rows(x, p)
-        n = rows.shape[0] - shifts[-1]  # output rows whose every tap lies inside x_p
-        y = _shifted_gemm(rows, [w[:, i, j, :].T for i in range(k) for j in range(k)], shifts, n)
-        y = mx.pad(y, [(0, shifts[-1]), (0, 0)]).reshape(b, hp, wp, cout)
-        return y[:, :h, :wd, :]
+        return _same_forward(x, w, k)
 
     @conv.vjp
     def conv_vjp(primals: tuple[mx.array, mx.array], dy: mx.array,
                  _: mx.array) -> tuple[mx.array, mx.array]:
         x, w = primals
         (b, h, wd, cin), cout = x.shape, w.shape[0]
-        hp, wp, shifts = geometry(x)
+        hp, wp, shifts = _geometry(x, k)
         rows, last = _padded_rows(x, p), shifts[-1]
         n = rows.shape[0] - last
         # dY on the padded grid (zero on the ring), as rows: (B*Hp*Wp, Cout)

@@ -11,6 +11,8 @@ MLX's own. ``DIFFNAS_LAYERS=cpu`` or ``=mlx`` forces either, to compare.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mlx.core as mx
 
@@ -31,3 +33,28 @@ def cpu_layers() -> bool:
     if forced != "auto":
         return forced == "cpu"
     return mx.default_device() == mx.cpu
+
+
+_FORWARD_ONLY = [0]
+
+
+@contextmanager
+def forward_only() -> Iterator[None]:
+    """Trace the layers for a forward pass that no gradient will go through (sampling).
+
+    The CPU formulations state their gradients with ``mx.custom_function``; each call is a
+    graph node of its own, and ``mx.compile`` fuses nothing across it (a GroupNorm's
+    element-wise tail and the SiLU after it stay two loops). Inside this context the layers
+    trace their forward maths alone: the same numbers, fewer nodes
+    (``benchmarks/cpu_speed.md``).
+    """
+    _FORWARD_ONLY[0] += 1
+    try:
+        yield
+    finally:
+        _FORWARD_ONLY[0] -= 1
+
+
+def gradients_stated() -> bool:
+    """Whether a layer traced now states its gradient (outside :func:`forward_only`)."""
+    return _FORWARD_ONLY[0] == 0

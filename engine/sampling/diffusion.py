@@ -17,6 +17,7 @@ import numpy as np
 from mlx import nn
 
 from engine.device import compile_mode
+from engine.model.formulation import forward_only
 from engine.sampling.schedules import (
     ALPHA_BAR_MIN,
     BETA_MAX,
@@ -161,7 +162,12 @@ def compiled_forward(model: nn.Module) -> Callable[..., mx.array]:
     if n not in compiled:
         state = [model.state, mx.random.state]
         call = model.__call__ if n == 1 else _split_call(model, n)
-        compiled[n] = compile_mode.whole(call, inputs=state, outputs=[mx.random.state])
+
+        def forward(*args: mx.array) -> mx.array:
+            with forward_only():  # sampling takes no gradient: no custom-function nodes
+                return call(*args)  # type: ignore[no-any-return]
+
+        compiled[n] = compile_mode.whole(forward, inputs=state, outputs=[mx.random.state])
     return compiled[n]  # type: ignore[no-any-return]
 
 

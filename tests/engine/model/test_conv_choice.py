@@ -1,5 +1,8 @@
 """Which formulation runs: the CPU ones on MLX's CPU backend, MLX's own kernels on a GPU."""
 
+import io
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -8,8 +11,8 @@ from mlx.utils import tree_flatten
 
 from engine.config import UNetConfig
 from engine.model.conv import Conv2d
-from engine.model.formulation import cpu_layers
-from engine.model.unet import Attention
+from engine.model.formulation import cpu_layers, forward_only, gradients_stated
+from engine.model.unet import Attention, UNet
 
 
 def test_the_cpu_runs_its_formulations_unless_told_otherwise(monkeypatch):
@@ -48,3 +51,27 @@ def test_both_formulations_give_the_same_values_and_gradients(monkeypatch, make)
     assert len(g_cpu) == len(g_mlx) >= 2
     for a, b in zip(g_cpu, g_mlx, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+
+
+def _graph(y):
+    """The labels of the nodes that compute ``y`` (before it is evaluated)."""
+    buf = io.StringIO()
+    mx.export_to_dot(buf, y)
+    return re.findall(r'label ="([^"]*)"', buf.getvalue())
+
+
+@pytest.mark.parametrize("batch", [1, 16])  # 16: 16*10*10 padded rows, the shifted GEMMs
+def test_a_forward_pass_alone_traces_the_same_maths_in_fewer_nodes(batch):
+    # Sampling takes no gradient: its trace leaves out the nodes that state one.
+    model = UNet(UNetConfig(image_size=8, base_width=8, norm_groups=4, time_emb_dim=16,
+                            attn_levels=(1,), head_dim=8))
+    mx.eval(model.parameters())
+    x, t = mx.random.normal((batch, 8, 8, 1), key=mx.random.key(1)), mx.full((batch,), 0.4)
+    stated = model(x, t)
+    with forward_only():
+        alone = model(x, t)
+    stated_nodes, alone_nodes = _graph(stated), _graph(alone)
+    assert "CustomTransforms" in stated_nodes and "CustomTransforms" not in alone_nodes
+    assert len(alone_nodes) < len(stated_nodes)
+    assert mx.array_equal(stated, alone)
+    assert gradients_stated()  # the context ends with its block
