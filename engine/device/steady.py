@@ -216,6 +216,7 @@ def _write_json(path: Path, values: list[float]) -> None:
 
 
 _REFERENCE: Reference | None = None
+_LAST: tuple[tuple[Round, ...], float, float] = ((), 1.0, 1.0)  # last_measurement()
 
 
 @dataclass(frozen=True)
@@ -321,9 +322,6 @@ def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | Non
     global _LAST
     _LAST = (tuple(taken), start, usual)
     return stat
-
-
-_LAST: tuple[tuple[Round, ...], float, float] = ((), 1.0, 1.0)
 
 
 def last_measurement() -> tuple[tuple[Round, ...], float, float]:

@@ -64,13 +64,12 @@ def conv2d(x: mx.array, w: mx.array, stride: int = 1, padding: int = 0,
         return mx.conv2d(x, w, stride=stride, padding=padding, groups=groups)
     if k == 1 and stride == 1 and padding == 0:
         return mx.matmul(x, w.reshape(w.shape[0], -1).T)
-    if not gradients_stated():  # a forward pass alone: no custom-function node
-        if stride == 1 and 2 * padding == k - 1:
-            return _same_forward(x, w, k)
-        return mx.conv2d(x, w, stride=stride, padding=padding)
+    stated = gradients_stated()  # else a forward pass alone: no custom-function node
     if stride == 1 and 2 * padding == k - 1:
-        return _same(k)(x, w)  # type: ignore[no-any-return,return-value]
-    return _strided(stride, padding)(x, w)  # type: ignore[return-value]
+        return _same(k)(x, w) if stated else _same_forward(x, w, k)  # type: ignore[no-any-return,return-value]
+    if stated:
+        return _strided(stride, padding)(x, w)  # type: ignore[return-value]
+    return mx.conv2d(x, w, stride=stride, padding=padding)  # _strided's forward
 
 
 def _shifted_gemm(rows: mx.array, taps: list[mx.array], shifts: list[int], n: int) -> mx.array:
