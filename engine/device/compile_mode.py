@@ -30,8 +30,11 @@ above):
   feature network's step: :func:`whole`) are compiled;
 - ``fused``: those run as they are, while each parameter array's AdamW and EMA update is
   one small shapeless compiled kernel (:mod:`engine.training.fused`). It is meant for the
-  eager GPU step, whose per-array updates are thousands of kernel launches. It is not yet
-  measured on a GPU, so ``auto`` does not choose it;
+  eager GPU step, whose per-array updates are thousands of kernel launches. On the H200 it
+  took 12-14% off a steady demo step (61.8-66.0 against 70.3-76.5 ms) and 12.7 s more to
+  start on an empty kernel cache; in the demo search its eight workers took 93 s to start
+  (12 s eager) and the trials trained no faster (``benchmarks/gpu/README.md``), so ``auto``
+  does not choose it;
 - ``off``: nothing is compiled.
 """
 
