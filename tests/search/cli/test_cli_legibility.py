@@ -1,6 +1,7 @@
 """``diffnas legibility`` and ``benchmarks/legibility.py``: the best front trial's samples,
 scored as the engine scores them, on one real (tiny) study."""
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -33,6 +34,14 @@ def bench(*args):
                           text=True, timeout=600, check=False)
 
 
+def _bench_module():
+    """``benchmarks/legibility.py`` loaded as a module (its ``main`` is the script's)."""
+    spec = importlib.util.spec_from_file_location("legibility_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _shares(stdout):
     """``[(confident, legible), ...]`` in printed order: the samples, then real digits."""
     return [(float(c) / 100, float(g) / 100) for c, g in
@@ -49,7 +58,7 @@ def _engine_shares(study, label, n):
             for x in (sample_images(model, config, n, 0), held_out_digits(held.images, n))]
 
 
-def test_scores_the_front_trial_of_lowest_fid(smoke_study, tmp_path):
+def test_scores_the_front_trial_of_lowest_fid(smoke_study, tmp_path, capsys):
     # The session's finished smoke study (tests/search/conftest.py): 4 trials and a d0.
     results = smoke_study[0]
     storage = st.default_storage(results)
@@ -66,14 +75,17 @@ def test_scores_the_front_trial_of_lowest_fid(smoke_study, tmp_path):
     with Image.open(png) as grid:  # rows of 10 tiles of 8 px, 1 px apart, scaled 2x
         assert grid.size == (2 * (10 * 9 + 1), 2 * (3 * 9 + 1))
     other = next(label for label in front.labels if label != best)
-    run = diffnas("legibility", "smoke", "--trial", other, "--results", results, "--storage",
-                  storage, "--n", 10)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert f"trial {other}: FID" in run.stdout
-    assert np.allclose(_shares(run.stdout), _engine_shares(study, other, 10), atol=0.0005)
-    run = bench("--study", "smoke", "--results", results, "--storage", storage, "--n", 30)
-    assert run.returncode == 0, run.stderr[-2000:]  # the benchmark scores the same trial
-    assert f"trial {best}: FID" in run.stdout and "study wall time" in run.stdout
+    code = cli.main(["legibility", "smoke", "--trial", other, "--results", str(results),
+                     "--storage", storage, "--n", "10"])  # in this process: no interpreter start
+    shown = capsys.readouterr()
+    assert code == 0, shown.err[-2000:]
+    assert f"trial {other}: FID" in shown.out
+    assert np.allclose(_shares(shown.out), _engine_shares(study, other, 10), atol=0.0005)
+    code = _bench_module().main(["--study", "smoke", "--results", str(results), "--storage",
+                                 storage, "--n", "30"])  # in this process, as above
+    shown = capsys.readouterr()
+    assert code == 0, shown.err[-2000:]  # the benchmark scores the same trial
+    assert f"trial {best}: FID" in shown.out and "study wall time" in shown.out
 
 
 def _one_line_error(proc, fragment):

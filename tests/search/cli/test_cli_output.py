@@ -1,46 +1,48 @@
 """Machine-readable and sectioned output of a real smoke study, through the real CLI.
 
-One module-scoped study (``diffnas search --preset smoke``, then one derived point from
-``diffnas compress``) serves every test here.
+One session-scoped study (``diffnas search --preset smoke``, then one derived point from
+``diffnas compress``, each its own process) serves every test here; the verbs that read it
+run through ``search.cli.main`` in this process (the same code, without an interpreter
+start per call; tests/search/cli/test_bad_input.py runs the real process for its errors).
 """
 
 import csv
 import io
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema
 import pytest
 
-from search import rows
+from search import cli, rows
 
 README = rows.__file__.rsplit("/search/", 1)[0] + "/README.md"
 
 
-def diffnas(*args):
-    return subprocess.run([sys.executable, "-m", "search.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=600, check=False)
-
-
 @pytest.fixture()
-def smoke(smoke_study):
-    """``(results folder, the search's CompletedProcess)`` of the session's smoke study,
-    which has a d0 (``tests/search/conftest.py``)."""
-    return smoke_study
+def smoke(smoke_study, capsys):
+    """``(results folder, the search's CompletedProcess, diffnas)`` of the session's smoke
+    study, which has a d0 (``tests/search/conftest.py``); ``diffnas(*args)`` runs the CLI in
+    this process and returns its exit code, stdout and stderr."""
+    def diffnas(*args):
+        code = cli.main([str(a) for a in args])
+        shown = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=shown.out, stderr=shown.err)
+
+    return (*smoke_study, diffnas)
 
 
-def _json(results, *extra):
-    proc = diffnas("pareto", "smoke", "--json", "--results", results, *extra)
+def _json(smoke, *extra):
+    proc = smoke[2]("pareto", "smoke", "--json", "--results", smoke[0], *extra)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
 @pytest.mark.parametrize("scope", [(), ("--all",)])
 def test_pareto_json_validates_against_the_schema(smoke, scope):
-    doc = _json(smoke[0], *scope)
+    doc = _json(smoke, *scope)
     jsonschema.validate(doc, rows.SCHEMA)
     assert doc["schema_version"] == rows.SCHEMA_VERSION
     ids = [r["id"] for r in doc["rows"]]
@@ -57,16 +59,16 @@ def test_pareto_json_validates_against_the_schema(smoke, scope):
 
 
 def test_the_schema_rejects_a_row_without_its_objectives(smoke):
-    doc = _json(smoke[0], "--all")
+    doc = _json(smoke, "--all")
     del doc["rows"][0]["fid"]
     with pytest.raises(jsonschema.ValidationError, match="'fid' is a required property"):
         jsonschema.validate(doc, rows.SCHEMA)
 
 
 def test_pareto_csv_has_one_column_per_parameter_and_artifact(smoke):
-    proc = diffnas("pareto", "smoke", "--csv", "--all", "--results", smoke[0])
+    proc = smoke[2]("pareto", "smoke", "--csv", "--all", "--results", smoke[0])
     table = list(csv.DictReader(io.StringIO(proc.stdout)))
-    doc = _json(smoke[0], "--all")
+    doc = _json(smoke, "--all")
     assert [r["id"] for r in table] == [r["id"] for r in doc["rows"]]
     assert table[-1]["derived_from"] == "0" and table[0]["derived_from"] == ""
     for line, row in zip(table, doc["rows"]):
@@ -83,7 +85,7 @@ def test_readme_documents_every_field_of_the_schema():
 
 
 def test_status_trial_in_sections_and_raw_json(smoke):
-    results = smoke[0]
+    results, _, diffnas = smoke
     text = diffnas("status", "smoke", "--trial", "0", "--results", results).stdout
     heads = [line for line in text.splitlines() if re.fullmatch(r"[a-z]+", line)]
     assert heads == ["decisions", "rungs", "attempts", "result", "timings"]
@@ -99,13 +101,13 @@ def test_status_trial_in_sections_and_raw_json(smoke):
 
 
 def test_search_prints_a_dashboard_command_with_absolute_paths(smoke):
-    results, search = smoke
+    results, search, _ = smoke
     (line,) = [x for x in search.stdout.splitlines() if x.startswith("dashboard: ")]
     assert line == (f"dashboard: uvx optuna-dashboard sqlite:///{results.resolve()}/diffnas.db "
                     f"--artifact-dir {results.resolve()}/artifacts")
 
 
 def test_all_without_a_format_is_one_line_error(smoke):
-    proc = diffnas("pareto", "smoke", "--all", "--results", smoke[0])
+    proc = smoke[2]("pareto", "smoke", "--all", "--results", smoke[0])
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "diffnas: error: --all: give --json or --csv (the table shows the front)")

@@ -1,14 +1,18 @@
 """distill / compress / schedule a real search trial: each result is measured and recorded
-as a derived point that joins the front, without touching the search study's trials."""
+as a derived point that joins the front, without touching the search study's trials.
+
+The CLI's failed gate runs in a real process; its bad input and export run ``search.cli.main``
+in this process (tests/search/cli/test_bad_input.py runs the real process for bad input)."""
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from optuna.trial import TrialState
 
 from engine.io.models import load_model
-from search import report, report_trial
+from search import cli, report, report_trial
 from search.derived import points as dv
 from search.derived.operations import compress_trial, distill_front, distill_trial, schedule_trial
 from search.run.progress import Silent
@@ -60,7 +64,8 @@ def searched(ray_cluster, tmp_path_factory):
     space.write_text(SPACE)
     results = root / "results"
     storage = f"sqlite:///{results / 'diffnas.db'}"
-    result = run_search(SearchOptions(space=space, results=results, storage=storage), Silent())
+    result = run_search(SearchOptions(space=space, results=results, storage=storage,
+                                      workers=2), Silent())  # one per trial
     assert result.complete == 2
     return results, storage
 
@@ -129,12 +134,18 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=300, check=False)
 
 
-def test_cli_failed_gate_records_nothing_and_bad_input_is_one_line(searched):
+def _in_process(capsys, *args):
+    """``diffnas *args`` run by ``search.cli.main`` in this process (no interpreter start)."""
+    code = cli.main([*map(str, args)])
+    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
+
+
+def test_cli_failed_gate_records_nothing_and_bad_input_is_one_line(searched, capsys):
     results, storage = searched
     n_before = len(dv.companion(_study(storage)).trials)
     proc = _cli("distill", "tiny", "0", "--steps", "4", "--teacher-steps", "8",
                 "--train-steps", "2", "--batch-size", "4", "--max-fid-ratio", "0.001",
-                "--retries", "0", "--results", results)
+                "--retries", "0", "--results", results)  # the real process
     assert proc.returncode == 1, proc.stderr
     assert "no stage passed its gate" in proc.stderr
     assert len(dv.companion(_study(storage)).trials) == n_before
@@ -143,11 +154,12 @@ def test_cli_failed_gate_records_nothing_and_bad_input_is_one_line(searched):
                            (("schedule", "tiny", "x1", "--steps", "3"), "give a trial number"),
                            (("distill", "tiny", "0", "--steps", "3", "--teacher-steps", "8"),
                             "teacher_steps")]:
-        proc = _cli(*args, "--results", results)
+        proc = _in_process(capsys, *args, "--results", results)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], proc.stderr
     assert all(t.state == TrialState.COMPLETE for t in _study(storage).get_trials())
-    proc = _cli("export", "tiny", "d0", "--out", results / "d0", "--results", results)
+    proc = _in_process(capsys, "export", "tiny", "d0", "--out", results / "d0", "--results",
+                       results)
     assert proc.returncode == 0, proc.stderr
     config, _ = load_model(results / "d0")
     assert config.schedule.steps == 2  # d0 is the 2-step student

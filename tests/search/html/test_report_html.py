@@ -1,11 +1,13 @@
 """``diffnas report``: one self-contained HTML file of a real smoke study, checked against the
 study itself and opened in a real browser (Debian's chromium, driven by Playwright)."""
 
+import io
 import json
 import re
 import subprocess
 import sys
 import time
+from contextlib import redirect_stdout
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 from optuna.trial import TrialState
 
-from search import report
+from search import cli, report
 from search.html.gather import curve, timeline
 from search.storage import record as rec
 from search.storage import study as st
@@ -33,10 +35,10 @@ def smoke(smoke_study):
     --preset smoke`` with a compressed d0) and its report.
     Returns ``(results, study, report path, the report command's output)``."""
     results = smoke_study[0]
-    made = diffnas("report", "smoke", "--results", results)
-    assert made.returncode == 0, made.stderr[-2000:]
+    with redirect_stdout(io.StringIO()) as stdout:  # run in this process: no interpreter start
+        assert cli.main(["report", "smoke", "--results", str(results)]) == 0
     study = st.load_existing(st.open_storage(st.default_storage(results), create=False), "smoke")
-    return results, study, results / "smoke" / "report.html", made.stdout
+    return results, study, results / "smoke" / "report.html", stdout.getvalue()
 
 
 class _Loads(HTMLParser):
@@ -122,14 +124,14 @@ def test_a_curve_is_the_last_attempt_with_its_stops():
                            "reason": "worse than 2 of 3 at rung 20"}]
 
 
-def test_unknown_study_or_storage_is_one_line(smoke, tmp_path):
+def test_unknown_study_or_storage_is_one_line(smoke, tmp_path, capsys):
     results = smoke[0]
-    for args, fragment in (
-            (("nope", "--results", results), "unknown study 'nope'"),
-            (("smoke", "--storage", "sqlite:////no/such/dir/x.db"), "no study storage at")):
-        done = diffnas("report", *args)
-        lines = done.stderr.strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1, done.stderr
+    done = diffnas("report", "nope", "--results", results)  # the real process
+    in_process = cli.main(["report", "smoke", "--storage", "sqlite:////no/such/dir/x.db"])
+    for (code, err), fragment in (((done.returncode, done.stderr), "unknown study 'nope'"),
+                                  ((in_process, capsys.readouterr().err), "no study storage at")):
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
         assert lines[0].startswith("diffnas: error: ") and fragment in lines[0]
 
 

@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import optuna
 import psutil
 import pytest
 from optuna.trial import TrialState
 
+from search.cli import main
 from search.run.cluster import CLUSTER_ENV, EXIT_LOST
 from search.run.runner import SearchOptions, run_search
 
@@ -181,10 +183,11 @@ def test_a_cluster_without_tokens_needs_insecure(heads, tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("1 node(s)"), proc.stderr
 
 
-def test_nothing_listening_fails_before_the_study_exists(tmp_path):
+def test_nothing_listening_fails_before_the_study_exists(tmp_path, capsys):
     results = tmp_path / "results"
-    line = _one_line(_diffnas("search", "--preset", "smoke", "--study", "x", "--results",
-                              results, "--address", "127.0.0.1:1"))
+    code = main(["search", "--preset", "smoke", "--study", "x", "--results", str(results),
+                 "--address", "127.0.0.1:1"])  # in this process: no cluster is reached
+    line = _one_line(SimpleNamespace(returncode=code, stderr=capsys.readouterr().err))
     assert line == ("diffnas: error: cannot reach the Ray cluster at 127.0.0.1:1: Connection "
                     "refused (is `ray start --head` running there, and is its port open to "
                     "us?)")
@@ -192,11 +195,12 @@ def test_nothing_listening_fails_before_the_study_exists(tmp_path):
 
 
 @pytest.mark.parametrize("workers", ["0", "-2"])
-def test_fewer_than_one_worker_is_refused_at_once(tmp_path, workers):
+def test_fewer_than_one_worker_is_refused_at_once(tmp_path, workers, capsys):
     results = tmp_path / "results"
-    proc = _diffnas("search", "--preset", "smoke", "--results", results, "--workers", workers)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+    # in this process (tests/search/cli/test_bad_input.py runs the real one on a bad count)
+    code = main(["search", "--preset", "smoke", "--results", str(results), "--workers", workers])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "argument --workers: must be >= 1" in lines[0], lines
     assert not results.exists()
     with pytest.raises(ValueError, match=f"--workers: must be >= 1, got {workers}"):
