@@ -9,11 +9,9 @@ sample, ..., probe). Two kinds of signal say whether a sample was disturbed:
   CPU hog on the core shows here directly; a host that merely runs slower does not. A
   sample (or a probe beside it) that waited more than :data:`WAIT_TOLERANCE` of its time
   shared its core.
-- **The probes**: a probe further than the reference's tolerance from the calibrated
+- **The probes**: a probe further than :data:`REFERENCE_TOLERANCE` from the calibrated
   reference time says the machine was not as usual (contention that run-queue wait cannot
-  see: a hyperthread sibling, memory bandwidth, macOS). The tolerance is
-  :data:`REFERENCE_TOLERANCE`, or wider where the reference itself jitters more on a quiet
-  device (:attr:`Reference.tolerance`).
+  see: a hyperthread sibling, memory bandwidth, macOS).
 
 The calibration follows the host's own speed: a *settled* round (no other process used
 our cores, :data:`QUIET_OTHERS`; no probe waited; the probes agree with each other) shows
@@ -46,18 +44,10 @@ import mlx.core as mx
 import numpy as np
 
 from engine.device.bench import LatencyStat, device_fingerprint
-from engine.device.contention import CpuUse, held_still, lost_counter, run_queue_wait_ms
+from engine.device.contention import CpuUse, held_still, lost_counter
 
 REFERENCE_TOLERANCE = 0.10
 """A probe this much slower or faster than calibrated says the machine was not as usual."""
-JITTER_SIGMAS = 3.0
-MAX_REFERENCE_TOLERANCE = 0.25
-"""Where the reference's own probes scatter (a robust standard deviation ``sigma`` over the
-calibration's probes), a probe is judged against ``JITTER_SIGMAS * sigma`` instead, up to
-this. On the 2-core VM the probes agree within 1-3% and the tolerance stays at 10%; on an
-H200 the 0.64 ms reference scattered from 0.48 to 0.82 ms (5th-95th percentile) with nothing
-else running, and a 10% tolerance marked every round of every GPU trial disturbed
-(``benchmarks/gpu/README.md``)."""
 WAIT_TOLERANCE = 0.02
 """A sample or probe whose threads waited on the run queue for more than this share of its
 time shared its core with another process (a hog on the core: 30-70%)."""
@@ -122,15 +112,12 @@ class Reference:
     KEEP = 64
 
     def __init__(self, store: Path | None = None, workload: Callable[[], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter,
-                 lost: Callable[[], float] = run_queue_wait_ms) -> None:
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.store = store or _reference_store()
         self.run = workload or _reference_workload()
         self.clock = clock
-        self.lost = lost  # the calibration's (unpinned): probes that waited show no jitter
         self._usual: float | None = None
         self._settled: float | None = None
-        self._tolerance = REFERENCE_TOLERANCE
 
     @property
     def usual_ms(self) -> float:
@@ -139,22 +126,10 @@ class Reference:
         quiet machine reads 1."""
         if self._usual is None:
             self.run()
-            taken = [[self.probe(self.lost) for _ in range(5)] for _ in range(3)]
-            probes = np.array([[ms for ms, _ in group] for group in taken])
-            unwaited = [ms for group in taken for ms, wait in group if wait <= WAIT_TOLERANCE]
-            if len(unwaited) > probes.size // 2:  # else a hog's scatter: keep the floor
-                self._tolerance = jitter_tolerance(unwaited)
-            self._remember(float(np.median(probes, axis=1).min()))
+            self._remember(min(float(np.median([self.probe()[0] for _ in range(5)]))
+                               for _ in range(3)))
         assert self._usual is not None
         return self._usual
-
-    @property
-    def tolerance(self) -> float:
-        """How far from the calibration a probe may be and still say "as usual": at least
-        :data:`REFERENCE_TOLERANCE`, wider where this process's calibration probes scattered
-        (:func:`jitter_tolerance`)."""
-        self.usual_ms  # noqa: B018  (calibrates on first use)
-        return self._tolerance
 
     @property
     def calibrated_ms(self) -> float:
@@ -177,26 +152,15 @@ class Reference:
     def learn(self, taken: Round) -> None:
         """Follow a settled round (see the class docstring); remember, as usual, a round
         whose probes did not wait and were no slower than usual."""
-        settled = taken.settled(self.tolerance)
+        settled = taken.settled()
         if settled is not None:
             self._settled = settled
             self._remember(settled)
             return
         median = float(np.median(taken.probes()))
         if taken.probes_waited() <= WAIT_TOLERANCE and \
-                median <= self.usual_ms * (1 + self.tolerance):
+                median <= self.usual_ms * (1 + REFERENCE_TOLERANCE):
             self._remember(median)
-
-
-def jitter_tolerance(probes_ms: np.ndarray | list[float]) -> float:
-    """:data:`REFERENCE_TOLERANCE`, or :data:`JITTER_SIGMAS` robust standard deviations of
-    the probes (1.4826 median absolute deviations, relative to their median) where that is
-    wider, up to :data:`MAX_REFERENCE_TOLERANCE`: a probe within the reference's own scatter
-    says nothing about the machine."""
-    probes = np.asarray(probes_ms, dtype=float)
-    median = float(np.median(probes))
-    sigma = 1.4826 * float(np.median(np.abs(probes - median))) / median
-    return float(np.clip(JITTER_SIGMAS * sigma, REFERENCE_TOLERANCE, MAX_REFERENCE_TOLERANCE))
 
 
 def _share(part_ms: float, whole_ms: float) -> float:
@@ -252,7 +216,7 @@ def _write_json(path: Path, values: list[float]) -> None:
 
 
 _REFERENCE: Reference | None = None
-_LAST: tuple[tuple[Round, ...], float, float, float] = ((), 1.0, 1.0, REFERENCE_TOLERANCE)
+_LAST: tuple[tuple[Round, ...], float, float] = ((), 1.0, 1.0)  # last_measurement()
 
 
 @dataclass(frozen=True)
@@ -281,11 +245,11 @@ class Sample:
         """How far from clean: the larger of the wait share and the probes' stray."""
         return max(self.waited(), abs(self.ratio(calibrated_ms) - 1))
 
-    def clean(self, calibrated_ms: float, tolerance: float = REFERENCE_TOLERANCE) -> bool:
+    def clean(self, calibrated_ms: float) -> bool:
         """Neither it nor its probes waited for the CPU, and both probes are within
-        ``tolerance`` of the calibration."""
+        :data:`REFERENCE_TOLERANCE` of the calibration."""
         return self.waited() <= WAIT_TOLERANCE and \
-            abs(self.ratio(calibrated_ms) - 1) <= tolerance
+            abs(self.ratio(calibrated_ms) - 1) <= REFERENCE_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -302,15 +266,15 @@ class Round:
     def probes_waited(self) -> float:
         return max(max(s.before_wait, s.after_wait) for s in self.samples)
 
-    def settled(self, tolerance: float = REFERENCE_TOLERANCE) -> float | None:
+    def settled(self) -> float | None:
         """The median probe, when the round shows the host's own speed: no other process used
         more than :data:`QUIET_OTHERS` of our cores, nothing waited on the run queue, and the
-        probes agree within ``tolerance``; else None. A hog fails the first two, a burst the
-        last."""
+        probes agree within :data:`REFERENCE_TOLERANCE`; else None. A hog fails the first
+        two, a burst the last."""
         probes = self.probes()
         if self.others is None or self.others > QUIET_OTHERS or \
                 max(s.waited() for s in self.samples) > WAIT_TOLERANCE or \
-                max(probes) > min(probes) * (1 + tolerance):
+                max(probes) > min(probes) * (1 + REFERENCE_TOLERANCE):
             return None
         return float(np.median(probes))
 
@@ -319,7 +283,7 @@ def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | Non
                 pause: Callable[[float], None] = time.sleep,
                 clock: Callable[[], float] = time.perf_counter, pin: bool = True,
                 cpu: CpuUse | None = None, lost: Callable[[], float] | None = None,
-                max_rounds: int = MAX_ROUNDS, tolerance: float | None = None) -> LatencyStat:
+                max_rounds: int = MAX_ROUNDS) -> LatencyStat:
     """Samples of ``fn`` interleaved with probes of the reference workload, in rounds until
     the clean ones pin the median down (see the module docstring).
 
@@ -335,8 +299,6 @@ def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | Non
             :func:`lost_counter`).
         max_rounds: the most rounds taken (:data:`MAX_ROUNDS`); a study that trades
             confidence for time may take fewer (``[evaluate] latency_rounds``).
-        tolerance: how far a probe may stray from the calibration (default: the
-            reference's, :attr:`Reference.tolerance`).
 
     Returns:
         :func:`decide` of every round taken.
@@ -345,7 +307,6 @@ def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | Non
     cpu = cpu or CpuUse()  # before pinning: the cores we may use
     start = reference.calibrated_ms  # first, unpinned: as every process calibrates
     usual = reference.usual_ms
-    tol = reference.tolerance if tolerance is None else tolerance
     taken: list[Round] = []
     with held_still(pin) as pinned:
         lost = lost or lost_counter(pinned)
@@ -353,27 +314,25 @@ def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | Non
             fn()  # warm-up: compile and first touch stay out of the samples
             taken.append(_round(fn, max(runs, 5), reference, clock, cpu, lost))
             reference.learn(taken[-1])
-            stat = decide(taken, start, runs, usual, tol)
+            stat = decide(taken, start, runs, usual)
             if not stat.disturbed and stat.ci <= TARGET_CI:
                 break
-            if len(taken) < max_rounds and not _round_clean(taken, start, tol):
+            if len(taken) < max_rounds and not _round_clean(taken, start):
                 pause(PAUSES_S[min(stat.disturbed_rounds, len(PAUSES_S)) - 1])
     global _LAST
-    _LAST = (tuple(taken), start, usual, tol)
+    _LAST = (tuple(taken), start, usual)
     return stat
 
 
-def last_measurement() -> tuple[tuple[Round, ...], float, float, float]:
-    """This process's last :func:`steady_call`: its rounds, the calibration it started with,
-    the usual reference time (ms) and the tolerance it judged by, so that a benchmark can
-    judge them again (:func:`decide`)."""
+def last_measurement() -> tuple[tuple[Round, ...], float, float]:
+    """This process's last :func:`steady_call`: its rounds, the calibration it started with
+    and the usual reference time (ms), so that a benchmark can judge them again."""
     return _LAST
 
 
-def _round_clean(taken: list[Round], start_ms: float, tolerance: float) -> bool:
+def _round_clean(taken: list[Round], start_ms: float) -> bool:
     """Whether the last round's samples were all clean, judged as :func:`decide` does."""
-    return all(s.clean(c, tolerance)
-               for s, c in _judged(taken, start_ms, tolerance)[-len(taken[-1].samples):])
+    return all(s.clean(c) for s, c in _judged(taken, start_ms)[-len(taken[-1].samples):])
 
 
 def _round(fn: Callable[[], Any], runs: int, reference: Reference,
@@ -392,24 +351,22 @@ def _round(fn: Callable[[], Any], runs: int, reference: Reference,
                               probes[i + 1][1]) for i, (ms, wait) in enumerate(times)), others)
 
 
-def _judged(rounds: list[Round], calibrated_ms: float,
-            tolerance: float = REFERENCE_TOLERANCE) -> list[tuple[Sample, float]]:
+def _judged(rounds: list[Round], calibrated_ms: float) -> list[tuple[Sample, float]]:
     """Every sample with the calibration it is judged by: the last settled round's median
     probe up to and including its own round, else ``calibrated_ms``."""
     judged = []
     for r in rounds:
-        calibrated_ms = r.settled(tolerance) or calibrated_ms
+        calibrated_ms = r.settled() or calibrated_ms
         judged += [(s, calibrated_ms) for s in r.samples]
     return judged
 
 
 def decide(rounds: list[Round], calibrated_ms: float, runs: int = 5,
-           usual_ms: float | None = None,
-           tolerance: float = REFERENCE_TOLERANCE) -> LatencyStat:
+           usual_ms: float | None = None) -> LatencyStat:
     """The latency that the samples taken in ``rounds`` support (pure: nothing is timed).
 
     A sample is clean when neither it nor its probes waited on the run queue and both probes
-    are within ``tolerance`` (:attr:`Reference.tolerance`) of the calibration (``calibrated_ms``, or the
+    are within :data:`REFERENCE_TOLERANCE` of the calibration (``calibrated_ms``, or the
     median probe of the last settled round so far: :meth:`Round.settled`). With at least
     ``runs`` clean samples, the latency is their median. With fewer, the machine never held
     still long enough: the ``runs`` least disturbed samples give the latency, marked
@@ -430,8 +387,8 @@ def decide(rounds: list[Round], calibrated_ms: float, runs: int = 5,
         calibration over ``calibrated_ms``.
     """
     usual = usual_ms or calibrated_ms
-    judged = _judged(rounds, calibrated_ms, tolerance)
-    clean = [(s, c) for s, c in judged if s.clean(c, tolerance)]
+    judged = _judged(rounds, calibrated_ms)
+    clean = [(s, c) for s, c in judged if s.clean(c)]
     disturbed = len(clean) < runs
     kept = sorted(judged, key=lambda sc: sc[0].disturbance(sc[1]))[:runs] if disturbed \
         else clean
@@ -439,8 +396,7 @@ def decide(rounds: list[Round], calibrated_ms: float, runs: int = 5,
     q1, med, q3 = np.percentile(samples, [25, 50, 75])
     ratio = max((s.ratio(c) for s, c in kept), key=lambda r: abs(r - 1))
     bounds = np.cumsum([0] + [len(r.samples) for r in rounds])
-    dirty = sum(not all(s.clean(c, tolerance) for s, c in judged[a:b])
-                for a, b in itertools.pairwise(bounds))
+    dirty = sum(not all(s.clean(c) for s, c in judged[a:b]) for a, b in itertools.pairwise(bounds))
     return LatencyStat(float(med), float((q3 - q1) / med), tuple(samples), median_ci(samples),
                        len(rounds), dirty, ratio, disturbed,
                        float(np.median([s.wait for s, _ in kept])),

@@ -18,13 +18,11 @@ from engine.device.steady import (
     MAX_ROUNDS,
     MIN_WINDOW_MS,
     PAUSES_S,
-    REFERENCE_TOLERANCE,
     WAIT_TOLERANCE,
     Reference,
     Round,
     Sample,
     decide,
-    jitter_tolerance,
     last_measurement,
     median_ci,
     steady_call,
@@ -60,7 +58,7 @@ class Machine:
         self.speed, self.hidden, self.lost_ms, self.others_s = speed, hidden, 0.0, 0.0
         if history:
             store.write_text(json.dumps(list(history)))
-        self.reference = Reference(store, self.reference_run, self.clock, lambda: self.lost_ms)
+        self.reference = Reference(store, self.reference_run, self.clock)
         self.calls = 0
 
     @property
@@ -81,7 +79,7 @@ class Machine:
         self.calls += 1
         self.spend((100.0 if self.busy else 50.0) + (0, 1, -1, 0, 0)[self.calls % 5])
 
-    def measure(self, max_rounds=MAX_ROUNDS, tolerance=None):
+    def measure(self, max_rounds=MAX_ROUNDS):
         machine = self
 
         class Cpu(CpuUse):
@@ -89,23 +87,7 @@ class Machine:
                 return (None if machine.hidden else machine.others_s), 0.0
 
         return steady_call(self.call, 5, self.reference, self.pauses.append, self.clock,
-                           cpu=Cpu(), lost=lambda: self.lost_ms, max_rounds=max_rounds,
-                           tolerance=tolerance)
-
-
-class Jittery(Machine):
-    """A quiet device whose reference scatters by itself (the H200's 0.64 ms reference read
-    0.48-0.82 ms with nothing else running): after the calibration's first run, its probes
-    (two runs each) read 8.8, 10 and 11.5 ms in turn, while the measured call stays as steady
-    as the plain machine's."""
-
-    def __init__(self, store, busy_pauses: int = 0) -> None:
-        super().__init__(store, busy_pauses=busy_pauses)
-        self.runs = 0
-
-    def reference_run(self) -> None:
-        self.spend((11.5, 8.8, 8.8, 10.0, 10.0, 11.5)[self.runs % 6])
-        self.runs += 1
+                           cpu=Cpu(), lost=lambda: self.lost_ms, max_rounds=max_rounds)
 
 
 def test_a_quiet_machine_takes_one_round(tmp_path):
@@ -113,32 +95,6 @@ def test_a_quiet_machine_takes_one_round(tmp_path):
     assert (stat.rounds, stat.disturbed_rounds, stat.disturbed) == (1, 0, False)
     assert stat.median_ms == approx(50.0) and stat.reference_ratio == approx(1.0)
     assert stat.ci == approx(0.02)
-
-
-def test_the_tolerance_widens_to_the_references_own_scatter():
-    steady = [10.0, 10.1, 9.9, 10.2, 9.8] * 3
-    assert jitter_tolerance(steady) == REFERENCE_TOLERANCE  # 1-2%: the 10% floor
-    scattered = [0.64, 0.5, 0.8, 0.6, 0.7] * 3  # the H200's probes, in ms
-    assert REFERENCE_TOLERANCE < jitter_tolerance(scattered) <= 0.25
-    assert jitter_tolerance([10.0, 20.0, 5.0, 10.0, 30.0] * 3) == 0.25  # at most
-
-
-def test_a_reference_that_scatters_by_itself_does_not_mark_every_round(tmp_path):
-    # Judged against 10%, a probe of 11.5 or 8.8 ms marks the samples beside it disturbed
-    # in every round; judged against the reference's own scatter, one round is enough.
-    fixed = Jittery(tmp_path / "a.json").measure(tolerance=REFERENCE_TOLERANCE)
-    assert fixed.disturbed_rounds == fixed.rounds > 1
-    machine = Jittery(tmp_path / "b.json")
-    stat = machine.measure()
-    assert machine.reference.tolerance > REFERENCE_TOLERANCE
-    assert (stat.rounds, stat.disturbed_rounds, stat.disturbed) == (1, 0, False)
-    assert stat.median_ms == approx(50.0)
-
-
-def test_a_scatter_that_waited_for_the_cpu_does_not_widen_the_tolerance(tmp_path):
-    # A hog on the core scatters the probes too, and says so by the run-queue wait.
-    assert Jittery(tmp_path / "ref.json", busy_pauses=10**6).reference.tolerance == \
-        REFERENCE_TOLERANCE
 
 
 def test_a_disturbed_round_is_taken_again_after_a_pause(tmp_path):
@@ -184,9 +140,9 @@ def test_the_last_measurement_can_be_judged_again(tmp_path):
     # benchmarks/steady_latency.py keeps the raw rounds and re-judges them offline.
     machine = Machine(tmp_path / "ref.json", busy_pauses=2, speed=1.3)
     stat = machine.measure()
-    rounds, start_ms, usual_ms, tolerance = last_measurement()
+    rounds, start_ms, usual_ms = last_measurement()
     assert len(rounds) == stat.rounds == 3 and (start_ms, usual_ms) == approx((10.0, 10.0))
-    assert decide(list(rounds), start_ms, 5, usual_ms, tolerance) == stat
+    assert decide(list(rounds), start_ms, 5, usual_ms) == stat
 
 
 def test_a_host_that_runs_slower_beside_a_hog_is_not_followed(tmp_path):
