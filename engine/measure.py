@@ -177,13 +177,16 @@ def measure_cost(model: nn.Module, config: Config, runs: int = 5,
 
 
 def side_by_side(model: nn.Module, config: Config, other: nn.Module, other_config: Config,
-                 runs: int, rounds: int = 3) -> tuple[float, float]:
+                 runs: int, rounds: int = 3,
+                 max_rounds: int = MAX_ROUNDS) -> tuple[float, float]:
     """Batch-1 sampling latency of two models, alternated ``rounds`` times; the best median
-    of each (ms), so that a speed ratio is never taken across a change of machine load."""
+    of each (ms), so that a speed ratio is never taken across a change of machine load.
+    Each measurement takes at most ``max_rounds`` rounds of the steady protocol (a study's
+    ``[evaluate] latency_rounds``, as its trials do)."""
     best = [np.inf, np.inf]
     for _ in range(rounds):
         for i, (m, c) in enumerate(((model, config), (other, other_config))):
-            best[i] = min(best[i], measure_latency(m, c, runs).median_ms)
+            best[i] = min(best[i], measure_latency(m, c, runs, max_rounds=max_rounds).median_ms)
     return float(best[0]), float(best[1])
 
 

@@ -157,7 +157,7 @@ def measure(model: nn.Module, config: Config, src: Source, dataset: Dataset,
                        ev.grid_images)
     source_config, source_model = load_model(src.folder)
     here, source_here = side_by_side(model, config, source_model, source_config,
-                                     ev.latency_runs, ROUNDS)
+                                     ev.latency_runs, ROUNDS, ev.latency_rounds)
     latency = src.latency_ms * here / source_here
     # Peak memory counts every live array, and this process holds more than a trial's does
     # (both models, the feature network): the difference of the two peaks, measured here

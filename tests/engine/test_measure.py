@@ -10,6 +10,7 @@ import pytest
 
 from engine.config import Config
 from engine.data.datasets import load_dataset
+from engine.device import steady
 from engine.device.bench import LatencyStat, forward_latency
 from engine.measure import (
     LatencyTargetInfeasible,
@@ -19,6 +20,7 @@ from engine.measure import (
     measure,
     measure_cost,
     sample_images,
+    side_by_side,
 )
 from engine.model.unet import UNet
 from engine.quality.features import digits_feature_network
@@ -71,6 +73,16 @@ def test_a_latency_already_measured_is_not_measured_again(model):
     known = LatencyStat(123.0, 0.0, (123.0,) * 5)
     cost = measure_cost(model, CONFIG, latency=known)
     assert cost.latency is known and cost.seconds >= 0
+
+
+def test_side_by_side_takes_at_most_the_study_s_rounds_per_measurement(model, monkeypatch):
+    # A derived point's latency (search.derived.points) honours [evaluate] latency_rounds,
+    # as a trial's does. With a confidence target no median meets, the protocol would take
+    # every round it may: 2 here, not the default 6.
+    monkeypatch.setattr(steady, "TARGET_CI", -1.0)
+    here, there = side_by_side(model, CONFIG, model, CONFIG, runs=5, rounds=1, max_rounds=2)
+    assert 0 < here < math.inf and 0 < there < math.inf
+    assert len(steady.last_measurement()[0]) == 2
 
 
 def test_memory_objective_picks_sample_train_or_the_larger():

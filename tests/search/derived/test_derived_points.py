@@ -84,7 +84,7 @@ def test_distill_records_a_point_on_the_front(searched, tmp_path):
     before = [(t.number, t.state) for t in study.get_trials()]
     label, result = distill_trial(dv.source(study, "0"), "progressive", 2, results,
                                   teacher_steps=8, max_fid_ratio=100.0, retries=0,
-                                  train_steps=10, batch_size=8, emit=_quiet)
+                                  train_steps=4, batch_size=8, emit=_quiet)
     assert label is not None and label.startswith("d")
     assert [r.steps for r in result.stages] == [8, 4, 2] and result.final.steps == 2
     point = dv.source(study, label).trial
@@ -109,7 +109,9 @@ def test_distill_records_a_point_on_the_front(searched, tmp_path):
 
 def test_schedule_records_optimized_times(searched):
     results, storage = searched
-    label = schedule_trial(dv.source(_study(storage), "1"), 3, results, seconds=2.0, batch=8,
+    # a 0.5 s optimisation (it stops at its time limit): what is checked is the schedule
+    # recorded, not how far its error fell
+    label = schedule_trial(dv.source(_study(storage), "1"), 3, results, seconds=0.5, batch=8,
                            emit=_quiet)
     point = dv.source(_study(storage), label)
     config, _ = load_model(point.folder)
@@ -172,7 +174,7 @@ def test_distill_front_takes_the_lowest_fid_front_trials(searched):
     searched_front = [(front.points[i, 0], front.labels[i]) for i in range(len(front.labels))
                       if front.on_front[i] and not front.labels[i].startswith("d")]
     done = distill_front(study, 1, "progressive", 2, results, teacher_steps=8,
-                         max_fid_ratio=100.0, retries=0, train_steps=5, batch_size=8,
+                         max_fid_ratio=100.0, retries=0, train_steps=2, batch_size=8,
                          emit=_quiet)
     assert [source for source, _ in done] == [min(searched_front)[1]]
     assert done[0][1] is not None

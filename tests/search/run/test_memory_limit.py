@@ -40,10 +40,10 @@ sampler = "ddim"
 steps = 2
 
 [train]
-steps = 20
+steps = 5               # the peaks do not depend on how long it trains
 batch_size = { choice = [8, 1024] }
-warmup_steps = 5
-eval_every = 20
+warmup_steps = 2
+eval_every = 5
 """
 PREDICTED_OVER = {"unet.base_width": 8, "train.batch_size": 1024}
 MEASURED_OVER = {"unet.base_width": 64, "train.batch_size": 8}

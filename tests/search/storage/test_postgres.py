@@ -94,7 +94,7 @@ def _verbs(study, trial, storage, results, out):
 def test_a_tiny_search_runs_on_postgresql_and_the_verbs_read_it(
         ray_cluster, tiny_search, pg_storage, postgres_server, results, tmp_path, capsys):
     _, password = postgres_server
-    result, study = tiny_search("pgtiny", {"train": {"steps": "20",
+    result, study = tiny_search("pgtiny", {"train": {"steps": "10",  # the storage is the point
                                                      "learning_rate": LEARNING_RATE}})
     assert result.finished == 2 and len(study.trials) == 2
     assert password not in repr(result) and st.redact(pg_storage) in repr(result)
