@@ -19,7 +19,6 @@ It prints every measurement (ms) and the share within +-10% of the config's medi
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
@@ -29,20 +28,12 @@ import mlx.core as mx
 import numpy as np
 from latency_predictor import random_config
 
+from engine.device.bench import time_call
 from engine.model.unet import UNet
 from engine.sampling.samplers import generate
 
 MODES = {"back": (3, False), "cleared": (3, True), "interleaved": (1, False),
          "cleared_interleaved": (1, True)}  # measurements in a row, clear the cache first
-
-
-def median_ms(fn, runs: int = 10) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
 
 
 def main() -> int:
@@ -61,7 +52,7 @@ def main() -> int:
                     if clear:
                         mx.clear_cache()
                         fn()
-                    found[i].append(median_ms(fn))
+                    found[i].append(time_call(fn, runs=10, warmup=0, retries=0).median_ms)
         print(mode, {i: [round(v, 1) for v in ms] for i, ms in found.items()}, flush=True)
         share = np.mean([np.mean(np.abs(np.array(ms) / np.median(ms) - 1) <= 0.1)
                          for ms in found.values()])

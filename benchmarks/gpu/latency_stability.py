@@ -18,9 +18,9 @@ shuffled order, twice, in two modes:
   CUDA backend has threads of its own (the driver's callbacks), which then share that core.
 
 Beside every measurement it times two references right before it: ``conv`` (the steady
-protocol's reference workload, ``engine.device.steady``) and ``launch`` (100 small
-element-wise ops, evaluated one by one: the cost of launching a kernel and waiting for it),
-and records the clock of the core it ran on (``/proc/cpuinfo``); with ``--smi`` (an
+protocol's reference workload, ``engine.device.steady.reference_workload``) and ``launch``
+(100 small element-wise ops, evaluated one by one: the cost of launching a kernel and
+waiting for it), and records the clock of the core it ran on (``/proc/cpuinfo``); with ``--smi`` (an
 ``nvidia-smi --query-gpu=timestamp,clocks.sm --format=csv,noheader -lms 100`` log running
 meanwhile) it counts the GPU's SM clocks seen. Per mode it reports the share of
 rounds within +-10% of the config's median: raw, and divided by each reference (what a
@@ -42,24 +42,14 @@ import mlx.core as mx
 import numpy as np
 from latency_predictor import describe, random_config
 
-from engine.device.bench import device_fingerprint
-from engine.device.contention import held_still
-from engine.device.steady import window_ms
+from engine.device.bench import device_fingerprint, time_call
+from engine.device.contention import current_core, held_still
+from engine.device.steady import reference_workload, window_ms
 from engine.model.unet import UNet
 from engine.sampling.samplers import generate
 
 MODES = ("cold", "warm", "pinned")
 REFS = ("conv", "launch")
-
-
-def conv_reference() -> None:
-    key = mx.random.key(0)
-    y = mx.random.normal((1, 48, 48, 32), key=key)
-    w = 0.05 * mx.random.normal((32, 3, 3, 32), key=key)
-    m = mx.random.normal((192, 192), key=key)
-    for _ in range(10):
-        y = mx.conv2d(y, w, padding=1)
-    mx.eval(y, m @ m)
 
 
 _SMALL = mx.ones((1, 16, 16, 32))
@@ -72,14 +62,7 @@ def launch_reference() -> None:
         mx.eval(y)
 
 
-def current_core() -> int:
-    try:
-        return int(Path("/proc/thread-self/stat").read_text().rsplit(")", 1)[1].split()[36])
-    except (OSError, ValueError, IndexError):
-        return -1
-
-
-def core_mhz(core: int) -> float | None:
+def core_mhz(core: int | None) -> float | None:
     try:
         blocks = Path("/proc/cpuinfo").read_text().split("\n\n")
     except OSError:
@@ -105,13 +88,15 @@ def smi_clocks(path: Path | None) -> dict[str, int]:
     return seen
 
 
-def median_ms(fn, runs: int = 10) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
+def probe_ms(fn) -> float:
+    """The faster of two medians of 3 runs (a reference, timed beside a measurement)."""
+    return min(float(np.median([_once_ms(fn) for _ in range(3)])) for _ in range(2))
+
+
+def _once_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
              for m, c in zip(models, configs)]
     for fn in calls:
         fn()
-    refs = {"conv": conv_reference, "launch": launch_reference}
+    refs = {"conv": reference_workload(), "launch": launch_reference}
     for r in refs.values():
         r()
     order = np.random.default_rng(args.seed + 1)
@@ -147,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                     calls[i]()
                 else:
                     window_ms(calls[i], min_ms=args.warm_s * 1e3)
-                ref_ms = {name: min(median_ms(r, 3), median_ms(r, 3)) for name, r in refs.items()}
+                ref_ms = {name: probe_ms(r) for name, r in refs.items()}
                 at = time.time()
                 with held_still(mode == "pinned"):
-                    ms = median_ms(calls[i])
+                    ms = time_call(calls[i], runs=10, warmup=0, retries=0).median_ms
                     core = current_core()
                 rows.append({"round": rnd, "config": int(i), "mode": mode, "ms": ms,
                              **{f"{k}_ms": v for k, v in ref_ms.items()},
@@ -174,28 +159,26 @@ def within(values: np.ndarray, tol: float = 0.10) -> float:
 
 def summarise(rows: list[dict], configs: list) -> dict:
     out: dict = {"configs": [describe(c) for c in configs]}
+    columns = {**{k: f"{k}_ms" for k in REFS}, "cpu_mhz": "cpu_mhz"}
     for mode in MODES:
-        mine = [r for r in rows if r["mode"] == mode]
         per: dict[str, list[float]] = {"raw": [], **{f"over_{k}": [] for k in REFS}}
-        corr: dict[str, list[float]] = {k: [] for k in (*REFS, "cpu_mhz")}
+        corr: dict[str, list[float]] = {k: [] for k in columns}
+        spans = []
         for i in range(len(configs)):
-            ms = np.array([r["ms"] for r in mine if r["config"] == i])
+            group = [r for r in rows if r["mode"] == mode and r["config"] == i]
+            ms = np.array([r["ms"] for r in group])
+            spans.append(ms.max() / ms.min())
             per["raw"].append(within(ms))
             for k in REFS:
-                ref = np.array([r[f"{k}_ms"] for r in mine if r["config"] == i])
-                per[f"over_{k}"].append(within(ms / ref))
-            for k, found in corr.items():
-                col = [r.get(k if k == "cpu_mhz" else f"{k}_ms")
-                       for r in mine if r["config"] == i]
+                per[f"over_{k}"].append(within(ms / np.array([r[f"{k}_ms"] for r in group])))
+            for k, column in columns.items():
+                col = [r[column] for r in group]
                 if None not in col and np.std(col) > 0 and np.std(ms) > 0:
-                    found.append(float(np.corrcoef(ms, col)[0, 1]))
+                    corr[k].append(float(np.corrcoef(ms, col)[0, 1]))
         out[mode] = {"within_10": {k: float(np.mean(v)) for k, v in per.items()},
                      "median_corr_with_latency": {k: float(np.median(v)) if v else None
                                                   for k, v in corr.items()},
-                     "max_over_min": float(np.median([
-                         max(r["ms"] for r in mine if r["config"] == i) /
-                         min(r["ms"] for r in mine if r["config"] == i)
-                         for i in range(len(configs))]))}
+                     "max_over_min": float(np.median(spans))}
     return out
 
 

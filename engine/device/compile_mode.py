@@ -33,8 +33,8 @@ above):
   eager GPU step, whose per-array updates are thousands of kernel launches. On the H200 it
   took 12-14% off a steady demo step (61.8-66.0 against 70.3-76.5 ms) and 12.7 s more to
   start on an empty kernel cache; in the demo search its eight workers took 93 s to start
-  (12 s eager) and the trials trained no faster (``benchmarks/gpu/README.md``), so ``auto``
-  does not choose it;
+  (12 s eager) while the trials trained 5-11 s less (``benchmarks/gpu/README.md``), so
+  ``auto`` does not choose it;
 - ``off``: nothing is compiled.
 """
 

@@ -104,12 +104,22 @@ def held_still(pin: bool) -> Iterator[bool]:
             gc.enable()
 
 
+def current_core() -> int | None:
+    """The core this thread runs on now (Linux: ``/proc/thread-self/stat``), else None."""
+    try:
+        return int(Path("/proc/thread-self/stat").read_text().rsplit(")", 1)[1].split()[36])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _pin_threads() -> dict[int, set[int]]:
     """Pin every thread (MLX computes on its own) to this thread's core; their old masks."""
+    core = current_core()
     try:
-        core = int(Path("/proc/thread-self/stat").read_text().rsplit(")", 1)[1].split()[36])
         tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except (OSError, ValueError, IndexError):
+    except OSError:
+        return {}
+    if core is None:
         return {}  # not Linux: macOS keeps its own scheduling
     masks = {}
     for tid in tids:

@@ -77,7 +77,7 @@ def median_ci(samples_ms: tuple[float, ...] | list[float]) -> float:
     return float((ordered[hi] - ordered[lo]) / (2 * np.median(ordered)))
 
 
-def _reference_workload() -> Callable[[], None]:
+def reference_workload() -> Callable[[], None]:
     """A fixed mix of what a U-Net runs, 3x3 convolutions and a matmul: about 5 ms with
     OpenBLAS on one x86 core, long enough to span several scheduler time slices. Its arrays
     are made inside each run, so that none is alive while memory is measured."""
@@ -114,7 +114,7 @@ class Reference:
     def __init__(self, store: Path | None = None, workload: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.store = store or _reference_store()
-        self.run = workload or _reference_workload()
+        self.run = workload or reference_workload()
         self.clock = clock
         self._usual: float | None = None
         self._settled: float | None = None

@@ -2,11 +2,13 @@
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
+from search import cli
 from search.storage import record as rec
 from search.storage import study as st
 
@@ -30,6 +32,18 @@ def smoke_study(tmp_path_factory):
                       "--finetune-steps", "5", "--results", results)
     assert derived.returncode == 0, derived.stderr[-2000:]
     return results, search
+
+
+@pytest.fixture()
+def in_process(capsys):
+    """``in_process(*args)``: ``diffnas *args`` run by ``search.cli.main`` in this process (the
+    real command's code without an interpreter start), with ``returncode``, ``stdout`` and
+    ``stderr`` as a finished subprocess has them."""
+    def run(*args):
+        code = cli.main([str(a) for a in args])
+        shown = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=shown.out, stderr=shown.err)
+    return run
 
 
 @pytest.fixture()

@@ -6,7 +6,6 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
@@ -95,22 +94,16 @@ def _one_line_error(proc, fragment):
     assert fragment in lines[0]
 
 
-def _in_process(capsys, *args):
-    """``diffnas *args`` run by ``search.cli.main`` in this process (no interpreter start)."""
-    code = cli.main([*map(str, args)])
-    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
-
-
-def test_bad_input_is_one_line(existing, results, tmp_path, capsys):
+def test_bad_input_is_one_line(existing, results, tmp_path, in_process):
     # one real process (no traceback reaches the terminal), the rest in this one
     _one_line_error(diffnas("legibility", "nope", "--results", results), "unknown study 'nope'")
     run = bench("--study", "nope", "--results", results)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "nope" in run.stderr
-    _one_line_error(_in_process(capsys, "legibility", "smoke", "--results", results),
+    _one_line_error(in_process("legibility", "smoke", "--results", results),
                     "no feasible COMPLETE trial")
-    _one_line_error(_in_process(capsys, "legibility", "smoke", "--trial", "x7", "--results",
+    _one_line_error(in_process("legibility", "smoke", "--trial", "x7", "--results",
                                 results), "x7")
-    _one_line_error(_in_process(capsys, "legibility", "smoke", "--n", "0", "--results", results),
+    _one_line_error(in_process("legibility", "smoke", "--n", "0", "--results", results),
                     "--n")
-    _one_line_error(_in_process(capsys, "legibility", "smoke", "--png", tmp_path, "--results",
+    _one_line_error(in_process("legibility", "smoke", "--png", tmp_path, "--results",
                                 results), "--png")

@@ -11,27 +11,21 @@ import io
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import jsonschema
 import pytest
 
-from search import cli, rows
+from search import rows
 
 README = rows.__file__.rsplit("/search/", 1)[0] + "/README.md"
 
 
 @pytest.fixture()
-def smoke(smoke_study, capsys):
+def smoke(smoke_study, in_process):
     """``(results folder, the search's CompletedProcess, diffnas)`` of the session's smoke
     study, which has a d0 (``tests/search/conftest.py``); ``diffnas(*args)`` runs the CLI in
-    this process and returns its exit code, stdout and stderr."""
-    def diffnas(*args):
-        code = cli.main([str(a) for a in args])
-        shown = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=shown.out, stderr=shown.err)
-
-    return (*smoke_study, diffnas)
+    this process (``in_process``) and returns its exit code, stdout and stderr."""
+    return (*smoke_study, in_process)
 
 
 def _json(smoke, *extra):

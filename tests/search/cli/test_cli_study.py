@@ -8,9 +8,7 @@ import argparse
 import hashlib
 import subprocess
 import sys
-from types import SimpleNamespace
 
-from search import cli
 from search.cli.study import register
 from search.space import load_space
 
@@ -18,12 +16,6 @@ from search.space import load_space
 def diffnas(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "search.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=120, cwd=cwd, check=False)
-
-
-def _in_process(capsys, *args):
-    """``diffnas *args`` run by ``search.cli.main`` in this process (no interpreter start)."""
-    code = cli.main([*map(str, args)])
-    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
 
 def _one_line_error(proc, fragment):
@@ -37,44 +29,44 @@ def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_unknown_study(existing, results, capsys):
+def test_unknown_study(existing, results, in_process):
     before = _digest(existing)
     _one_line_error(diffnas("status", "nope", "--results", results), "unknown study 'nope'")
-    _one_line_error(_in_process(capsys, "search", "--study", "nope", "--results", results),
+    _one_line_error(in_process("search", "--study", "nope", "--results", results),
                     "unknown study 'nope'")
-    _one_line_error(_in_process(capsys, "export", "smoke", "3", "--out", results / "x",
+    _one_line_error(in_process("export", "smoke", "3", "--out", results / "x",
                                 "--results", results), "has no trial 3")
     assert _digest(existing) == before
 
 
-def test_bad_storage_url(results, capsys):
-    _one_line_error(_in_process(capsys, "search", "--preset", "smoke", "--storage",
+def test_bad_storage_url(results, in_process):
+    _one_line_error(in_process("search", "--preset", "smoke", "--storage",
                                 "postgresql://nobody@127.0.0.1:1/none", "--results", results),
                     "cannot open storage postgresql://")
-    _one_line_error(_in_process(capsys, "pareto", "smoke", "--storage",
+    _one_line_error(in_process("pareto", "smoke", "--storage",
                                 "sqlite:////no/such/dir/x.db"),
                     "no study storage at /no/such/dir/x.db")
     assert not results.exists()
 
 
-def test_invalid_space_file(tmp_path, existing, results, capsys):
+def test_invalid_space_file(tmp_path, existing, results, in_process):
     space = tmp_path / "space.toml"
     space.write_text("[study]\ntrials = 3\n\n[unet]\nbase_width = { choice = [16, 'wide'] }\n")
     before = _digest(existing)
-    _one_line_error(_in_process(capsys, "search", "--space", space, "--results", results),
+    _one_line_error(in_process("search", "--space", space, "--results", results),
                     f"{space}:5: [unet] base_width: value 'wide'")
-    _one_line_error(_in_process(capsys, "search", "--space", tmp_path / "missing.toml",
+    _one_line_error(in_process("search", "--space", tmp_path / "missing.toml",
                                 "--results", results), "no such space file or preset")
     assert _digest(existing) == before
 
 
-def test_missing_dataset_touches_no_storage(tmp_path, results, capsys):
+def test_missing_dataset_touches_no_storage(tmp_path, results, in_process):
     space = tmp_path / "space.toml"
     space.write_text((load_space("smoke").source).replace('dataset = "digits"',
                                                           f'dataset = "{tmp_path}/none"'))
-    _one_line_error(_in_process(capsys, "search", "--space", space, "--results", results),
+    _one_line_error(in_process("search", "--space", space, "--results", results),
                     f"dataset not found: {tmp_path}/none")
-    _one_line_error(_in_process(capsys, "search", "--study", "space", "--results", results),
+    _one_line_error(in_process("search", "--study", "space", "--results", results),
                     "no study storage")
     assert not (results / "diffnas.db").exists()
 

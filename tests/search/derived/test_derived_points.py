@@ -6,13 +6,12 @@ in this process (tests/search/cli/test_bad_input.py runs the real process for ba
 
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 from optuna.trial import TrialState
 
 from engine.io.models import load_model
-from search import cli, report, report_trial
+from search import report, report_trial
 from search.derived import points as dv
 from search.derived.operations import compress_trial, distill_front, distill_trial, schedule_trial
 from search.run.progress import Silent
@@ -136,13 +135,7 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=300, check=False)
 
 
-def _in_process(capsys, *args):
-    """``diffnas *args`` run by ``search.cli.main`` in this process (no interpreter start)."""
-    code = cli.main([*map(str, args)])
-    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
-
-
-def test_cli_failed_gate_records_nothing_and_bad_input_is_one_line(searched, capsys):
+def test_cli_failed_gate_records_nothing_and_bad_input_is_one_line(searched, in_process):
     results, storage = searched
     n_before = len(dv.companion(_study(storage)).trials)
     proc = _cli("distill", "tiny", "0", "--steps", "4", "--teacher-steps", "8",
@@ -156,11 +149,11 @@ def test_cli_failed_gate_records_nothing_and_bad_input_is_one_line(searched, cap
                            (("schedule", "tiny", "x1", "--steps", "3"), "give a trial number"),
                            (("distill", "tiny", "0", "--steps", "3", "--teacher-steps", "8"),
                             "teacher_steps")]:
-        proc = _in_process(capsys, *args, "--results", results)
+        proc = in_process(*args, "--results", results)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and fragment in lines[0], proc.stderr
     assert all(t.state == TrialState.COMPLETE for t in _study(storage).get_trials())
-    proc = _in_process(capsys, "export", "tiny", "d0", "--out", results / "d0", "--results",
+    proc = in_process("export", "tiny", "d0", "--out", results / "d0", "--results",
                        results)
     assert proc.returncode == 0, proc.stderr
     config, _ = load_model(results / "d0")

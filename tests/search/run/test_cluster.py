@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import optuna
 import psutil
@@ -183,11 +182,10 @@ def test_a_cluster_without_tokens_needs_insecure(heads, tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("1 node(s)"), proc.stderr
 
 
-def test_nothing_listening_fails_before_the_study_exists(tmp_path, capsys):
+def test_nothing_listening_fails_before_the_study_exists(tmp_path, in_process):
     results = tmp_path / "results"
-    code = main(["search", "--preset", "smoke", "--study", "x", "--results", str(results),
-                 "--address", "127.0.0.1:1"])  # in this process: no cluster is reached
-    line = _one_line(SimpleNamespace(returncode=code, stderr=capsys.readouterr().err))
+    line = _one_line(in_process("search", "--preset", "smoke", "--study", "x", "--results",
+                                results, "--address", "127.0.0.1:1"))  # no cluster is reached
     assert line == ("diffnas: error: cannot reach the Ray cluster at 127.0.0.1:1: Connection "
                     "refused (is `ray start --head` running there, and is its port open to "
                     "us?)")

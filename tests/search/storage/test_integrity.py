@@ -7,13 +7,11 @@ import hashlib
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.cli import main
 from search.space import load_space
 from search.storage import artifacts
 from search.storage import record as rec
@@ -25,12 +23,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "search.cli", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
-
-
-def in_process(capsys, *args):
-    """``cli(*args)`` run by ``search.cli.main`` in this process (no interpreter start)."""
-    code = main([*map(str, args)])
-    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
 
 
 def one_line_error(proc, *words):
@@ -63,11 +55,11 @@ def test_under_refuses_escapes_and_links(tmp_path):
         artifacts.under(root, "link", "x")
 
 
-def test_search_with_an_escaping_name_writes_nothing(tmp_path, results, capsys):
+def test_search_with_an_escaping_name_writes_nothing(tmp_path, results, in_process):
     proc = cli("search", "--preset", "smoke", "--study", "../../evil", "--results", results)
     one_line_error(proc, "'../../evil'")
     assert not results.exists() and not (tmp_path.parent / "evil").exists()
-    one_line_error(in_process(capsys, "status", "/tmp/evil", "--results", results), "study name")
+    one_line_error(in_process("status", "/tmp/evil", "--results", results), "study name")
 
 
 def _study(url, name="s"):
@@ -122,12 +114,12 @@ def _digest(path):
 
 
 def test_a_damaged_storage_is_refused_in_one_line_and_left_untouched(damaged, results,
-                                                                      tmp_path, capsys):
+                                                                      tmp_path, in_process):
     before = _digest(damaged)
     one_line_error(cli("status", "smoke", "--results", results), "damaged", str(damaged))
     for args in (["pareto", "smoke"], ["export", "smoke", "0", "--out", tmp_path / "out"],
                  ["search", "--preset", "smoke", "--study", "new", "--trials", "1"]):
-        one_line_error(in_process(capsys, *args, "--results", results), "damaged", str(damaged))
+        one_line_error(in_process(*args, "--results", results), "damaged", str(damaged))
     assert _digest(damaged) == before
     with pytest.raises(st.StudyError, match="damaged"):
         st.open_storage(f"sqlite:///{damaged}", create=True)
