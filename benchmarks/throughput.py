@@ -238,7 +238,7 @@ def mlx_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _mlx_eager_step(state: Any) -> Callable[[Any, Any], Any]:
-    """``engine.training.train._compiled_step`` without ``mx.compile`` (same loss, clip, AdamW)."""
+    """``engine.training.train.compiled_update`` without ``mx.compile`` (same loss, clip, AdamW)."""
     import mlx.optimizers as optim
     from mlx import nn
 
@@ -317,7 +317,7 @@ def _mlx_config(args: argparse.Namespace, name: str, data: dict[str, Any]) -> di
                 state = etrain.init_state(cfg)
                 res["params_model"] = state.model.num_params()
                 # The engine's own training step (loss, grad clip, AdamW; EMA not included).
-                step = etrain._compiled_step(state) if kind.startswith("compiled") \
+                step = etrain.training_update(state) if kind.startswith("compiled") \
                     else _mlx_eager_step(state)
                 keys = iter(range(1, 1 << 30))
 

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                                       weight_decay=cfg.train.weight_decay, bias_correction=True)
         state.optimizer.init(state.model.trainable_parameters())
     out["optimizer_class"] = type(state.optimizer).__name__
-    step = etrain._compiled_step(state)
+    step = etrain.training_update(state)
     times = []
     for i in range(1 + args.steady_steps):  # the first call compiles; the rest are steady
         t0 = time.perf_counter()

@@ -31,6 +31,8 @@ import struct
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _ENV_LIBRARY = "cmeel.prefix/lib/libopenblas.so.0"
@@ -282,3 +284,23 @@ def _dynamic_strings(elf: bytes, tag: int) -> list[tuple[int, str]]:
                 start = strtab + d_val
                 found.append((start, elf[start:elf.index(b"\0", start)].decode()))
     return found
+
+
+@contextmanager
+def blas_threads(n: int) -> Iterator[None]:
+    """OpenBLAS on ``n`` threads inside the block (no-op where another BLAS runs).
+
+    With a batch split over streams or processes, each part's GEMMs take one core: a
+    multi-threaded GEMM per part would put twice as many threads as cores to work.
+    """
+    lib = ctypes.CDLL(None)
+    get = getattr(lib, "openblas_get_num_threads", None)
+    if get is None:
+        yield
+        return
+    before = get()
+    lib.openblas_set_num_threads(n)
+    try:
+        yield
+    finally:
+        lib.openblas_set_num_threads(before)

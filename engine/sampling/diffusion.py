@@ -6,10 +6,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import cache
 
 import mlx.core as mx
@@ -82,7 +80,7 @@ gradient; the paper's gamma."""
 
 def diffusion_loss(model: nn.Module, x0: mx.array, key: mx.array, prediction: str,
                    kind: str, weighting: str = "none", labels: mx.array | None = None,
-                   label_dropout: float = 0.0) -> mx.array:
+                   label_dropout: float = 0.0, rows: tuple[int, int] | None = None) -> mx.array:
     """Denoising score-matching loss, ``E_t,eps w(t) || f(x_t, t) - target ||^2`` (Ho et al. 2020).
 
     Args:
@@ -96,25 +94,33 @@ def diffusion_loss(model: nn.Module, x0: mx.array, key: mx.array, prediction: st
         labels: class labels (B,) of a class-conditional ``model``; None calls it without.
         label_dropout: the share of ``labels`` replaced by the null label, drawn from ``key``
             (classifier-free guidance's joint training, Ho & Salimans 2022).
+        rows: ``(lo, hi)``: the share of rows ``lo:hi`` in the batch's loss, which is what
+            one process of a data-parallel step computes (:mod:`engine.training.parallel`).
+            ``t``, ``eps`` and the dropped labels are drawn for the whole batch and cut, and
+            the mean is scaled by ``(hi - lo) / B``, so the shares sum to the whole loss.
     """
     k_t, k_eps = mx.random.split(key)
     t = mx.random.uniform(T_MIN, 1.0, shape=(x0.shape[0],), key=k_t)
     eps = mx.random.normal(x0.shape, key=k_eps)
-    alpha, sigma = (_expand(a) for a in alpha_sigma_mx(t, kind))
-    x_t = alpha * x0 + sigma * eps
-    if labels is None:
-        out = model(x_t, t)
-    else:
+    if labels is not None:
         labels = drop_labels(labels, mx.random.split(k_t)[1], label_dropout,
                              model.config.num_classes)
-        out = model(x_t, t, labels)
+    share = 1.0
+    if rows is not None:
+        lo, hi = rows
+        share = (hi - lo) / x0.shape[0]
+        x0, t, eps = x0[lo:hi], t[lo:hi], eps[lo:hi]
+        labels = None if labels is None else labels[lo:hi]
+    alpha, sigma = (_expand(a) for a in alpha_sigma_mx(t, kind))
+    x_t = alpha * x0 + sigma * eps
+    out = model(x_t, t) if labels is None else model(x_t, t, labels)
     err = (out - target(x0, eps, alpha, sigma, prediction)) ** 2
-    if weighting == "none":
-        return mx.mean(err)
-    snr = alpha**2 / sigma**2
-    w = mx.minimum(snr, MIN_SNR_GAMMA)
-    w = w / snr if prediction == "eps" else w / (snr + 1.0) if prediction == "v" else w
-    return mx.mean(w * err)
+    if weighting != "none":
+        snr = alpha**2 / sigma**2
+        w = mx.minimum(snr, MIN_SNR_GAMMA)
+        err = (w / snr if prediction == "eps" else w / (snr + 1.0) if prediction == "v"
+               else w) * err
+    return mx.mean(err) if rows is None else mx.mean(err) * share
 
 
 def drop_labels(labels: mx.array, key: mx.array, rate: float, null: int) -> mx.array:
@@ -192,26 +198,6 @@ def _split_call(model: nn.Module, n: int) -> Callable[..., mx.array]:
         return mx.concatenate(outs, axis=0)
 
     return call
-
-
-@contextmanager
-def blas_threads(n: int) -> Iterator[None]:
-    """OpenBLAS on ``n`` threads inside the block (no-op where another BLAS runs).
-
-    With the batch split over streams, each stream's GEMMs take one core: a
-    multi-threaded GEMM per stream would put twice as many threads as cores to work.
-    """
-    lib = ctypes.CDLL(None)
-    get = getattr(lib, "openblas_get_num_threads", None)
-    if get is None:
-        yield
-        return
-    before = get()
-    lib.openblas_set_num_threads(n)
-    try:
-        yield
-    finally:
-        lib.openblas_set_num_threads(before)
 
 
 def balanced_labels(n: int, num_classes: int) -> mx.array:

@@ -15,8 +15,9 @@ import mlx.core as mx
 from mlx import nn
 
 from engine.config import ScheduleConfig
+from engine.device.blas import blas_threads
 from engine.sampling.adaptive import sample_adaptive
-from engine.sampling.diffusion import Denoise, blas_threads, cpu_streams, denoiser
+from engine.sampling.diffusion import Denoise, cpu_streams, denoiser
 from engine.sampling.schedules import Grid, grid
 
 Sampler = Callable[[Denoise, mx.array, Grid, mx.array, float], mx.array]

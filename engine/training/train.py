@@ -26,13 +26,12 @@ from engine.config import Config, TrainConfig
 from engine.device import compile_mode
 from engine.model.unet import UNet
 from engine.sampling.diffusion import diffusion_loss
+from engine.training import parallel
 from engine.training.fused import FusedAdamW, ema_update
+from engine.training.objective import Loss, base_loss, loss_and_grad
 
 VAL_BATCH = 256
 
-Loss = Callable[..., mx.array]
-"""``loss_fn(model, x0, key[, labels]) -> scalar``, ``x0`` a data batch (B, H, W, C), ``key``
-its noise, ``labels`` (B,) its classes where the model is class-conditional."""
 Update = Callable[..., mx.array]
 """``update(x0, key[, labels]) -> loss``: one optimizer step on the model, from
 :func:`compiled_update`."""
@@ -137,51 +136,6 @@ def _ema_decay(decay: float, step: int) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-LOSS_SCALE = {"float32": 1.0, "bfloat16": 1.0, "float16": 1024.0}
-"""Static loss scale per compute dtype: fp16 gradients of a mean loss underflow without it."""
-
-
-def _loss_and_grad(model: nn.Module, loss_fn: Loss, dtype: str) -> Callable:
-    """``(x0, key) -> (loss, grads)`` w.r.t. the fp32 master weights, forward in ``dtype``.
-
-    MLX has no autocast: the weights are cast inside the differentiated function, so the
-    activations are low precision while the gradients (through ``astype``) and the
-    optimizer state stay float32 (Micikevicius et al. 2018, mixed-precision training).
-    """
-    if dtype == "float32":
-        return nn.value_and_grad(model, lambda x0, key, *y: loss_fn(model, x0, key, *y))
-    low, scale = getattr(mx, dtype), LOSS_SCALE[dtype]
-
-    def scaled_loss(params: dict, x0: mx.array, key: mx.array, *y: mx.array) -> mx.array:
-        model.update(tree_map(lambda p: p.astype(low), params))
-        return loss_fn(model, x0, key, *y).astype(mx.float32) * scale
-
-    grad_fn = mx.value_and_grad(scaled_loss)
-
-    def loss_and_grad(x0: mx.array, key: mx.array, *y: mx.array) -> tuple[mx.array, dict]:
-        master = model.trainable_parameters()
-        loss, grads = grad_fn(master, x0, key, *y)
-        model.update(master)  # the optimizer steps the fp32 weights, never the casts
-        return loss / scale, tree_map(lambda g: g / scale, grads)
-
-    return loss_and_grad
-
-
-def base_loss(config: Config) -> Loss:
-    """The diffusion loss of ``config.schedule`` (its prediction target and beta schedule),
-    weighted as ``config.train.loss_weight`` says; a class-conditional network's labels
-    are dropped to the null label at ``config.train.label_dropout``."""
-    loss = partial(diffusion_loss, prediction=config.schedule.prediction,
-                   kind=config.schedule.beta_schedule, weighting=config.train.loss_weight)
-    if config.unet.num_classes == 0:
-        return loss
-
-    def conditional(model: nn.Module, x0: mx.array, key: mx.array, y: mx.array) -> mx.array:
-        return loss(model, x0, key, labels=y, label_dropout=config.train.label_dropout)
-
-    return conditional
-
-
 def compiled_update(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Loss,
                     grad_clip: float, dtype: str = "float32",
                     frozen: Sequence[Any] = ()) -> Update:
@@ -191,19 +145,20 @@ def compiled_update(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Loss,
         model: the module trained in place; ``optimizer`` is initialised on it.
         loss_fn: ``loss_fn(model, x0, key) -> scalar`` (see :data:`Loss`).
         grad_clip: global gradient-norm bound; 0 turns clipping off.
-        dtype: compute dtype of the forward pass (see :func:`_loss_and_grad`).
+        dtype: compute dtype of the forward pass (see
+            :func:`engine.training.objective.loss_and_grad`).
         frozen: state of modules that ``loss_fn`` reads but does not train (a teacher, an
             EMA target); compiled as inputs, so that a change between steps is seen.
 
     Returns:
         ``update(x0, key) -> loss``.
     """
-    loss_and_grad = _loss_and_grad(model, loss_fn, dtype)
+    value_and_grad = loss_and_grad(model, loss_fn, dtype)
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
     @partial(compile_mode.whole, inputs=compiled_state + list(frozen), outputs=compiled_state)
     def step(x0: mx.array, key: mx.array, *labels: mx.array) -> mx.array:
-        loss, grads = loss_and_grad(x0, key, *labels)
+        loss, grads = value_and_grad(x0, key, *labels)
         if grad_clip > 0:
             grads, _ = optim.clip_grad_norm(grads, grad_clip)
         optimizer.update(model, grads)
@@ -225,9 +180,15 @@ def take_step(update: Update, images: np.ndarray, seed: int, step: int, batch_si
     return update(x0, _step_key(seed, step), *y)
 
 
-def _compiled_step(state: TrainState) -> Update:
+def training_update(state: TrainState) -> Update:
+    """The update that trains ``state``: :func:`compiled_update` of the config's diffusion
+    loss, or, with a budget of several CPU cores, the same step split over as many
+    processes (:class:`engine.training.parallel.DataParallelUpdate`; ``close()`` it)."""
     cfg = state.config
     state.model.checkpointing = cfg.train.checkpointing
+    n = parallel.processes_for(cfg)
+    if n > 1:
+        return parallel.DataParallelUpdate(state.model, state.optimizer, cfg, n)
     return compiled_update(state.model, state.optimizer, base_loss(cfg), cfg.train.grad_clip,
                            cfg.train.dtype)
 
@@ -281,13 +242,17 @@ def train(state: TrainState, images: np.ndarray, val: np.ndarray, until: int | N
     tc = state.config.train
     until = tc.steps if until is None else min(until, tc.steps)
     check_labels(state.config, labels, len(images), len(val))
-    step_fn = _compiled_step(state)
+    step_fn = training_update(state)
     start = time.perf_counter()
-    while state.step < until:
-        with guard() if guard is not None else nullcontext():
-            point = _one_step(state, step_fn, images, val, start, labels)
-        if point is not None and callback is not None and callback(point) is False:
-            break
+    try:
+        while state.step < until:
+            with guard() if guard is not None else nullcontext():
+                point = _one_step(state, step_fn, images, val, start, labels)
+            if point is not None and callback is not None and callback(point) is False:
+                break
+    finally:
+        if isinstance(step_fn, parallel.DataParallelUpdate):
+            step_fn.close()
     return state
 
 

@@ -11,7 +11,8 @@ from engine.config import Config, TrainConfig, UNetConfig
 from engine.io.checkpoint import load_checkpoint, save_checkpoint
 from engine.model.unet import UNet
 from engine.sampling.diffusion import diffusion_loss
-from engine.training.train import _loss_and_grad, init_state, train
+from engine.training.objective import loss_and_grad
+from engine.training.train import init_state, train
 
 TINY = Config(unet=UNetConfig(image_size=8, base_width=8, norm_groups=4, time_emb_dim=16),
               train=TrainConfig(steps=12, batch_size=8, eval_every=4, warmup_steps=2))
@@ -32,8 +33,8 @@ def test_mixed_precision_gradients_match_float32(dtype, images):
     def loss_fn(m, x, k):
         return diffusion_loss(m, x, k, "eps", "cosine")
 
-    loss32, g32 = _loss_and_grad(model, loss_fn, "float32")(x0, key)
-    loss, grads = _loss_and_grad(model, loss_fn, dtype)(x0, key)
+    loss32, g32 = loss_and_grad(model, loss_fn, "float32")(x0, key)
+    loss, grads = loss_and_grad(model, loss_fn, dtype)(x0, key)
     assert all(p.dtype == mx.float32 for _, p in tree_flatten(model.parameters()))
     flat32, flat = (np.concatenate([np.array(g).ravel() for _, g in tree_flatten(t)])
                     for t in (g32, grads))

@@ -1,0 +1,115 @@
+"""Data-parallel training over CPU processes (engine.training.parallel): the one-process maths."""
+
+import multiprocessing as mp
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
+from engine.sampling.diffusion import diffusion_loss
+from engine.training import parallel
+from engine.training.objective import base_loss
+from engine.training.train import compiled_update, init_state, train, training_update
+
+UNET = UNetConfig(image_size=8, channels=1, base_width=8, width_mults=(1, 2),
+                  num_res_blocks=1, attn_levels=(1,), head_dim=8)
+
+
+def _config(batch: int = 6, **train: object) -> Config:
+    return Config(unet=UNET, schedule=ScheduleConfig(sampler="ddim", steps=4),
+                  train=TrainConfig(batch_size=batch, steps=3, eval_every=3, warmup_steps=0,
+                                    **train))
+
+
+def _batch(n: int, seed: int = 0) -> mx.array:
+    return mx.array(np.random.default_rng(seed).uniform(-1, 1, (n, 8, 8, 1)).astype(np.float32))
+
+
+@pytest.mark.parametrize(("weighting", "classes"), [("none", 0), ("min_snr", 3)])
+def test_the_shares_of_a_batch_sum_to_its_loss(weighting, classes):
+    from engine.model.unet import UNet
+
+    mx.random.seed(0)
+    model = UNet(UNetConfig(**{**UNET.__dict__, "num_classes": classes}))
+    x0, key = _batch(7), mx.random.key(3)
+    labels = {} if not classes else {"labels": mx.array([0, 1, 2, 0, 1, 2, 0]),
+                                     "label_dropout": 0.5}
+    whole = diffusion_loss(model, x0, key, "eps", "cosine", weighting, **labels)
+    parts = [diffusion_loss(model, x0, key, "eps", "cosine", weighting, rows=rows, **labels)
+             for rows in parallel.shares(7, 3)]
+    assert parallel.shares(7, 3) == [(0, 2), (2, 4), (4, 7)]
+    assert abs(float(sum(parts)) - float(whole)) < 1e-6 * abs(float(whole))
+
+
+def test_two_processes_train_the_weights_one_process_does():
+    # Plain SGD: Adam's step is about lr wherever a gradient is float noise around zero,
+    # which would hide a wrong gradient as well as it shows a right one.
+    cfg = _config()
+    serial, split = init_state(cfg), init_state(cfg)
+    serial.optimizer, split.optimizer = optim.SGD(0.5), optim.SGD(0.5)
+    one = compiled_update(serial.model, serial.optimizer, base_loss(cfg), cfg.train.grad_clip)
+    two = parallel.DataParallelUpdate(split.model, split.optimizer, cfg, 2)
+    try:
+        assert two.processes == 2
+        for step in range(3):
+            x0, key = _batch(6, step), mx.random.key(step)
+            a, b = one(x0, key), two(x0, key)
+            mx.eval(a, b, serial.model.state, split.model.state)
+            assert abs(a.item() - b.item()) < 1e-5
+    finally:
+        two.close()
+    before = dict(tree_flatten(init_state(cfg).model.parameters()))
+    want, got = dict(tree_flatten(serial.model.parameters())), dict(tree_flatten(split.model.parameters()))
+    moved = max(float(mx.abs(want[k] - before[k]).max()) for k in want)
+    gap = max(float(mx.abs(want[k] - got[k]).max()) for k in want)
+    assert moved > 1e-3  # the steps did change the weights
+    assert gap < 1e-3 * moved, (gap, moved)
+    assert not mp.active_children()  # close() ended the peer
+
+
+def test_train_splits_its_steps_over_the_thread_budget(monkeypatch):
+    cfg = _config(batch=4)
+    images, val = np.asarray(_batch(32, 1)), np.asarray(_batch(8, 2))
+    monkeypatch.delenv(parallel.ENV, raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    alone = train(init_state(cfg), images, val)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    update = training_update(init_state(cfg))
+    assert isinstance(update, parallel.DataParallelUpdate)
+    update.close()
+    split = train(init_state(cfg), images, val)
+    assert split.step == alone.step == 3
+    assert [p.val_loss for p in split.history] == pytest.approx(
+        [p.val_loss for p in alone.history], rel=1e-4)
+    assert not mp.active_children()
+
+
+def test_a_dead_peer_is_named():
+    cfg = _config()
+    state = init_state(cfg)
+    update = parallel.DataParallelUpdate(state.model, state.optimizer, cfg, 2)
+    try:
+        mx.eval(update(_batch(6), mx.random.key(0)))
+        proc, _ = update._peers[0]
+        proc.kill()
+        proc.join()
+        with pytest.raises(RuntimeError, match=r"peer diffnas-grad-1 \(pid \d+\) died"):
+            update(_batch(6), mx.random.key(1))
+    finally:
+        update.close()
+
+
+def test_the_process_count_follows_the_budget_and_rejects_bad_values(monkeypatch):
+    monkeypatch.delenv(parallel.ENV, raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    assert parallel.processes_for(_config()) == 2
+    assert parallel.processes_for(_config(batch=1)) == 1  # never more than the rows
+    monkeypatch.setenv(parallel.ENV, "1")
+    assert parallel.processes_for(_config()) == 1
+    for bad in ("two", "0"):
+        monkeypatch.setenv(parallel.ENV, bad)
+        with pytest.raises(ValueError, match=parallel.ENV):
+            parallel.processes_for(_config())
