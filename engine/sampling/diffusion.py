@@ -154,16 +154,17 @@ def cpu_streams() -> int:
                          "not a whole number") from None
 
 
-def compiled_forward(model: nn.Module) -> Callable[..., mx.array]:
+def compiled_forward(model: nn.Module, streams: int | None = None) -> Callable[..., mx.array]:
     """``model(x, t[, y])`` compiled once per model: fused element-wise ops, fewer graph nodes.
 
     The weights (and the random state, for dropout) are compile inputs, read at every
     call: a model trained or updated between calls is seen as it is. One trace per
     input shape; the compiled function is kept on the model. With :func:`cpu_streams`
     ``n > 1`` a batch of at least ``n`` is split into ``n`` parts, each run on its own
-    CPU stream (the same maths: every layer of the U-Net is per sample).
+    CPU stream (the same maths: every layer of the U-Net is per sample); ``streams``
+    overrides that count.
     """
-    n = cpu_streams()
+    n = cpu_streams() if streams is None else streams
     compiled = model.__dict__.setdefault("_compiled_forward", {})  # not a parameter
     if n not in compiled:
         state = [model.state, mx.random.state]
@@ -206,15 +207,17 @@ def balanced_labels(n: int, num_classes: int) -> mx.array:
 
 
 def denoiser(model: nn.Module, prediction: str, kind: str, clip_x0: bool = True,
-             guidance: float = 1.0, labels: mx.array | None = None) -> Denoise:
+             guidance: float = 1.0, labels: mx.array | None = None,
+             streams: int | None = None) -> Denoise:
     """Wrap a network as ``denoise(x_t, t) -> (x0, eps)``; optionally clip x0 to [-1, 1].
 
     A class-conditional network (``num_classes > 0`` in its config) predicts for ``labels``
     (default :func:`balanced_labels` of the batch); with ``guidance`` ``w != 1`` it follows
     ``u + w (c - u)`` of the unconditional (null label) and conditional predictions, both
-    from one call on the batch twice over (Ho & Salimans 2022, eq. 6).
+    from one call on the batch twice over (Ho & Salimans 2022, eq. 6). ``streams``: as
+    :func:`compiled_forward`'s.
     """
-    forward = compiled_forward(model)
+    forward = compiled_forward(model, streams)
     classes = num_classes_of(model)
     if guidance != 1.0 and classes == 0:
         raise ValueError(f"guidance={guidance:g} needs a class-conditional network")

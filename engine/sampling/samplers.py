@@ -7,17 +7,31 @@ for none), and returns the sample at ``t = 0``. Deterministic samplers ignore ``
 
 from __future__ import annotations
 
+import atexit
 import math
+import os
 from collections.abc import Callable
 from contextlib import nullcontext
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
 
 import mlx.core as mx
+import numpy as np
 from mlx import nn
+from mlx.utils import tree_flatten, tree_unflatten
 
-from engine.config import ScheduleConfig
+from engine.config import ScheduleConfig, UNetConfig
 from engine.device.blas import blas_threads
+from engine.device.peers import Layout, Peer, serve, shares, thread_budget
+from engine.model.unet import UNet
 from engine.sampling.adaptive import sample_adaptive
-from engine.sampling.diffusion import Denoise, cpu_streams, denoiser
+from engine.sampling.diffusion import (
+    Denoise,
+    balanced_labels,
+    cpu_streams,
+    denoiser,
+    num_classes_of,
+)
 from engine.sampling.schedules import Grid, grid
 
 Sampler = Callable[[Denoise, mx.array, Grid, mx.array, float], mx.array]
@@ -109,10 +123,132 @@ def generate(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, imag
                                  atol=schedule.tolerance, rtol=schedule.tolerance,
                                  max_nfe=schedule.steps)
         return mx.clip(result.samples, -1.0, 1.0) if clip_x0 else result.samples
-    denoise = denoiser(model, schedule.prediction, schedule.beta_schedule, clip_x0,
-                       schedule.guidance, labels)
+    processes = sample_processes(model, schedule, n)
+    if processes > 1:
+        return _generate_split(model, schedule, x, k_sample, clip_x0, labels, processes)
     # A batch split over CPU streams gives each stream one BLAS thread (diffusion.cpu_streams).
     with blas_threads(1) if min(cpu_streams(), n) > 1 else nullcontext():
-        out = get_sampler(schedule.sampler)(denoise, x, grid(schedule), k_sample, schedule.eta)
+        out = _draw(model, schedule, x, k_sample, clip_x0, labels)
         mx.eval(out)
     return out
+
+
+def _draw(model: nn.Module, schedule: ScheduleConfig, x: mx.array, key: mx.array,
+          clip_x0: bool, labels: mx.array | None, streams: int | None = None) -> mx.array:
+    """The grid sampler's chain from the noise ``x`` (lazy)."""
+    denoise = denoiser(model, schedule.prediction, schedule.beta_schedule, clip_x0,
+                       schedule.guidance, labels, streams)
+    return get_sampler(schedule.sampler)(denoise, x, grid(schedule), key, schedule.eta)
+
+
+# ------------------------------------------------- a batch's rows drawn by peer processes
+
+SAMPLE_ENV = "DIFFNAS_SAMPLE_PROCESSES"
+"""Processes a CPU sampling batch is split over; default: the thread budget."""
+
+PER_SAMPLE = ("ddim", "euler", "dpmpp_2m")
+"""Grid samplers whose every sample follows its own chain (DDIM at ``eta = 0``): drawn in
+parts, the rows of a batch are those drawn whole. A stochastic step draws its noise for
+the whole batch, so it stays in one process (split over CPU streams instead)."""
+
+
+def sample_processes(model: nn.Module, schedule: ScheduleConfig, n: int) -> int:
+    """How many processes draw a batch of ``n``: ``DIFFNAS_SAMPLE_PROCESSES`` if set, else
+    the thread budget (:func:`engine.device.peers.thread_budget`); 1 off the CPU, for a
+    stochastic or adaptive sampler, for a model that is not a float32 :class:`UNet` (a
+    quantised one), and never more than ``n``.
+
+    Each process runs the whole chain for its rows on one core: no exchange per step,
+    where the stream split of :func:`engine.sampling.diffusion.compiled_forward` joins at
+    every network call.
+    """
+    if (mx.default_device() != mx.cpu or n < 2 or schedule.sampler not in PER_SAMPLE
+            or (schedule.sampler == "ddim" and schedule.eta > 0) or type(model) is not UNet):
+        return 1
+    value = os.environ.get(SAMPLE_ENV) or str(thread_budget())
+    try:
+        k = int(value)
+    except ValueError:
+        raise ValueError(f"{SAMPLE_ENV}={value!r}: not a whole number") from None
+    if k < 1:
+        raise ValueError(f"{SAMPLE_ENV}={value!r}: at least 1")
+    if k > 1 and any(v.dtype != mx.float32 for _, v in tree_flatten(model.parameters())):
+        return 1
+    return min(k, n)
+
+
+_PEERS: list[Peer] = []
+"""This process's sampling peers, started at first use and kept for later batches."""
+
+
+def _peers(k: int) -> list[Peer]:
+    """``k - 1`` live peers; one that died (its batch raised) is replaced."""
+    for i, peer in enumerate(_PEERS):
+        if not peer.process.is_alive():
+            peer.stop()
+            _PEERS[i] = Peer(_sample_peer, (), f"diffnas-sample-{i + 1}")
+    while len(_PEERS) < k - 1:
+        _PEERS.append(Peer(_sample_peer, (), f"diffnas-sample-{len(_PEERS) + 1}"))
+    return _PEERS[:k - 1]
+
+
+@atexit.register
+def _stop_peers() -> None:
+    while _PEERS:
+        _PEERS.pop().stop()
+
+
+def _generate_split(model: UNet, schedule: ScheduleConfig, x: mx.array, key: mx.array,
+                    clip_x0: bool, labels: mx.array | None, k: int) -> mx.array:
+    """:func:`generate`'s chain with the rows of ``x`` split over this process and ``k - 1``
+    peers, which read the weights from shared memory."""
+    n, classes = x.shape[0], num_classes_of(model)
+    if labels is None and classes:
+        labels = balanced_labels(n, classes)  # the whole batch's, then cut
+    rows = shares(n, k)
+    leaves = [v for _, v in tree_flatten(model.parameters())]
+    layout = Layout(leaves)
+    shm = SharedMemory(create=True, size=max(4 * layout.size, 4))
+    try:
+        layout.write(np.ndarray((layout.size,), np.float32, shm.buf), leaves)
+        xs, ys = np.asarray(x), None if labels is None else np.asarray(labels)
+        peers = _peers(k)
+        for peer, (lo, hi) in zip(peers, rows[1:]):
+            peer.send(("sample", model.config, model.training, schedule, shm.name, xs[lo:hi],
+                       None if ys is None else ys[lo:hi], np.asarray(key), clip_x0))
+        lo, hi = rows[0]
+        with blas_threads(1):
+            own = _draw(model, schedule, x[lo:hi], key, clip_x0,
+                        None if labels is None else labels[lo:hi], streams=1)
+            mx.eval(own)
+        parts = [own, *(mx.array(peer.receive()) for peer in peers)]
+    finally:
+        shm.close()
+        shm.unlink()
+    return mx.concatenate(parts)
+
+
+def _sample_peer(conn: Connection) -> None:
+    """A sampling peer: one U-Net per config, the weights of each request, its rows' chain."""
+    models: dict[UNetConfig, UNet] = {}
+
+    def sample(message: tuple) -> np.ndarray:
+        _, config, training, schedule, shm_name, x, y, key, clip_x0 = message
+        model = models.get(config) or models.setdefault(config, UNet(config))
+        model.train(training)
+        named = tree_flatten(model.parameters())
+        layout = Layout([v for _, v in named])
+        shm = SharedMemory(name=shm_name)
+        try:
+            if shm.size < 4 * layout.size:
+                raise ValueError(f"{shm.size} bytes of weights for {4 * layout.size}")
+            weights = layout.read(np.ndarray((layout.size,), np.float32, shm.buf))
+        finally:
+            shm.close()
+        model.update(tree_unflatten([(k, w) for (k, _), w in zip(named, weights)]))
+        out = _draw(model, schedule, mx.array(x), mx.array(key), clip_x0,
+                    None if y is None else mx.array(y), streams=1)
+        mx.eval(out)
+        return np.asarray(out)
+
+    serve(conn, sample)

@@ -9,6 +9,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
+from engine.device.peers import shares
 from engine.sampling.diffusion import diffusion_loss
 from engine.training import parallel
 from engine.training.objective import base_loss
@@ -22,6 +23,10 @@ def _config(batch: int = 6, **train: object) -> Config:
     return Config(unet=UNET, schedule=ScheduleConfig(sampler="ddim", steps=4),
                   train=TrainConfig(batch_size=batch, steps=3, eval_every=3, warmup_steps=0,
                                     **train))
+
+
+def _grad_peers() -> list:
+    return [p for p in mp.active_children() if p.name.startswith("diffnas-grad")]
 
 
 def _batch(n: int, seed: int = 0) -> mx.array:
@@ -39,8 +44,8 @@ def test_the_shares_of_a_batch_sum_to_its_loss(weighting, classes):
                                      "label_dropout": 0.5}
     whole = diffusion_loss(model, x0, key, "eps", "cosine", weighting, **labels)
     parts = [diffusion_loss(model, x0, key, "eps", "cosine", weighting, rows=rows, **labels)
-             for rows in parallel.shares(7, 3)]
-    assert parallel.shares(7, 3) == [(0, 2), (2, 4), (4, 7)]
+             for rows in shares(7, 3)]
+    assert shares(7, 3) == [(0, 2), (2, 4), (4, 7)]
     assert abs(float(sum(parts)) - float(whole)) < 1e-6 * abs(float(whole))
 
 
@@ -67,7 +72,7 @@ def test_two_processes_train_the_weights_one_process_does():
     gap = max(float(mx.abs(want[k] - got[k]).max()) for k in want)
     assert moved > 1e-3  # the steps did change the weights
     assert gap < 1e-3 * moved, (gap, moved)
-    assert not mp.active_children()  # close() ended the peer
+    assert not _grad_peers()  # close() ended the peer
 
 
 def test_train_splits_its_steps_over_the_thread_budget(monkeypatch):
@@ -84,7 +89,7 @@ def test_train_splits_its_steps_over_the_thread_budget(monkeypatch):
     assert split.step == alone.step == 3
     assert [p.val_loss for p in split.history] == pytest.approx(
         [p.val_loss for p in alone.history], rel=1e-4)
-    assert not mp.active_children()
+    assert not _grad_peers()
 
 
 def test_a_dead_peer_is_named():
@@ -93,10 +98,10 @@ def test_a_dead_peer_is_named():
     update = parallel.DataParallelUpdate(state.model, state.optimizer, cfg, 2)
     try:
         mx.eval(update(_batch(6), mx.random.key(0)))
-        proc, _ = update._peers[0]
-        proc.kill()
-        proc.join()
-        with pytest.raises(RuntimeError, match=r"peer diffnas-grad-1 \(pid \d+\) died"):
+        peer = update._peers[0].process
+        peer.kill()
+        peer.join()
+        with pytest.raises(RuntimeError, match=r"peer process diffnas-grad-1 \(pid \d+\) died"):
             update(_batch(6), mx.random.key(1))
     finally:
         update.close()
