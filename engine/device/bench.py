@@ -28,6 +28,7 @@ from mlx import nn
 
 from engine.config import LIMITS, Config
 from engine.device import blas as _blas
+from engine.device.peers import one_process
 from engine.model.cost import flops
 from engine.model.unet import UNet
 from engine.sampling.samplers import generate
@@ -140,10 +141,12 @@ def sampling_latency(model: nn.Module, config: Config, batch: int = 1, runs: int
 
 
 def _peak_mb(fn: Callable[[], Any]) -> float:
+    """This process's peak (MB) over ``fn``, run whole here (no peer processes)."""
     mx.synchronize()
     mx.clear_cache()
     mx.reset_peak_memory()
-    fn()
+    with one_process():
+        fn()
     mx.synchronize()
     return mx.get_peak_memory() / 2**20
 

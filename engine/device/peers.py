@@ -25,6 +25,24 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 
+_HELD = [0]  # open one_process() blocks
+
+
+@contextmanager
+def one_process() -> Iterator[None]:
+    """Inside, work that would be split over peers stays in this process (:func:`alone`
+    is true): what measures this process's peak memory must see the whole job."""
+    _HELD[0] += 1
+    try:
+        yield
+    finally:
+        _HELD[0] -= 1
+
+
+def alone() -> bool:
+    """True inside :func:`one_process`: no split, whatever the budget or the settings say."""
+    return _HELD[0] > 0
+
 
 def thread_budget() -> int:
     """The cores this process was given: ``OPENBLAS_NUM_THREADS`` (the engine's default 1)."""

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from engine.config import ScheduleConfig, UNetConfig
 from engine.device.blas import blas_threads
-from engine.device.peers import Layout, Peer, serve, shares, thread_budget
+from engine.device.peers import Layout, Peer, alone, serve, shares, thread_budget
 from engine.model.unet import UNet
 from engine.sampling.adaptive import sample_adaptive
 from engine.sampling.diffusion import (
@@ -154,7 +154,8 @@ the whole batch, so it stays in one process (split over CPU streams instead)."""
 
 def sample_processes(model: nn.Module, schedule: ScheduleConfig, n: int) -> int:
     """How many processes draw a batch of ``n``: ``DIFFNAS_SAMPLE_PROCESSES`` if set, else
-    the thread budget (:func:`engine.device.peers.thread_budget`); 1 off the CPU, for a
+    the thread budget (:func:`engine.device.peers.thread_budget`); 1 off the CPU, inside
+    :func:`engine.device.peers.one_process`, for a
     stochastic or adaptive sampler, for a model that is not a float32 :class:`UNet` (a
     quantised one), and never more than ``n``.
 
@@ -162,7 +163,7 @@ def sample_processes(model: nn.Module, schedule: ScheduleConfig, n: int) -> int:
     where the stream split of :func:`engine.sampling.diffusion.compiled_forward` joins at
     every network call.
     """
-    if (mx.default_device() != mx.cpu or n < 2 or schedule.sampler not in PER_SAMPLE
+    if (mx.default_device() != mx.cpu or n < 2 or alone() or schedule.sampler not in PER_SAMPLE
             or (schedule.sampler == "ddim" and schedule.eta > 0) or type(model) is not UNet):
         return 1
     value = os.environ.get(SAMPLE_ENV) or str(thread_budget())

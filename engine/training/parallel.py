@@ -40,7 +40,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from engine.config import Config
 from engine.device import compile_mode
 from engine.device.blas import blas_threads
-from engine.device.peers import Layout, Peer, serve, shares, thread_budget, tree_like
+from engine.device.peers import Layout, Peer, alone, serve, shares, thread_budget, tree_like
 from engine.model.unet import UNet
 from engine.training.objective import base_loss, loss_and_grad
 
@@ -50,8 +50,9 @@ ENV = "DIFFNAS_TRAIN_PROCESSES"
 
 def processes_for(config: Config) -> int:
     """How many processes train ``config``'s steps: ``DIFFNAS_TRAIN_PROCESSES`` if set, else
-    :func:`engine.device.peers.thread_budget`; 1 off the CPU, never more than a batch's rows."""
-    if mx.default_device() != mx.cpu:
+    :func:`engine.device.peers.thread_budget`; 1 off the CPU or inside
+    :func:`engine.device.peers.one_process`, and never more than a batch's rows."""
+    if mx.default_device() != mx.cpu or alone():
         return 1
     value = os.environ.get(ENV) or str(thread_budget())
     try:

@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from engine.config import Config
 from engine.device.memory.model import MB, MemoryProfile, predict
+from engine.device.peers import one_process
 
 
 class MemoryBudgetExceeded(ValueError):
@@ -62,7 +63,8 @@ def enforce_limit(limit_mb: float, config: Config | None = None, batch: int | No
     previous = mx.set_memory_limit(int(limit_mb * MB))
     previous_cache = mx.set_cache_limit(int((cache_limit_mb or limit_mb) * MB))
     try:
-        yield
+        with one_process():  # the budget is the whole job's: no share of it in peers
+            yield
         check_peak(limit_mb)
     finally:
         mx.set_memory_limit(previous)

@@ -19,16 +19,19 @@ import numpy as np
 from engine.config import Config
 from engine.device.memory.limits import release
 from engine.device.memory.model import MB
+from engine.device.peers import one_process
 from engine.model.unet import UNet
 from engine.sampling.samplers import generate
 from engine.training.train import init_state, stand_in_labels, train
 
 
 def _measured_peak_mb(fn: Any) -> float:
-    """Peak MB that ``fn`` added on top of what the process already held."""
+    """Peak MB that ``fn`` added on top of what the process already held (all of ``fn`` in
+    this process: a split over peers would leave their shares uncounted)."""
     release()
     held = mx.get_active_memory()
-    fn()
+    with one_process():
+        fn()
     mx.synchronize()
     return (mx.get_peak_memory() - held) / MB
 

@@ -118,3 +118,26 @@ def test_the_process_count_follows_the_budget_and_rejects_bad_values(monkeypatch
         monkeypatch.setenv(parallel.ENV, bad)
         with pytest.raises(ValueError, match=parallel.ENV):
             parallel.processes_for(_config())
+
+
+def test_memory_measurements_keep_the_whole_job_in_one_process(monkeypatch):
+    """A peak measured with the work split over peers would count this process's share."""
+    from engine.device.bench import sampling_peak_mb
+    from engine.device.memory.limits import enforce_limit
+    from engine.device.peers import one_process
+    from engine.model.unet import UNet
+    from engine.sampling.samplers import sample_processes
+
+    monkeypatch.delenv(parallel.ENV, raising=False)
+    monkeypatch.setenv("DIFFNAS_CPU_STREAMS", "1")  # the stream split has peaks of its own
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    cfg, schedule = _config(batch=8), ScheduleConfig(sampler="ddim", steps=2)
+    model = UNet(UNET)
+    assert parallel.processes_for(cfg) == sample_processes(model, schedule, 8) == 2
+    for block in (one_process(), enforce_limit(10_000)):
+        with block:
+            assert parallel.processes_for(cfg) == sample_processes(model, schedule, 8) == 1
+    split = sampling_peak_mb(model, Config(unet=UNET, schedule=schedule), 8)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    whole = sampling_peak_mb(model, Config(unet=UNET, schedule=schedule), 8)
+    assert split == pytest.approx(whole, rel=0.05)
