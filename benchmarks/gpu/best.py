@@ -140,5 +140,8 @@ def tables(out: dict[str, Any], configs: list[str], steps: int, peaks: list[floa
                  "timed windows. Start-up: preparation (CUDA graph warm-up and capture) plus "
                  "the first call (compilation, kernel JIT, cuDNN autotuning). Peak: "
                  "mx.get_peak_memory / torch.cuda.max_memory_allocated over the variant (– on "
-                 f"a CPU torch). TFLOP/s from engine.model.cost FLOPs ({peak_note}).")
+                 "a CPU torch; at n threads on a CPU the engine splits training and per-sample "
+                 "sampling over n processes, engine.device.peers, and MLX's peak is then the "
+                 "measuring process's share). TFLOP/s from engine.model.cost FLOPs "
+                 f"({peak_note}).")
     return lines

@@ -31,6 +31,19 @@ from mlx import nn
 from engine.model.formulation import cpu_layers, gradients_stated
 
 _MIN_ROWS = 1024  # padded-grid rows from which the shifted-GEMM forward is used
+_MAX_RING = 1.3  # padded grid / image: above it the padding ring is too much extra work
+
+
+def shifted_forward(batch: int, height: int, width: int, k: int = 3) -> bool:
+    """Whether a same-size ``k x k`` conv's forward runs as shifted GEMMs (else ``mx.conv2d``).
+
+    The GEMMs run over the whole padded grid: at 8 px its ring is 56% extra rows and
+    ``mx.conv2d`` was faster (DDIM-20 of the demo U-Net at batch 16: 7.7% less time, paired
+    A/B, ``benchmarks/cpu_speed.md``); at 16 px (27%) the GEMMs were. Below ``_MIN_ROWS``
+    padded rows the k*k GEMMs cost more graph nodes than work.
+    """
+    padded = (height + k - 1) * (width + k - 1)
+    return batch * padded >= _MIN_ROWS and padded <= _MAX_RING * height * width
 
 
 class Conv2d(nn.Conv2d):
@@ -96,8 +109,8 @@ def _geometry(x: mx.array, k: int) -> tuple[int, int, list[int]]:
 def _same_forward(x: mx.array, w: mx.array, k: int) -> mx.array:
     """The same-size ``k x k`` conv's forward: shifted GEMMs, or ``mx.conv2d`` on few rows."""
     p = k // 2
-    if x.shape[0] * (x.shape[1] + 2 * p) * (x.shape[2] + 2 * p) < _MIN_ROWS:
-        return mx.conv2d(x, w, padding=p)  # few rows: k*k GEMMs cost more nodes than work
+    if not shifted_forward(x.shape[0], x.shape[1], x.shape[2], k):
+        return mx.conv2d(x, w, padding=p)
     (b, h, wd, _), cout = x.shape, w.shape[0]
     hp, wp, shifts = _geometry(x, k)
     rows = _padded_rows(x, p)

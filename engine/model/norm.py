@@ -35,8 +35,8 @@ def _stats(rows: mx.array, groups: int, eps: float) -> tuple[mx.array, mx.array]
     The variance stays the centred two-pass one.
     """
     n = rows.shape[1] * (rows.shape[2] // groups)
-    xc = rows - _per_channel(rows.sum(axis=1), groups) / n
-    return xc, mx.rsqrt(_per_channel((xc * xc).sum(axis=1), groups) / n + eps)
+    xc = rows - _per_channel(rows.sum(axis=1, keepdims=True), groups) / n
+    return xc, mx.rsqrt(_per_channel((xc * xc).sum(axis=1, keepdims=True), groups) / n + eps)
 
 
 @cache
@@ -50,7 +50,8 @@ def _group_norm(groups: int, eps: float) -> Callable[[mx.array, mx.array, mx.arr
 
 
 def _per_channel(sums: mx.array, groups: int) -> mx.array:
-    """Per-channel sums (B, C) -> their group's total, repeated per channel: (B, 1, C)."""
-    b, c = sums.shape
+    """Per-channel sums (B, 1, C) -> their group's total, repeated per channel: (B, 1, C).
+    (Kept dims: a reduction that drops its axis is a Sum and a Squeeze node.)"""
+    b, _, c = sums.shape
     total = sums.reshape(b, groups, c // groups).sum(axis=-1, keepdims=True)
     return mx.broadcast_to(total, (b, groups, c // groups)).reshape(b, 1, c)

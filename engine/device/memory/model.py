@@ -5,10 +5,10 @@ output and queues the op; buffers are freed only as the compute thread retires o
 main thread runs up to a few hundred ops ahead, so the peak is not one layer's working
 set but the sum over a window of consecutive ops (on the 2-core CPU a chain of 1 MB
 element-wise ops held ~200 MB live). How many ops a layer queues depends on how it runs
-(:mod:`engine.model.conv`): a same-size 3x3 conv with enough padded-grid rows
-(``batch * (res + 2)^2 >= 1024``) is k*k shifted GEMMs, 54 ops and no im2col copy; with
-fewer rows (small batches, deep levels, 8 px images) it is ``mx.conv2d``, a few ops and an
-im2col copy. So the sizes and windows below depend on the batch.
+(:mod:`engine.model.conv`): a same-size 3x3 conv with enough padded-grid rows and a thin
+padding ring (:func:`engine.model.conv.shifted_forward`: ``batch * (res + 2)^2 >= 1024``,
+``res >= 16`` in effect) is k*k shifted GEMMs, 54 ops and no im2col copy; otherwise (small
+batches, deep levels, 8 px maps) it is ``mx.conv2d``, a few ops and an im2col copy. So the sizes and windows below depend on the batch.
 
 The model, per mode (sampling; training in float32 or bf16/fp16, with or without
 checkpointing), in MB::
@@ -48,17 +48,17 @@ from typing import Any
 import numpy as np
 
 from engine.config import Config, UNetConfig
-from engine.model.conv import _MIN_ROWS
+from engine.model.conv import shifted_forward
 from engine.model.cost import Layer, layers, param_count
 from engine.training.train import VAL_BATCH
 
 MB = 2**20
 KINDS = ("col", "rows", "out", "dwcol", "norm", "act", "lin", "score")
 # Graph nodes MLX queues per layer (counted with mx.export_to_dot on the U-Net's modules):
-# a GroupNorm is 8 plus its activation (SiLU, a custom function, 6; GELU and ReLU one fused
+# a GroupNorm is 6 (two sums that keep their axis) plus its activation (SiLU, a custom function, 6; GELU and ReLU one fused
 # op); a same-size conv on the shifted-GEMM path 54 (its k*k tap slices and GEMMs), on the
 # mx.conv2d path (few rows, strided) 5 (conv, custom-VJP wrapper, bias-add).
-_OPS = {"conv": 5, "convT": 3, "dwconv": 3, "norm": 8, "linear": 5, "attention": 14}
+_OPS = {"conv": 5, "convT": 3, "dwconv": 3, "norm": 6, "linear": 5, "attention": 14}
 _GEMM_OPS = 54
 _ACTIVATION_OPS = {"silu": 6, "gelu": 1, "relu": 1}
 # Arrays of the activation's size its forward allocates: SiLU's rational tanh is 4 (the
@@ -86,9 +86,8 @@ def _kernel(layer: Layer) -> int:
 def _shifted_gemm(layer: Layer, batch: int) -> bool:
     """Whether :func:`engine.model.conv.conv2d` runs ``layer`` as shifted GEMMs at ``batch``."""
     strided = layer.name.endswith("downsample")  # the only stride-2 conv of the U-Net
-    padded = (layer.resolution + 2) ** 2
     return (layer.kind == "conv" and not strided and _kernel(layer) == 3
-            and batch * padded >= _MIN_ROWS)
+            and shifted_forward(batch, layer.resolution, layer.resolution))
 
 
 def _ops(layer: Layer, batch: int, activation: str) -> int:
