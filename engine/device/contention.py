@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from engine.device.blas import blas_threads
+
 
 def run_queue_wait_ms() -> float:
     """Time this process's threads have spent ready to run but waiting for a CPU (ms; the
@@ -90,12 +92,15 @@ class CpuUse:
 def held_still(pin: bool) -> Iterator[bool]:
     """No garbage collection pass inside a timed sample, and (``pin``, Linux) every thread
     of the process on the core the caller runs on, so that none migrates mid-sample.
+    Pinned, OpenBLAS runs one thread: a second one on the same core would only take turns
+    with the first (a demo DDIM-20 at batch 1 took 1093 ms pinned with two, against 195 ms).
     Yields whether the threads were pinned."""
     collecting = gc.isenabled()
     gc.disable()
     masks = _pin_threads() if pin else {}
     try:
-        yield bool(masks)
+        with blas_threads(1) if masks else contextlib.nullcontext():
+            yield bool(masks)
     finally:
         for tid, mask in masks.items():
             with contextlib.suppress(OSError):

@@ -293,6 +293,26 @@ def test_while_timing_no_gc_runs_and_every_thread_stays_on_one_core():
     assert os.sched_getaffinity(0) == before
 
 
+def test_pinned_openblas_runs_one_thread_and_gets_its_threads_back():
+    """Pinned to one core, a second BLAS thread would only take turns with the first."""
+    import ctypes
+
+    lib = ctypes.CDLL(None)
+    if not hasattr(lib, "openblas_get_num_threads"):
+        pytest.skip("no OpenBLAS bound in this process")
+    before = lib.openblas_get_num_threads()
+    lib.openblas_set_num_threads(2)
+    try:
+        with held_still(pin=True) as pinned:
+            inside = lib.openblas_get_num_threads()
+        assert pinned and inside == 1
+        assert lib.openblas_get_num_threads() == 2
+        with held_still(pin=False):
+            assert lib.openblas_get_num_threads() == 2
+    finally:
+        lib.openblas_set_num_threads(before)
+
+
 HOG = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
 
 
