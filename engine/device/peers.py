@@ -53,6 +53,21 @@ def thread_budget() -> int:
         raise ValueError(f"OPENBLAS_NUM_THREADS={value!r}: not a whole number") from None
 
 
+def process_count(env: str) -> int:
+    """Processes to split work over: the whole number in ``env`` if set, else
+    :func:`thread_budget`; 1 inside :func:`one_process`. A bad value names ``env``."""
+    if alone():
+        return 1
+    value = os.environ.get(env) or str(thread_budget())
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"{env}={value!r}: not a whole number") from None
+    if n < 1:
+        raise ValueError(f"{env}={value!r}: at least 1")
+    return n
+
+
 def shares(batch: int, n: int) -> list[tuple[int, int]]:
     """``n`` contiguous row ranges ``(lo, hi)`` covering a batch of ``batch``, as even as can be."""
     return list(pairwise([batch * i // n for i in range(n + 1)]))

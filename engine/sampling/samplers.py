@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import atexit
 import math
-import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from multiprocessing.connection import Connection
@@ -22,7 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from engine.config import ScheduleConfig, UNetConfig
 from engine.device.blas import blas_threads
-from engine.device.peers import Layout, Peer, alone, serve, shares, thread_budget
+from engine.device.peers import Layout, Peer, process_count, serve, shares
 from engine.model.unet import UNet
 from engine.sampling.adaptive import sample_adaptive
 from engine.sampling.diffusion import (
@@ -154,8 +153,7 @@ the whole batch, so it stays in one process (split over CPU streams instead)."""
 
 def sample_processes(model: nn.Module, schedule: ScheduleConfig, n: int) -> int:
     """How many processes draw a batch of ``n``: ``DIFFNAS_SAMPLE_PROCESSES`` if set, else
-    the thread budget (:func:`engine.device.peers.thread_budget`); 1 off the CPU, inside
-    :func:`engine.device.peers.one_process`, for a
+    the thread budget (:func:`engine.device.peers.process_count`); 1 off the CPU, for a
     stochastic or adaptive sampler, for a model that is not a float32 :class:`UNet` (a
     quantised one), and never more than ``n``.
 
@@ -163,16 +161,10 @@ def sample_processes(model: nn.Module, schedule: ScheduleConfig, n: int) -> int:
     where the stream split of :func:`engine.sampling.diffusion.compiled_forward` joins at
     every network call.
     """
-    if (mx.default_device() != mx.cpu or n < 2 or alone() or schedule.sampler not in PER_SAMPLE
+    if (mx.default_device() != mx.cpu or n < 2 or schedule.sampler not in PER_SAMPLE
             or (schedule.sampler == "ddim" and schedule.eta > 0) or type(model) is not UNet):
         return 1
-    value = os.environ.get(SAMPLE_ENV) or str(thread_budget())
-    try:
-        k = int(value)
-    except ValueError:
-        raise ValueError(f"{SAMPLE_ENV}={value!r}: not a whole number") from None
-    if k < 1:
-        raise ValueError(f"{SAMPLE_ENV}={value!r}: at least 1")
+    k = process_count(SAMPLE_ENV)
     if k > 1 and any(v.dtype != mx.float32 for _, v in tree_flatten(model.parameters())):
         return 1
     return min(k, n)
@@ -223,6 +215,9 @@ def _generate_split(model: UNet, schedule: ScheduleConfig, x: mx.array, key: mx.
                         None if labels is None else labels[lo:hi], streams=1)
             mx.eval(own)
         parts = [own, *(mx.array(peer.receive()) for peer in peers)]
+    except BaseException:
+        _stop_peers()  # an answer left unread would be taken for the next batch's rows
+        raise
     finally:
         shm.close()
         shm.unlink()

@@ -5,7 +5,7 @@ session 7); processes do (:mod:`engine.device.peers`). With a budget of ``n`` co
 (:func:`processes_for`), each training step runs as:
 
 1. this process writes the weights to shared memory and sends the batch and its key to
-   ``n - 1`` peer processes (spawned once per update, each with one BLAS thread);
+   ``n - 1`` peer processes (spawned once per training run, each with one BLAS thread);
 2. every process takes the gradient of its share of the batch's rows, this one included;
 3. this process sums the shares, clips and steps the optimizer, as
    :func:`engine.training.train.compiled_update` does.
@@ -18,13 +18,12 @@ sums. Dropout masks are drawn per share (from seeds the step's generator gives).
 
 Only the plain diffusion loss runs this way (what :func:`engine.training.train.train`
 and the speed harness train); distillation, whose losses close over teacher networks,
-keeps the one-process update. The peers' memory is their own: a process's peak memory
-counts its share, not the step's.
+keeps the one-process update. The peers' memory is their own, so what measures a step's
+peak memory runs it inside :func:`engine.device.peers.one_process`.
 """
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Callable
 from functools import partial
@@ -40,7 +39,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from engine.config import Config
 from engine.device import compile_mode
 from engine.device.blas import blas_threads
-from engine.device.peers import Layout, Peer, alone, serve, shares, thread_budget, tree_like
+from engine.device.peers import Layout, Peer, process_count, serve, shares, tree_like
 from engine.model.unet import UNet
 from engine.training.objective import base_loss, loss_and_grad
 
@@ -50,18 +49,11 @@ ENV = "DIFFNAS_TRAIN_PROCESSES"
 
 def processes_for(config: Config) -> int:
     """How many processes train ``config``'s steps: ``DIFFNAS_TRAIN_PROCESSES`` if set, else
-    :func:`engine.device.peers.thread_budget`; 1 off the CPU or inside
-    :func:`engine.device.peers.one_process`, and never more than a batch's rows."""
-    if mx.default_device() != mx.cpu or alone():
+    the thread budget (:func:`engine.device.peers.process_count`); 1 off the CPU, and never
+    more than a batch's rows."""
+    if mx.default_device() != mx.cpu:
         return 1
-    value = os.environ.get(ENV) or str(thread_budget())
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"{ENV}={value!r}: not a whole number") from None
-    if n < 1:
-        raise ValueError(f"{ENV}={value!r}: at least 1")
-    return min(n, config.train.batch_size)
+    return min(process_count(ENV), config.train.batch_size)
 
 
 def _share_grad(model: nn.Module, config: Config, rows: tuple[int, int]) -> Callable:
@@ -115,27 +107,36 @@ class DataParallelUpdate:
         return len(self.rows)
 
     def __call__(self, x0: mx.array, key: mx.array, *labels: mx.array) -> mx.array:
+        if not self._finalizer.alive:
+            raise RuntimeError("this data-parallel update is closed (closed by its caller, "
+                               "or by a step that failed)")
         if x0.shape[0] != self.config.train.batch_size:
             raise ValueError(f"batch of {x0.shape[0]} rows: this update splits "
                              f"{self.config.train.batch_size}")
         seeds = np.asarray(mx.random.randint(0, 2**31 - 1, (self.processes,)))  # dropout
         self.params.write(self._weights, _leaves(self.model.parameters()))
         message = ("step", np.asarray(x0), np.asarray(key), [np.asarray(y) for y in labels])
-        for peer, seed in zip(self._peers, seeds[1:]):
-            peer.send((*message, int(seed)))
-        mx.random.seed(int(seeds[0]))
-        with blas_threads(1):
-            loss, own = self.own(x0, key, *labels)
-            mx.eval(loss, own)
-        others, total = [], loss
-        for peer, flat in zip(self._peers, self._peer_grads):
-            total = total + peer.receive()
-            others.append(tree_like(own, self.grads.read(flat)))
+        try:
+            for peer, seed in zip(self._peers, seeds[1:]):
+                peer.send((*message, int(seed)))
+            mx.random.seed(int(seeds[0]))
+            with blas_threads(1):
+                loss, own = self.own(x0, key, *labels)
+                mx.eval(loss, own)
+            others, total = [], loss
+            for peer, flat in zip(self._peers, self._peer_grads):
+                total = total + peer.receive()
+                others.append(tree_like(own, self.grads.read(flat)))
+        except BaseException:
+            self.close()  # an answer left unread would be taken for the next step's
+            raise
         self._apply(own, *others)
         return total
 
     def close(self) -> None:
-        """End the peer processes and free the shared memory (also at garbage collection)."""
+        """End the peer processes and free the shared memory (also at garbage collection).
+        The update refuses steps after it."""
+        self._weights, self._peer_grads = np.empty(0, np.float32), []  # no view outlives the map
         self._finalizer()
 
 

@@ -141,3 +141,23 @@ def test_memory_measurements_keep_the_whole_job_in_one_process(monkeypatch):
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     whole = sampling_peak_mb(model, Config(unet=UNET, schedule=schedule), 8)
     assert split == pytest.approx(whole, rel=0.05)
+
+
+def test_a_failed_step_ends_the_peers_so_no_answer_is_left_behind():
+    """Peer 1 is sent its share, then peer 2 is found dead: peer 1's answer would wait in
+    its pipe and be read as the next step's gradient, so every peer is ended instead."""
+    cfg = _config()
+    state = init_state(cfg)
+    update = parallel.DataParallelUpdate(state.model, state.optimizer, cfg, 3)
+    try:
+        mx.eval(update(_batch(6), mx.random.key(0)))
+        second = update._peers[1].process
+        second.kill()
+        second.join()
+        with pytest.raises(RuntimeError, match="diffnas-grad-2"):
+            update(_batch(6), mx.random.key(1))
+        assert not _grad_peers()
+        with pytest.raises(RuntimeError, match="closed"):
+            update(_batch(6), mx.random.key(2))
+    finally:
+        update.close()
