@@ -83,7 +83,7 @@ class Layout:
 
     def write(self, flat: np.ndarray, arrays: list[mx.array]) -> None:
         for a, lo, hi in zip(arrays, self.offsets[:-1], self.offsets[1:]):
-            flat[lo:hi] = np.asarray(a.astype(mx.float32)).reshape(-1)
+            flat[lo:hi] = np.asarray(a).reshape(-1)  # float32 weights and gradients
 
     def read(self, flat: np.ndarray) -> list[mx.array]:
         return [mx.array(flat[lo:hi].reshape(shape))

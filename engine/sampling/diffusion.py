@@ -15,6 +15,7 @@ import numpy as np
 from mlx import nn
 
 from engine.device import compile_mode
+from engine.device.peers import thread_budget
 from engine.model.formulation import forward_only
 from engine.sampling.schedules import (
     ALPHA_BAR_MIN,
@@ -141,17 +142,18 @@ def cpu_streams() -> int:
     MLX's CPU backend runs element-wise ops, reductions and copies on one thread; only
     BLAS uses more. It runs each stream on its own thread, so halves of a batch evaluated
     on two streams use two cores throughout. The count follows the thread budget the
-    process was given: ``DIFFNAS_CPU_STREAMS`` if set, else ``OPENBLAS_NUM_THREADS``
-    (which :mod:`engine.device.blas` defaults to 1), and 1 off the CPU.
+    process was given: ``DIFFNAS_CPU_STREAMS`` if set, else
+    :func:`engine.device.peers.thread_budget`, and 1 off the CPU.
     """
     if mx.default_device() != mx.cpu:
         return 1
-    value = os.environ.get("DIFFNAS_CPU_STREAMS") or os.environ.get("OPENBLAS_NUM_THREADS") or "1"
+    value = os.environ.get("DIFFNAS_CPU_STREAMS")
+    if not value:
+        return thread_budget()
     try:
         return max(1, int(value))
     except ValueError:
-        raise ValueError(f"DIFFNAS_CPU_STREAMS/OPENBLAS_NUM_THREADS={value!r}: "
-                         "not a whole number") from None
+        raise ValueError(f"DIFFNAS_CPU_STREAMS={value!r}: not a whole number") from None
 
 
 def compiled_forward(model: nn.Module, streams: int | None = None) -> Callable[..., mx.array]:

@@ -226,14 +226,16 @@ def _generate_split(model: UNet, schedule: ScheduleConfig, x: mx.array, key: mx.
 
 def _sample_peer(conn: Connection) -> None:
     """A sampling peer: one U-Net per config, the weights of each request, its rows' chain."""
-    models: dict[UNetConfig, UNet] = {}
+    models: dict[UNetConfig, tuple[UNet, list[str], Layout]] = {}
 
     def sample(message: tuple) -> np.ndarray:
         _, config, training, schedule, shm_name, x, y, key, clip_x0 = message
-        model = models.get(config) or models.setdefault(config, UNet(config))
+        if config not in models:
+            model = UNet(config)
+            named = tree_flatten(model.parameters())
+            models[config] = model, [k for k, _ in named], Layout([v for _, v in named])
+        model, names, layout = models[config]
         model.train(training)
-        named = tree_flatten(model.parameters())
-        layout = Layout([v for _, v in named])
         shm = SharedMemory(name=shm_name)
         try:
             if shm.size < 4 * layout.size:
@@ -241,7 +243,7 @@ def _sample_peer(conn: Connection) -> None:
             weights = layout.read(np.ndarray((layout.size,), np.float32, shm.buf))
         finally:
             shm.close()
-        model.update(tree_unflatten([(k, w) for (k, _), w in zip(named, weights)]))
+        model.update(tree_unflatten(list(zip(names, weights))))
         out = _draw(model, schedule, mx.array(x), mx.array(key), clip_x0,
                     None if y is None else mx.array(y), streams=1)
         mx.eval(out)

@@ -6,9 +6,10 @@ main thread runs up to a few hundred ops ahead, so the peak is not one layer's w
 set but the sum over a window of consecutive ops (on the 2-core CPU a chain of 1 MB
 element-wise ops held ~200 MB live). How many ops a layer queues depends on how it runs
 (:mod:`engine.model.conv`): a same-size 3x3 conv with enough padded-grid rows and a thin
-padding ring (:func:`engine.model.conv.shifted_forward`: ``batch * (res + 2)^2 >= 1024``,
-``res >= 16`` in effect) is k*k shifted GEMMs, 54 ops and no im2col copy; otherwise (small
-batches, deep levels, 8 px maps) it is ``mx.conv2d``, a few ops and an im2col copy. So the sizes and windows below depend on the batch.
+padding ring (:func:`engine.model.conv.shifted_forward`: ``batch * (res + 2)^2 >= 1024``
+and, for a square map, ``res >= 15``) is k*k shifted GEMMs, 54 ops and no im2col copy;
+otherwise (small batches, deep levels, 8 px maps) it is ``mx.conv2d``, a few ops and an
+im2col copy. So the sizes and windows below depend on the batch.
 
 The model, per mode (sampling; training in float32 or bf16/fp16, with or without
 checkpointing), in MB::
@@ -55,8 +56,8 @@ from engine.training.train import VAL_BATCH
 MB = 2**20
 KINDS = ("col", "rows", "out", "dwcol", "norm", "act", "lin", "score")
 # Graph nodes MLX queues per layer (counted with mx.export_to_dot on the U-Net's modules):
-# a GroupNorm is 6 (two sums that keep their axis) plus its activation (SiLU, a custom function, 6; GELU and ReLU one fused
-# op); a same-size conv on the shifted-GEMM path 54 (its k*k tap slices and GEMMs), on the
+# a GroupNorm is 6 (two sums that keep their axis) plus its activation (SiLU, a custom
+# function, 6; GELU and ReLU one fused op); a same-size conv on the shifted-GEMM path 54 (its k*k tap slices and GEMMs), on the
 # mx.conv2d path (few rows, strided) 5 (conv, custom-VJP wrapper, bias-add).
 _OPS = {"conv": 5, "convT": 3, "dwconv": 3, "norm": 6, "linear": 5, "attention": 14}
 _GEMM_OPS = 54

@@ -1,6 +1,8 @@
 """Data-parallel training over CPU processes (engine.training.parallel): the one-process maths."""
 
 import multiprocessing as mp
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -92,19 +94,26 @@ def test_train_splits_its_steps_over_the_thread_budget(monkeypatch):
     assert not _grad_peers()
 
 
-def test_a_dead_peer_is_named():
+@contextmanager
+def _update_with_a_dead_peer(n: int, dead: int) -> Iterator[parallel.DataParallelUpdate]:
+    """An update over ``n`` processes that took one step, then lost peer ``dead`` (1-based)."""
     cfg = _config()
     state = init_state(cfg)
-    update = parallel.DataParallelUpdate(state.model, state.optimizer, cfg, 2)
+    update = parallel.DataParallelUpdate(state.model, state.optimizer, cfg, n)
     try:
         mx.eval(update(_batch(6), mx.random.key(0)))
-        peer = update._peers[0].process
+        peer = update._peers[dead - 1].process
         peer.kill()
         peer.join()
-        with pytest.raises(RuntimeError, match=r"peer process diffnas-grad-1 \(pid \d+\) died"):
-            update(_batch(6), mx.random.key(1))
+        yield update
     finally:
         update.close()
+
+
+def test_a_dead_peer_is_named():
+    with (_update_with_a_dead_peer(2, 1) as update,
+          pytest.raises(RuntimeError, match=r"peer process diffnas-grad-1 \(pid \d+\) died")):
+        update(_batch(6), mx.random.key(1))
 
 
 def test_the_process_count_follows_the_budget_and_rejects_bad_values(monkeypatch):
@@ -146,18 +155,9 @@ def test_memory_measurements_keep_the_whole_job_in_one_process(monkeypatch):
 def test_a_failed_step_ends_the_peers_so_no_answer_is_left_behind():
     """Peer 1 is sent its share, then peer 2 is found dead: peer 1's answer would wait in
     its pipe and be read as the next step's gradient, so every peer is ended instead."""
-    cfg = _config()
-    state = init_state(cfg)
-    update = parallel.DataParallelUpdate(state.model, state.optimizer, cfg, 3)
-    try:
-        mx.eval(update(_batch(6), mx.random.key(0)))
-        second = update._peers[1].process
-        second.kill()
-        second.join()
+    with _update_with_a_dead_peer(3, 2) as update:
         with pytest.raises(RuntimeError, match="diffnas-grad-2"):
             update(_batch(6), mx.random.key(1))
         assert not _grad_peers()
         with pytest.raises(RuntimeError, match="closed"):
             update(_batch(6), mx.random.key(2))
-    finally:
-        update.close()
