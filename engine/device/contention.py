@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import mlx.core as mx
+
 from engine.device.blas import blas_threads
 
 
@@ -45,6 +47,19 @@ def lost_counter(pinned: bool) -> Callable[[], float]:
     other there (MLX computes on its own thread: 1-5 ms a probe). Free to move, run-queue
     wait (on macOS nothing: the probes alone judge)."""
     return _cpu_gap_ms if pinned else run_queue_wait_ms
+
+
+def on_core_clock(pinned: bool) -> Callable[[], float]:
+    """The clock a steady measurement times on (seconds). Pinned on the CPU backend, the
+    process's CPU time: every thread of the process is on one core and computes or waits
+    for the other, so its CPU time is the time the core ran the model, which on a quiet core
+    is the wall time (the demo's first model: 56.7 ms by both) and which a time slice given
+    to another process does not lengthen (beside a hog on its core: 63-66 ms against 110-118
+    ms of wall time, benchmarks/steady_latency.md). Otherwise wall time: a GPU computes while
+    the host waits, and threads free to move may run at once."""
+    if pinned and mx.default_device() == mx.cpu:
+        return time.process_time
+    return time.perf_counter
 
 
 class CpuUse:

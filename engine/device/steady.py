@@ -23,7 +23,9 @@ speed it ran at (``LatencyStat.host_slowdown`` keeps the factor). Disturbed samp
 aside; a round with one is followed by a pause;
 clean samples are pooled until the 95% confidence interval of their median is within
 :data:`TARGET_CI`, up to :data:`MAX_ROUNDS` rounds. While it times, the process collects
-no garbage and its threads stay on one core.
+no garbage and its threads stay on one core; on the CPU backend, samples and probes are
+then timed on the process's CPU time (:func:`engine.device.contention.on_core_clock`), which
+a time slice given to another process does not lengthen.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.device.bench import LatencyStat, device_fingerprint
-from engine.device.contention import CpuUse, held_still, lost_counter
+from engine.device.contention import CpuUse, held_still, lost_counter, on_core_clock
 
 REFERENCE_TOLERANCE = 0.10
 """A probe this much slower or faster than calibrated says the machine was not as usual."""
@@ -141,13 +143,16 @@ class Reference:
         _write_json(self.store, history)
         self._usual = float(np.percentile(history, 25))
 
-    def probe(self, lost: Callable[[], float] = lambda: 0.0) -> tuple[float, float]:
+    def probe(self, lost: Callable[[], float] = lambda: 0.0,
+              clock: Callable[[], float] | None = None) -> tuple[float, float]:
         """A quick look at the machine between two timed samples: the faster of two runs of
-        the reference (ms; one run alone strays on a quiet machine) and the share of the two
-        runs' time lost to other processes (``lost``: a counter in ms, :func:`lost_counter`)."""
-        start, before = self.clock(), lost()
-        ms = min(_once(self.run, self.clock) for _ in range(2))
-        return ms, _share(lost() - before, (self.clock() - start) * 1e3)
+        the reference (ms, on ``clock``, default the reference's own; one run alone strays on
+        a quiet machine) and the time the two runs lost to other processes (``lost``: a
+        counter in ms, :func:`lost_counter`) as a share of their time on ``clock``."""
+        clock = clock or self.clock
+        start, before = clock(), lost()
+        ms = min(_once(self.run, clock) for _ in range(2))
+        return ms, _share(lost() - before, (clock() - start) * 1e3)
 
     def learn(self, taken: Round) -> None:
         """Follow a settled round (see the class docstring); remember, as usual, a round
@@ -281,7 +286,7 @@ class Round:
 
 def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | None = None,
                 pause: Callable[[float], None] = time.sleep,
-                clock: Callable[[], float] = time.perf_counter, pin: bool = True,
+                clock: Callable[[], float] | None = None, pin: bool = True,
                 cpu: CpuUse | None = None, lost: Callable[[], float] | None = None,
                 max_rounds: int = MAX_ROUNDS) -> LatencyStat:
     """Samples of ``fn`` interleaved with probes of the reference workload, in rounds until
@@ -292,7 +297,8 @@ def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | Non
         runs: samples per round (at least 5).
         reference: the reference workload (default: this process's, calibrated once).
         pause: how to wait after a round with a disturbed sample.
-        clock: the clock ``fn`` is timed on (the reference keeps its own).
+        clock: the clock ``fn`` and the probes beside it are timed on (default:
+            :func:`on_core_clock`); the reference's calibration keeps its own.
         pin: keep the process's threads on the core it runs on while timing (Linux).
         cpu: what other processes take from our cores (default: read from ``/proc/stat``).
         lost: a counter (ms) of the time other processes took from this one (default:
@@ -310,6 +316,7 @@ def steady_call(fn: Callable[[], Any], runs: int = 5, reference: Reference | Non
     taken: list[Round] = []
     with held_still(pin) as pinned:
         lost = lost or lost_counter(pinned)
+        clock = clock or on_core_clock(pinned)
         while len(taken) < max_rounds:
             fn()  # warm-up: compile and first touch stay out of the samples
             taken.append(_round(fn, max(runs, 5), reference, clock, cpu, lost))
@@ -339,13 +346,13 @@ def _round(fn: Callable[[], Any], runs: int, reference: Reference,
            clock: Callable[[], float], cpu: CpuUse, lost: Callable[[], float]) -> Round:
     """``runs`` samples, each between two probes (a probe serves the samples on both sides)."""
     began, before = clock(), cpu.snapshot()
-    probes = [reference.probe(lost)]
+    probes = [reference.probe(lost, clock)]
     times = []
     for _ in range(runs):
         was, start = lost(), clock()
         ms = window_ms(fn, clock)
         times.append((ms, _share(lost() - was, (clock() - start) * 1e3)))
-        probes.append(reference.probe(lost))
+        probes.append(reference.probe(lost, clock))
     others = CpuUse.others(before, cpu.snapshot(), clock() - began)
     return Round(tuple(Sample(ms, probes[i][0], probes[i + 1][0], wait, probes[i][1],
                               probes[i + 1][1]) for i, (ms, wait) in enumerate(times)), others)

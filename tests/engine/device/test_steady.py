@@ -342,6 +342,29 @@ def test_a_cpu_hog_on_the_measuring_core_is_noticed(tmp_path):
     assert stat.reference_shift == 1.0  # and never moved the calibration
 
 
+def _burn_then_sleep(burn_ms: float, sleep_ms: float) -> None:
+    """``burn_ms`` of this process's CPU time, then ``sleep_ms`` off the core."""
+    start = time.process_time()
+    while (time.process_time() - start) * 1e3 < burn_ms:
+        pass
+    time.sleep(sleep_ms / 1e3)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_pinned_on_the_cpu_a_sample_is_the_time_the_core_ran_it(tmp_path):
+    """Pinned on the CPU backend, the protocol times on the process's CPU time: time the
+    process spends off its core (here asleep; beside a hog, the hog's time slices) is not
+    the model's. Unpinned, it times the wall clock, sleep included."""
+    reference = Reference(tmp_path / "ref.json")
+    call = lambda: _burn_then_sleep(3.0, 3.0)  # noqa: E731
+    timed = []  # as timed: before the scaling to the host's usual speed
+    for pin in (True, False):
+        steady_call(call, 5, reference, pause=lambda s: None, pin=pin, max_rounds=1)
+        timed.append(sorted(s.ms for r in last_measurement()[0] for s in r.samples)[2])
+    assert 3.0 <= timed[0] < 4.5  # the 3 ms asleep are not counted
+    assert timed[1] >= 6.0
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/schedstat"), reason="Linux only")
 def test_the_contention_signals_are_read_from_the_kernel():
     waited = run_queue_wait_ms()
