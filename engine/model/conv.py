@@ -93,6 +93,17 @@ def _shifted_gemm(rows: mx.array, taps: list[mx.array], shifts: list[int], n: in
     return acc
 
 
+def _taps(w: mx.array, transpose: bool) -> list[mx.array]:
+    """The k*k taps of ``w`` (Cout, k, k, Cin) as contiguous (Cin, Cout) matrices
+    (``transpose``) or (Cout, Cin): row blocks of one reordered copy of ``w``, a graph node
+    each. ``w[:, i, j, :].T`` costs three nodes a tap (slice, squeeze, transpose), and its
+    row stride (k*k*Cin) is not one MLX's CPU matmul hands to BLAS, so every GEMM copied it."""
+    cout, k, _, cin = w.shape
+    order, rows = ((1, 2, 3, 0), cin) if transpose else ((1, 2, 0, 3), cout)
+    flat = w.transpose(order).reshape(k * k * rows, -1)
+    return [flat[t * rows:(t + 1) * rows] for t in range(k * k)]
+
+
 def _padded_rows(x: mx.array, p: int) -> mx.array:
     """``x`` zero-padded by ``p`` on both spatial sides, as rows (B*Hp*Wp, C)."""
     return mx.pad(x, [(0, 0), (p, p), (p, p), (0, 0)]).reshape(-1, x.shape[-1])
@@ -115,7 +126,7 @@ def _same_forward(x: mx.array, w: mx.array, k: int) -> mx.array:
     hp, wp, shifts = _geometry(x, k)
     rows = _padded_rows(x, p)
     n = rows.shape[0] - shifts[-1]  # output rows whose every tap lies inside x_p
-    y = _shifted_gemm(rows, [w[:, i, j, :].T for i in range(k) for j in range(k)], shifts, n)
+    y = _shifted_gemm(rows, _taps(w, transpose=True), shifts, n)
     y = mx.pad(y, [(0, shifts[-1]), (0, 0)]).reshape(b, hp, wp, cout)
     return y[:, :h, :wd, :]
 
@@ -143,8 +154,8 @@ def _same(k: int) -> mx.custom_function:
         dy_t = dy_rows[:n].T
         dw = mx.stack([dy_t @ rows[s:s + n] for s in shifts], axis=1).reshape(cout, k, k, cin)
         dy_rows = mx.pad(dy_rows, [(last, 0), (0, 0)])
-        dx = _shifted_gemm(dy_rows, [w[:, i, j, :] for i in range(k) for j in range(k)],
-                           [last - s for s in shifts], rows.shape[0])
+        dx = _shifted_gemm(dy_rows, _taps(w, transpose=False), [last - s for s in shifts],
+                           rows.shape[0])
         return dx.reshape(b, hp, wp, cin)[:, p:p + h, p:p + wd, :], dw
 
     return conv

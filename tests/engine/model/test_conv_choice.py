@@ -75,3 +75,19 @@ def test_a_forward_pass_alone_traces_the_same_maths_in_fewer_nodes(batch):
     assert len(alone_nodes) < len(stated_nodes)
     assert mx.array_equal(stated, alone)
     assert gradients_stated()  # the context ends with its block
+
+
+def test_the_shifted_gemms_read_their_taps_from_one_reordered_copy_of_the_weights(monkeypatch):
+    # w[:, i, j, :].T per tap costs a slice, a squeeze and a transpose, and its row stride is
+    # not one MLX hands to BLAS as is; one transpose of w, cut into row blocks, is neither.
+    monkeypatch.setenv("DIFFNAS_LAYERS", "cpu")
+    conv = Conv2d(8, 8, 3, padding=1)
+    x = mx.random.normal((16, 16, 16, 8), key=mx.random.key(2))  # enough rows to shift
+    mx.eval(conv.parameters(), x)
+    with forward_only():
+        y = conv(x)
+    nodes = _graph(y)
+    assert nodes.count("AddMM") == 8  # the shifted path: 9 taps, one accumulated GEMM each
+    assert nodes.count("Transpose") == 1 and "Squeeze" not in nodes
+    monkeypatch.setenv("DIFFNAS_LAYERS", "mlx")
+    np.testing.assert_allclose(y, conv(x), rtol=1e-4, atol=1e-4)
