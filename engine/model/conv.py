@@ -127,8 +127,8 @@ def _same_forward(x: mx.array, w: mx.array, k: int) -> mx.array:
     rows = _padded_rows(x, p)
     n = rows.shape[0] - shifts[-1]  # output rows whose every tap lies inside x_p
     y = _shifted_gemm(rows, _taps(w, transpose=True), shifts, n)
-    y = mx.pad(y, [(0, shifts[-1]), (0, 0)]).reshape(b, hp, wp, cout)
-    return y[:, :h, :wd, :]
+    # output (b, i, j) is row b*Hp*Wp + i*Wp + j of y: a strided view, with no padded copy
+    return mx.as_strided(y, (b, h, wd, cout), (hp * wp * cout, wp * cout, cout, 1))
 
 
 @cache
@@ -149,11 +149,11 @@ def _same(k: int) -> mx.custom_function:
         hp, wp, shifts = _geometry(x, k)
         rows, last = _padded_rows(x, p), shifts[-1]
         n = rows.shape[0] - last
-        # dY on the padded grid (zero on the ring), as rows: (B*Hp*Wp, Cout)
-        dy_rows = mx.pad(dy, [(0, 0), (0, 2 * p), (0, 2 * p), (0, 0)]).reshape(-1, cout)
-        dy_t = dy_rows[:n].T
+        # dY on the padded grid, zero on the ring, as rows shifted by ``last`` (the ring's
+        # 2p rows and columns come first) and followed by one image of zeros: one copy.
+        dy_rows = mx.pad(dy, [(0, 1), (2 * p, 0), (2 * p, 0), (0, 0)]).reshape(-1, cout)
+        dy_t = dy_rows[last:last + n].T
         dw = mx.stack([dy_t @ rows[s:s + n] for s in shifts], axis=1).reshape(cout, k, k, cin)
-        dy_rows = mx.pad(dy_rows, [(last, 0), (0, 0)])
         dx = _shifted_gemm(dy_rows, _taps(w, transpose=False), [last - s for s in shifts],
                            rows.shape[0])
         return dx.reshape(b, hp, wp, cin)[:, p:p + h, p:p + wd, :], dw

@@ -26,25 +26,33 @@ class GroupNorm(nn.GroupNorm):
         return _group_norm(self.num_groups, self.eps)(x, self.weight, self.bias)
 
 
-def _stats(rows: mx.array, groups: int, eps: float) -> tuple[mx.array, mx.array]:
-    """``(x - mean, 1 / sqrt(var + eps))`` of rows (B, P, C), per group, as (B, P, C), (B, 1, C).
+@cache
+def _group_norm(groups: int, eps: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    """The norm as ``x * scale + shift``, with ``scale`` and ``shift`` per sample and channel.
 
     Each statistic is a sum over the positions (a reduction along contiguous channel rows,
     which MLX's CPU runs fast), then over the C / G channels of a group (tiny); a reduction
     over axes (1, 3) of (B, P, G, C / G) strides through the whole map and ran 2-3x slower.
     The variance stays the centred two-pass one.
+
+    ``mx.contiguous`` closes the small (B, 1, C) arithmetic into kernels of its own. Fused
+    into the (B, P, C) kernel instead, as ``mx.compile`` does without it, the division, the
+    root and the products ran once per element rather than once per channel: with the
+    output as ``(x - mean) * (rstd * weight) + bias`` that kernel was 9% of the demo's
+    DDIM-20 at batch 16, and the norm alone 1.5-2.8x slower at batch 8 to 32
+    (``benchmarks/cpu_speed.md``, session 15).
     """
-    n = rows.shape[1] * (rows.shape[2] // groups)
-    xc = rows - _per_channel(rows.sum(axis=1, keepdims=True), groups) / n
-    return xc, mx.rsqrt(_per_channel((xc * xc).sum(axis=1, keepdims=True), groups) / n + eps)
 
-
-@cache
-def _group_norm(groups: int, eps: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
     @mx.compile
     def norm(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
-        xc, rstd = _stats(x.reshape(x.shape[0], -1, x.shape[-1]), groups, eps)
-        return (xc * (rstd * weight) + bias).reshape(x.shape)
+        rows = x.reshape(x.shape[0], -1, x.shape[-1])
+        n = rows.shape[1] * (rows.shape[2] // groups)
+        mean = mx.contiguous(_per_channel(rows.sum(axis=1, keepdims=True), groups) / n)
+        xc = rows - mean
+        var = _per_channel((xc * xc).sum(axis=1, keepdims=True), groups) / n
+        scale = mx.contiguous(mx.rsqrt(var + eps) * weight)
+        shift = mx.contiguous(bias - mean * scale)
+        return (rows * scale + shift).reshape(x.shape)
 
     return norm
 
