@@ -485,16 +485,25 @@ def _torch_check(torch: Any, tu: Any, cfg: Any, path: Path, dev: Any) -> dict[st
 
 # --------------------------------------------------------------------------------- driver
 
-def _run(cmd: list[str], env: dict[str, str] | None = None,
-         timeout: float | None = None) -> dict[str, Any] | None:
+def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: float | None = None,
+         cores: set[int] | None = None) -> dict[str, Any] | None:
     """Run one worker and return its result; ``None`` when it ran past ``timeout`` (then it
-    and its children are killed: torch.compile starts compile workers)."""
+    and its children are killed: torch.compile starts compile workers). ``cores``: the
+    worker and every thread and process it starts run on those cores only."""
     _log("$ " + " ".join(shlex.quote(c) for c in cmd)
-         + (f"   [env {' '.join(f'{k}={v}' for k, v in (env or {}).items())}]" if env else ""))
+         + (f"   [env {' '.join(f'{k}={v}' for k, v in (env or {}).items())}]" if env else "")
+         + (f"   [cores {','.join(map(str, sorted(cores)))}]" if cores else ""))
     full_env = dict(os.environ)
     full_env.update(env or {})
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    mine = os.sched_getaffinity(0) if cores else None
+    if cores:  # the child inherits this thread's cores at its start; this thread gets its own back
+        os.sched_setaffinity(0, cores)
+    try:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    finally:
+        if mine:
+            os.sched_setaffinity(0, mine)
     try:
         stdout, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -567,6 +576,16 @@ def _thread_env(threads: int) -> dict[str, str]:
     return {"OPENBLAS_NUM_THREADS": t, "OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t}
 
 
+def _cores(threads: int) -> set[int] | None:
+    """The first ``threads`` cores this process may use, for an n-thread CPU run: the
+    thread count alone does not bound a framework's cores (MLX encodes the graph on the
+    caller's thread and computes on a thread of its own, so "1 thread" ran on two cores).
+    ``None`` where the OS cannot confine a process (macOS)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    return set(sorted(os.sched_getaffinity(0))[:threads])
+
+
 def device_report(args: argparse.Namespace) -> dict[str, Any]:
     mlx_py, torch_py = args.mlx_python or _default_mlx_python(), \
         args.torch_python or _default_torch_python()
@@ -637,8 +656,10 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     for label, env in mlx_variants:
         extra = [a for e in args.ref_skip for a in ("--skip", e)] if "ref" in label else []
         part = _partial_for(args, label)
+        cores = None if mlx_gpu else _cores(int(env.get("OPENBLAS_NUM_THREADS", "1")))
         res = _run(_worker_cmd(mlx_py, "mlx", args, extra + ["--partial", str(part)]), env,
-                   args.mlx_timeout) or _salvage(part, "mlx", mlx_fp)
+                   args.mlx_timeout, cores) or _salvage(part, "mlx", mlx_fp)
+        res["cores"] = sorted(cores) if cores else None
         out["runs"][label] = res
         expect = {n: r["params_cost"] for n, r in res["configs"].items() if "params_cost" in r}
     torch_threads = args.threads[:1] if torch_gpu else args.threads
@@ -647,8 +668,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         part = _partial_for(args, label)
         out["runs"][label] = _run(_worker_cmd(torch_py, "torch", args, [
             "--threads", str(t), "--expect-params", json.dumps(expect), "--partial", str(part)]),
-            _thread_env(t), args.torch_timeout) \
+            _thread_env(t), args.torch_timeout, None if torch_gpu else _cores(t)) \
             or _salvage(part, "torch", report.get(f"torch[{t}T]", {}))
+        out["runs"][label]["cores"] = None if torch_gpu else sorted(_cores(t) or []) or None
     out["wall_s"] = time.perf_counter() - t0
     return out
 

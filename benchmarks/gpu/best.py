@@ -136,7 +136,9 @@ def tables(out: dict[str, Any], configs: list[str], steps: int, peaks: list[floa
                         f"{_fmt(stat.get('peak_mib'))} | "
                         f"{_share(row, variant, stat, gflops, steps, peaks)} |")
     lines.append("\nRatios are MLX speed ÷ PyTorch speed (> 1: MLX faster), each side's fastest "
-                 "variant, at the same thread count; ± is the spread (IQR / median) of the "
+                 "variant, at the same thread count (on a CPU, a run at n threads is confined to "
+                 "n cores, every thread and process it starts included); ± is the spread "
+                 "(IQR / median) of the "
                  "timed windows. Start-up: preparation (CUDA graph warm-up and capture) plus "
                  "the first call (compilation, kernel JIT, cuDNN autotuning). Peak: "
                  "mx.get_peak_memory / torch.cuda.max_memory_allocated over the variant (– on "

@@ -5,6 +5,7 @@ by its time limit keeping what it measured. Torch runs only where the side venv 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,20 @@ def test_stopped_worker_keeps_its_measurements(tmp_path):
     res = throughput._salvage(part, "mlx", {"backend": "cpu"})
     assert res["timed_out"] and res["configs"]["small"]["params_cost"] == 5
     assert res["configs"]["small"]["rows"]["sample_b1"]["engine"] == {"ms": 3.0}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux only")
+def test_a_one_thread_run_is_confined_to_one_core_with_its_threads():
+    # MLX computes on a thread of its own: "1 thread" must not mean a second core.
+    import throughput
+
+    probe = ("import json, os, threading\n"
+             "seen = []\n"
+             "t = threading.Thread(target=lambda: seen.append(sorted(os.sched_getaffinity(0))))\n"
+             "t.start(); t.join()\n"
+             f"print({throughput.MARK!r} + json.dumps([sorted(os.sched_getaffinity(0)), seen[0]]))")
+    one = throughput._cores(1)
+    assert one is not None and len(one) == 1
+    assert throughput._run([sys.executable, "-c", probe], cores=one) == [sorted(one)] * 2
+    everywhere = sorted(os.sched_getaffinity(0))
+    assert throughput._run([sys.executable, "-c", probe]) == [everywhere] * 2
