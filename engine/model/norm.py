@@ -15,6 +15,8 @@ from functools import cache
 import mlx.core as mx
 from mlx import nn
 
+from engine.device.compile_mode import whole_graph
+
 
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm(groups, dims, pytorch_compatible=True)``: same parameters and maths."""
@@ -23,34 +25,40 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, dims, eps=eps, pytorch_compatible=True)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return _group_norm(self.num_groups, self.eps)(x, self.weight, self.bias)
+        return _group_norm(self.num_groups, self.eps, whole_graph())(x, self.weight, self.bias)
 
 
 @cache
-def _group_norm(groups: int, eps: float) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
-    """The norm as ``x * scale + shift``, with ``scale`` and ``shift`` per sample and channel.
+def _group_norm(groups: int, eps: float,
+                fenced: bool) -> Callable[[mx.array, mx.array, mx.array], mx.array]:
+    """The norm; ``fenced`` where graphs are compiled (:func:`whole_graph`).
 
     Each statistic is a sum over the positions (a reduction along contiguous channel rows,
     which MLX's CPU runs fast), then over the C / G channels of a group (tiny); a reduction
     over axes (1, 3) of (B, P, G, C / G) strides through the whole map and ran 2-3x slower.
     The variance stays the centred two-pass one.
 
-    ``mx.contiguous`` closes the small (B, 1, C) arithmetic into kernels of its own. Fused
-    into the (B, P, C) kernel instead, as ``mx.compile`` does without it, the division, the
-    root and the products ran once per element rather than once per channel: with the
-    output as ``(x - mean) * (rstd * weight) + bias`` that kernel was 9% of the demo's
-    DDIM-20 at batch 16, and the norm alone 1.5-2.8x slower at batch 8 to 32
-    (``benchmarks/cpu_speed.md``, session 15).
+    Compiled, the norm is ``x * scale + shift`` with ``scale`` and ``shift`` per sample and
+    channel, closed into kernels of their own by ``mx.contiguous``. Without the fences
+    ``mx.compile`` fused the division, the root and the products on the (B, 1, C)
+    statistics into the (B, P, C) kernel, where they ran once per element: that kernel was
+    9% of the demo's DDIM-20 at batch 16, and the norm alone 1.5-2.8x slower at batch 8 to
+    32 (``benchmarks/cpu_speed.md``, session 15). Eager (an MLX CUDA GPU by default) every
+    op is a kernel launch of its own, and the fences and the extra product cost more than
+    they save (the demo 7-12% slower on an H200): there it stays
+    ``(x - mean) * (rstd * weight) + bias``.
     """
 
     @mx.compile
     def norm(x: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
         rows = x.reshape(x.shape[0], -1, x.shape[-1])
         n = rows.shape[1] * (rows.shape[2] // groups)
-        mean = mx.contiguous(_per_channel(rows.sum(axis=1, keepdims=True), groups) / n)
-        xc = rows - mean
-        var = _per_channel((xc * xc).sum(axis=1, keepdims=True), groups) / n
-        scale = mx.contiguous(mx.rsqrt(var + eps) * weight)
+        mean = _per_channel(rows.sum(axis=1, keepdims=True), groups) / n
+        xc = rows - (mx.contiguous(mean) if fenced else mean)
+        rstd = mx.rsqrt(_per_channel((xc * xc).sum(axis=1, keepdims=True), groups) / n + eps)
+        if not fenced:
+            return (xc * (rstd * weight) + bias).reshape(x.shape)
+        scale = mx.contiguous(rstd * weight)
         shift = mx.contiguous(bias - mean * scale)
         return (rows * scale + shift).reshape(x.shape)
 

@@ -5,6 +5,8 @@ replaces, to float32 tolerance, on random inputs; and a U-Net built from them mu
 the parameter tree of ``nn.Conv2d`` / ``nn.GroupNorm`` (names, shapes, initial values).
 """
 
+import io
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from mlx import nn
 from mlx.utils import tree_flatten
 
 from engine.config import UNetConfig
+from engine.device import compile_mode
 from engine.model import activation, conv, norm
 from engine.model.unet import UNet
 
@@ -64,9 +67,11 @@ def test_conv2d_module_keeps_nn_conv2d_parameters_and_falls_back_when_grouped():
     assert mx.array_equal(old(x), new(x))
 
 
+@pytest.mark.parametrize("compiled", ["on", "off"])  # fenced for compile, fewest ops eager
 @pytest.mark.parametrize("shape,groups", [((3, 8, 8, 32), 8), ((2, 16, 16, 96), 32),
                                           ((2, 4, 4, 6), 1)])
-def test_group_norm_matches_pytorch_compatible_group_norm(shape, groups):
+def test_group_norm_matches_pytorch_compatible_group_norm(shape, groups, compiled, monkeypatch):
+    monkeypatch.setitem(compile_mode.STATUS, "compile", compiled)
     old = nn.GroupNorm(groups, shape[-1], pytorch_compatible=True)
     new = norm.GroupNorm(groups, shape[-1])
     old.update({"weight": mx.random.normal((shape[-1],)), "bias": mx.random.normal((shape[-1],))})
@@ -81,6 +86,9 @@ def test_group_norm_matches_pytorch_compatible_group_norm(shape, groups):
 
     for name, a, c in zip(("y", "dx", "dweight", "dbias"), run(old), run(new)):
         assert _rel(a, c) < 2e-6, name
+    graph = io.StringIO()
+    mx.export_to_dot(graph, new(x))
+    assert ("Contiguous" in graph.getvalue()) == (compiled == "on")
 
 
 def test_softmax_matches_mlx_softmax_values_and_gradient():
