@@ -1,6 +1,7 @@
-"""Fused per-array updates (engine.training.fused) for an engine that runs eagerly: the
-same AdamW and EMA as MLX's and the engine's own, and eager training runs (DIFFNAS_COMPILE
-=fused and =off, each in a fresh process) that match the compiled one."""
+"""Updates for an engine that runs eagerly (engine.training.fused), per array fused or all
+arrays joined: the same clip, AdamW and EMA as MLX's and the engine's own, a state tree
+that checkpoints as MLX's does, and eager training runs (DIFFNAS_COMPILE=fused and =off,
+each in a fresh process) that match the compiled one."""
 
 import json
 import os
@@ -12,9 +13,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from engine.training.fused import FusedAdamW, ema_update
+from engine.training.fused import FlatAdamW, FusedAdamW, ema_update
 
 
 def _params(seed):
@@ -40,6 +41,54 @@ def test_fused_adamw_follows_mlx_adamw_with_bias_correction():
     for (k, x), (_, y) in zip(tree_flatten(theirs.state), tree_flatten(mine.state)):
         np.testing.assert_allclose(np.array(x), np.array(y), rtol=2e-5, atol=1e-7, err_msg=k)
     assert float(np.abs(np.array(a["w"]) - np.array(_params(0)["w"])).max()) > 1e-3  # it moved
+
+
+def _nested(seed):  # a tree like a model's: dicts and lists, arrays of several shapes
+    p = _params(seed)
+    return {"blocks": [{"conv": p["w"]}, {"norm": p["b"]}], "emb": p["emb"]}
+
+
+def test_flat_adamw_follows_mlx_clip_and_adamw_with_bias_correction():
+    schedule = optim.join_schedules([optim.linear_schedule(1e-4, 2e-3, 3),
+                                     optim.cosine_decay(2e-3, 10, 0.0)], [3])
+    theirs = optim.AdamW(learning_rate=schedule, weight_decay=0.05, bias_correction=True)
+    mine = FlatAdamW(schedule, weight_decay=0.05, grad_clip=1.5)
+    a, b = _nested(0), _nested(0)
+    for step in range(8):
+        grads = tree_map(lambda g, s=step: g * (0.2 + s), _nested(100 + step))  # some clipped
+        clipped, _ = optim.clip_grad_norm(grads, 1.5)
+        a = theirs.apply_gradients(clipped, a)
+        b = mine.apply_gradients(grads, b)
+        mx.eval(a, b, theirs.state, mine.state)
+    for (k, x), (_, y) in zip(tree_flatten(a), tree_flatten(b), strict=True):
+        np.testing.assert_allclose(np.array(x), np.array(y), rtol=2e-5, atol=2e-6, err_msg=k)
+    assert [k for k, _ in tree_flatten(theirs.state)] == [k for k, _ in tree_flatten(mine.state)]
+    for (k, x), (_, y) in zip(tree_flatten(theirs.state), tree_flatten(mine.state)):
+        np.testing.assert_allclose(np.array(x), np.array(y), rtol=2e-5, atol=1e-7, err_msg=k)
+    assert float(np.abs(np.array(a["emb"]) - np.array(_nested(0)["emb"])).max()) > 1e-3
+
+
+def test_flat_adamw_resumes_from_a_state_tree_as_if_never_stopped():
+    # A checkpoint stores the state tree and assigns it back, here to an optimizer that went
+    # on training in between: the joined moments must follow the tree, not the detour.
+    def copy(tree):
+        return tree_unflatten([(k, mx.array(np.array(v))) for k, v in tree_flatten(tree)])
+
+    def run(detour):
+        opt, w = FlatAdamW(1e-2, weight_decay=0.01), _nested(0)
+        for step in range(6):
+            if detour and step == 3:
+                saved_state, saved_w = copy(opt.state), copy(w)
+                for j in range(2):
+                    w = opt.apply_gradients(_nested(300 + j), w)
+                    mx.eval(w, opt.state)
+                opt.state, w = saved_state, saved_w
+            w = opt.apply_gradients(_nested(200 + step), w)
+            mx.eval(w, opt.state)
+        return w
+
+    for (k, x), (_, y) in zip(tree_flatten(run(False)), tree_flatten(run(True))):
+        np.testing.assert_allclose(np.array(x), np.array(y), rtol=1e-6, atol=1e-7, err_msg=k)
 
 
 def test_ema_update_is_the_weighted_mean():
@@ -82,7 +131,7 @@ def _train(mode):
 def test_eager_runs_train_as_the_compiled_one():
     compiled = _train("on")
     assert (compiled["compile"], compiled["optimizer"]) == ("on", "AdamW")
-    for mode, optimizer in (("fused", "FusedAdamW"), ("off", "AdamW")):
+    for mode, optimizer in (("fused", "FusedAdamW"), ("off", "FlatAdamW")):
         eager = _train(mode)
         assert (eager["compile"], eager["optimizer"]) == (mode, optimizer)
         assert len(eager["losses"]) == len(compiled["losses"]) > 0
