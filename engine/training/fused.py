@@ -21,9 +21,9 @@ change.
 :class:`FlatAdamW` goes further: the gradients and weights of all arrays are joined into
 one vector each, the norm clip and AdamW run once on those, and the arrays are cut back
 out as views, so a step costs a few dozen ops besides the joins instead of about 3,600
-(and the clip's 4 a array). On an H200, eager, the demo's train step at b32 ran in 32.1 ms
-against 68.9 ms with MLX's AdamW and 72.2 ms with the fused kernels
-(``benchmarks/gpu/README.md``, 2026-12-04 session 15). Its state tree keeps MLX's form
+(and the clip's 4 a array). On an H200, eager, the engine's demo train step at b32 took
+39.7 ms against 69.8 ms with MLX's AdamW and 59.6 ms with the fused kernels
+(``benchmarks/gpu/optimizer_step.py``; ``benchmarks/gpu/README.md``, 2026-12-04). Its state tree keeps MLX's form
 (``step``, ``learning_rate``, each array's ``m`` and ``v``, as views of the joined
 moments), so checkpoints do not change either.
 """
