@@ -96,7 +96,7 @@ class FlatAdamW(optim.AdamW):
 
     Arrays of more than one dtype are updated per array instead, by MLX's AdamW. The joined
     moments are kept between steps and rebuilt from the state tree when that is assigned
-    (a checkpoint loaded).
+    (a checkpoint loaded) or when the arrays trained change (a module frozen or thawed).
     """
 
     def __init__(self, learning_rate: Any, weight_decay: float = 0.01,
@@ -104,7 +104,7 @@ class FlatAdamW(optim.AdamW):
                  grad_clip: float = 0.0) -> None:
         super().__init__(learning_rate, list(betas), eps, weight_decay, bias_correction=True)
         self.grad_clip = grad_clip
-        self._moments: tuple[mx.array, mx.array] | None = None
+        self._moments: tuple[tuple[str, ...], mx.array, mx.array] | None = None
 
     @property
     def state(self) -> dict:
@@ -133,10 +133,10 @@ class FlatAdamW(optim.AdamW):
         g = _join(grads)
         if self.grad_clip > 0:
             g = g * mx.minimum(self.grad_clip / (mx.sqrt(mx.sum(g * g)) + 1e-6), 1.0)
-        if self._moments is None:
-            self._moments = (_join([s["m"] for s in per_array]),
+        if self._moments is None or self._moments[0] != names:  # first, loaded, or re-frozen
+            self._moments = (names, _join([s["m"] for s in per_array]),
                              _join([s["v"] for s in per_array]))
-        m, v = self._moments
+        _, m, v = self._moments
         b1, b2 = self.betas
         lr, step = self.learning_rate.astype(g.dtype), self.step
         w = _join([weights[n] for n in names]) * (1 - lr * self.weight_decay)
@@ -145,7 +145,7 @@ class FlatAdamW(optim.AdamW):
         c1 = (lr / (1 - b1**step)).astype(g.dtype)
         c2 = mx.rsqrt(1 - b2**step).astype(g.dtype)
         w = w - (c1 * m) / (mx.sqrt(v) * c2 + self.eps)
-        self._moments = (m, v)
+        self._moments = (names, m, v)
         shapes = [a.shape for a in grads]
         for s, m_i, v_i in zip(per_array, _cut(m, shapes), _cut(v, shapes)):
             s["m"], s["v"] = m_i, v_i

@@ -91,6 +91,22 @@ def test_flat_adamw_resumes_from_a_state_tree_as_if_never_stopped():
         np.testing.assert_allclose(np.array(x), np.array(y), rtol=1e-6, atol=1e-7, err_msg=k)
 
 
+def test_flat_adamw_follows_the_arrays_trained_when_they_change():
+    # A module frozen midway: its arrays leave the gradients, the others go on as MLX's do.
+    theirs = optim.AdamW(learning_rate=1e-2, weight_decay=0.01, bias_correction=True)
+    mine = FlatAdamW(1e-2, weight_decay=0.01)
+    a, b = _nested(0), _nested(0)
+    for step in range(6):
+        grads = _nested(400 + step)
+        if step >= 3:
+            del grads["emb"]
+        a = {**a, **theirs.apply_gradients(grads, a)}
+        b = {**b, **mine.apply_gradients(grads, b)}
+        mx.eval(a, b, theirs.state, mine.state)
+    for (k, x), (_, y) in zip(tree_flatten(a), tree_flatten(b), strict=True):
+        np.testing.assert_allclose(np.array(x), np.array(y), rtol=2e-5, atol=2e-6, err_msg=k)
+
+
 def test_ema_update_is_the_weighted_mean():
     e, p = _params(1), _params(2)
     want = tree_map(lambda x, y: 0.9 * x + (1 - 0.9) * y, e, p)
