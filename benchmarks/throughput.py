@@ -238,19 +238,23 @@ def mlx_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _mlx_eager_step(state: Any) -> Callable[[Any, Any], Any]:
-    """``engine.training.train.compiled_update`` without ``mx.compile`` (same loss, clip, AdamW)."""
+    """``engine.training.train.compiled_update`` without ``mx.compile`` (same loss, clip, AdamW;
+    the process's optimizer: :class:`engine.training.fused.FlatAdamW` where whole graphs are
+    not compiled)."""
     import mlx.optimizers as optim
     from mlx import nn
 
     from engine.sampling.diffusion import diffusion_loss
+    from engine.training.fused import FlatAdamW
 
     cfg, model, opt = state.config, state.model, state.optimizer
     loss_and_grad = nn.value_and_grad(model, lambda x0, key: diffusion_loss(
         model, x0, key, cfg.schedule.prediction, cfg.schedule.beta_schedule))
+    clip = 0.0 if isinstance(opt, FlatAdamW) else cfg.train.grad_clip  # it clips itself
 
     def step(x0: Any, key: Any) -> Any:
         loss, grads = loss_and_grad(x0, key)
-        if cfg.train.grad_clip > 0:
+        if clip > 0:
             grads, _ = optim.clip_grad_norm(grads, cfg.train.grad_clip)
         opt.update(model, grads)
         return loss
