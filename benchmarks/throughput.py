@@ -238,25 +238,20 @@ def mlx_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _mlx_eager_step(state: Any) -> Callable[[Any, Any], Any]:
-    """``engine.training.train.compiled_update`` without ``mx.compile`` (same loss, clip, AdamW;
-    the process's optimizer: :class:`engine.training.fused.FlatAdamW` where whole graphs are
-    not compiled)."""
-    import mlx.optimizers as optim
+    """``engine.training.train.compiled_update`` without ``mx.compile`` (same loss, clip and
+    optimizer: :class:`engine.training.fused.FlatAdamW` where whole graphs are not compiled)."""
     from mlx import nn
 
     from engine.sampling.diffusion import diffusion_loss
-    from engine.training.fused import FlatAdamW
+    from engine.training.fused import clip_and_update
 
     cfg, model, opt = state.config, state.model, state.optimizer
     loss_and_grad = nn.value_and_grad(model, lambda x0, key: diffusion_loss(
         model, x0, key, cfg.schedule.prediction, cfg.schedule.beta_schedule))
-    clip = 0.0 if isinstance(opt, FlatAdamW) else cfg.train.grad_clip  # it clips itself
 
     def step(x0: Any, key: Any) -> Any:
         loss, grads = loss_and_grad(x0, key)
-        if clip > 0:
-            grads, _ = optim.clip_grad_norm(grads, cfg.train.grad_clip)
-        opt.update(model, grads)
+        clip_and_update(opt, model, grads, cfg.train.grad_clip)
         return loss
 
     return step
@@ -670,11 +665,12 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     for t in torch_threads:
         label = "torch cuda" if torch_gpu else f"torch {t}T"
         part = _partial_for(args, label)
+        cores = None if torch_gpu else _cores(t)
         out["runs"][label] = _run(_worker_cmd(torch_py, "torch", args, [
             "--threads", str(t), "--expect-params", json.dumps(expect), "--partial", str(part)]),
-            _thread_env(t), args.torch_timeout, None if torch_gpu else _cores(t)) \
+            _thread_env(t), args.torch_timeout, cores) \
             or _salvage(part, "torch", report.get(f"torch[{t}T]", {}))
-        out["runs"][label]["cores"] = None if torch_gpu else sorted(_cores(t) or []) or None
+        out["runs"][label]["cores"] = sorted(cores) if cores else None
     out["wall_s"] = time.perf_counter() - t0
     return out
 

@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from engine.config import Config
 from engine.device import compile_mode
 from engine.training import train
-from engine.training.fused import FlatAdamW, FusedAdamW, ema_update
+from engine.training.fused import FlatAdamW, FusedAdamW, cut, ema_update, join
 from engine.training.objective import base_loss
 
 
@@ -44,13 +44,8 @@ def _per_array_ema(ema: dict, params: dict, d: float) -> dict:
 def _joined_ema(ema: dict, params: dict, d: float) -> dict:
     names, leaves = zip(*tree_flatten(ema))
     now = dict(tree_flatten(params))
-    joined = (d * mx.concatenate([a.reshape(-1) for a in leaves])
-              + (1 - d) * mx.concatenate([now[n].reshape(-1) for n in names]))
-    out, start = [], 0
-    for a in leaves:
-        out.append(joined[start:start + a.size].reshape(a.shape))
-        start += a.size
-    return tree_unflatten(list(zip(names, out)))  # type: ignore[no-any-return]
+    joined = d * join(leaves) + (1 - d) * join([now[n] for n in names])
+    return tree_unflatten(list(zip(names, cut(joined, [a.shape for a in leaves]))))  # type: ignore[no-any-return]
 
 
 VARIANTS: dict[str, tuple[Callable[[train.TrainConfig], optim.Optimizer], Callable]] = {

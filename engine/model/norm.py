@@ -42,7 +42,7 @@ def _group_norm(groups: int, eps: float,
     channel, closed into kernels of their own by ``mx.contiguous``. Without the fences
     ``mx.compile`` fused the division, the root and the products on the (B, 1, C)
     statistics into the (B, P, C) kernel, where they ran once per element: that kernel was
-    9% of the demo's DDIM-20 at batch 16, and the norm alone 1.5-2.8x slower at batch 8 to
+    9% of the demo's DDIM-20 at batch 16, and the norm alone 1.8-2.8x slower at batch 8 to
     32 (``benchmarks/cpu_speed.md``, session 15). Eager (an MLX CUDA GPU by default) every
     op is a kernel launch of its own, and the fences and the extra product cost more than
     they save (the demo 7-12% slower on an H200): there it stays

@@ -23,19 +23,21 @@ one vector each, the norm clip and AdamW run once on those, and the arrays are c
 out as views, so a step costs a few dozen ops besides the joins instead of about 3,600
 (and the clip's 4 a array). On an H200, eager, the engine's demo train step at b32 took
 39.7 ms against 69.8 ms with MLX's AdamW and 59.6 ms with the fused kernels
-(``benchmarks/gpu/optimizer_step.py``; ``benchmarks/gpu/README.md``, 2026-12-04). Its state tree keeps MLX's form
-(``step``, ``learning_rate``, each array's ``m`` and ``v``, as views of the joined
-moments), so checkpoints do not change either.
+(``benchmarks/gpu/optimizer_step.py``, ``benchmarks/gpu/README.md``). Its state tree keeps
+MLX's form (``step``, ``learning_rate``, each array's ``m`` and ``v``, as views of the
+joined moments), so checkpoints do not change either. :func:`clip_and_update` is the one
+place a training step clips and steps, whichever the optimizer.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from math import prod
 from typing import Any
 
 import mlx.core as mx
 import mlx.optimizers as optim
-import numpy as np
+from mlx import nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 
@@ -90,6 +92,19 @@ def ema_update(ema: dict, params: dict, decay: float) -> dict:
                     ema, params)
 
 
+def clip_and_update(optimizer: optim.Optimizer, model: nn.Module, grads: dict,
+                    grad_clip: float) -> None:
+    """One optimizer step on ``model`` after the global gradient-norm clip (none at 0):
+    :class:`FlatAdamW` clips the joined gradient itself, any other optimizer is given
+    ``optim.clip_grad_norm``'s arrays."""
+    if isinstance(optimizer, FlatAdamW):
+        model.update(optimizer.apply_gradients(grads, model, grad_clip))
+        return
+    if grad_clip > 0:
+        grads, _ = optim.clip_grad_norm(grads, grad_clip)
+    optimizer.update(model, grads)
+
+
 class FlatAdamW(optim.AdamW):
     """``mlx.optimizers.AdamW(bias_correction=True)`` after ``optim.clip_grad_norm(grads,
     grad_clip)`` (no clip at 0), computed once over all arrays joined into one vector.
@@ -100,10 +115,8 @@ class FlatAdamW(optim.AdamW):
     """
 
     def __init__(self, learning_rate: Any, weight_decay: float = 0.01,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 grad_clip: float = 0.0) -> None:
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
         super().__init__(learning_rate, list(betas), eps, weight_decay, bias_correction=True)
-        self.grad_clip = grad_clip
         self._moments: tuple[tuple[str, ...], mx.array, mx.array] | None = None
 
     @property
@@ -115,11 +128,12 @@ class FlatAdamW(optim.AdamW):
         self._moments = None  # whatever was joined belongs to the state replaced
         optim.Optimizer.state.fset(self, state)  # type: ignore[attr-defined]
 
-    def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
+    def apply_gradients(self, gradients: dict, parameters: dict,
+                        grad_clip: float = 0.0) -> dict:
         names, grads = zip(*tree_flatten(gradients))
         if len({g.dtype for g in grads}) != 1:
-            if self.grad_clip > 0:
-                gradients, _ = optim.clip_grad_norm(gradients, self.grad_clip)
+            if grad_clip > 0:
+                gradients, _ = optim.clip_grad_norm(gradients, grad_clip)
             self._moments = None
             return super().apply_gradients(gradients, parameters)  # type: ignore[no-any-return]
         if not self._initialized:
@@ -130,16 +144,16 @@ class FlatAdamW(optim.AdamW):
 
         weights = dict(tree_flatten(parameters))
         per_array = [_node(self.state, n) for n in names]
-        g = _join(grads)
-        if self.grad_clip > 0:
-            g = g * mx.minimum(self.grad_clip / (mx.sqrt(mx.sum(g * g)) + 1e-6), 1.0)
+        g = join(grads)
+        if grad_clip > 0:
+            g = g * mx.minimum(grad_clip / (mx.sqrt(mx.sum(g * g)) + 1e-6), 1.0)
         if self._moments is None or self._moments[0] != names:  # first, loaded, or re-frozen
-            self._moments = (names, _join([s["m"] for s in per_array]),
-                             _join([s["v"] for s in per_array]))
+            self._moments = (names, join([s["m"] for s in per_array]),
+                             join([s["v"] for s in per_array]))
         _, m, v = self._moments
         b1, b2 = self.betas
         lr, step = self.learning_rate.astype(g.dtype), self.step
-        w = _join([weights[n] for n in names]) * (1 - lr * self.weight_decay)
+        w = join([weights[n] for n in names]) * (1 - lr * self.weight_decay)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * mx.square(g)
         c1 = (lr / (1 - b1**step)).astype(g.dtype)
@@ -147,20 +161,21 @@ class FlatAdamW(optim.AdamW):
         w = w - (c1 * m) / (mx.sqrt(v) * c2 + self.eps)
         self._moments = (names, m, v)
         shapes = [a.shape for a in grads]
-        for s, m_i, v_i in zip(per_array, _cut(m, shapes), _cut(v, shapes)):
+        for s, m_i, v_i in zip(per_array, cut(m, shapes), cut(v, shapes)):
             s["m"], s["v"] = m_i, v_i
-        return tree_unflatten(list(zip(names, _cut(w, shapes))))  # type: ignore[no-any-return]
+        return tree_unflatten(list(zip(names, cut(w, shapes))))  # type: ignore[no-any-return]
 
 
-def _join(arrays: list[mx.array] | tuple[mx.array, ...]) -> mx.array:
+def join(arrays: list[mx.array] | tuple[mx.array, ...]) -> mx.array:
+    """``arrays`` flattened and joined end to end into one vector."""
     return mx.concatenate([a.reshape(-1) for a in arrays])
 
 
-def _cut(flat: mx.array, shapes: list[tuple[int, ...]]) -> list[mx.array]:
-    """``flat`` back into arrays of ``shapes``, in order: views, no copies."""
+def cut(flat: mx.array, shapes: list[tuple[int, ...]]) -> list[mx.array]:
+    """:func:`join`'s vector back into arrays of ``shapes``, in order: views, no copies."""
     out, start = [], 0
     for shape in shapes:
-        size = int(np.prod(shape))
+        size = prod(shape)
         out.append(flat[start:start + size].reshape(shape))
         start += size
     return out

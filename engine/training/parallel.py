@@ -41,7 +41,7 @@ from engine.device import compile_mode
 from engine.device.blas import blas_threads
 from engine.device.peers import Layout, Peer, process_count, serve, shares, tree_like
 from engine.model.unet import UNet
-from engine.training.fused import FlatAdamW
+from engine.training.fused import clip_and_update
 from engine.training.objective import base_loss, loss_and_grad
 
 ENV = "DIFFNAS_TRAIN_PROCESSES"
@@ -83,16 +83,12 @@ class DataParallelUpdate:
         self.grads = Layout(_leaves(model.trainable_parameters()))
         self.own = _share_grad(model, config, self.rows[0])
         clip = config.train.grad_clip
-        if isinstance(optimizer, FlatAdamW):  # it clips the joined gradient itself
-            optimizer.grad_clip, clip = clip, 0.0
         state = [model.state, optimizer.state]
 
         @partial(compile_mode.whole, inputs=state, outputs=state)
         def apply(own: dict, *others: dict) -> None:
             total = tree_map(lambda *g: sum(g[1:], g[0]), own, *others)
-            if clip > 0:
-                total, _ = optim.clip_grad_norm(total, clip)
-            optimizer.update(model, total)
+            clip_and_update(optimizer, model, total, clip)
 
         self._apply = apply
         size = self.params.size + self.grads.size * (n - 1)

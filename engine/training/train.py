@@ -27,7 +27,7 @@ from engine.device import compile_mode
 from engine.model.unet import UNet
 from engine.sampling.diffusion import diffusion_loss
 from engine.training import parallel
-from engine.training.fused import FlatAdamW, FusedAdamW, ema_update
+from engine.training.fused import FlatAdamW, FusedAdamW, clip_and_update, ema_update
 from engine.training.objective import Loss, base_loss, loss_and_grad
 
 VAL_BATCH = 256
@@ -88,8 +88,7 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     if compile_mode.fused_updates():
         return FusedAdamW(learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
     if not compile_mode.whole_graph():
-        return FlatAdamW(learning_rate_schedule(cfg), weight_decay=cfg.weight_decay,
-                         grad_clip=cfg.grad_clip)
+        return FlatAdamW(learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
     return optim.AdamW(learning_rate=learning_rate_schedule(cfg), weight_decay=cfg.weight_decay,
                        bias_correction=True)
 
@@ -161,15 +160,11 @@ def compiled_update(model: nn.Module, optimizer: optim.Optimizer, loss_fn: Loss,
     """
     value_and_grad = loss_and_grad(model, loss_fn, dtype)
     compiled_state = [model.state, optimizer.state, mx.random.state]
-    if isinstance(optimizer, FlatAdamW):  # it clips the joined gradient itself
-        optimizer.grad_clip, grad_clip = grad_clip, 0.0
 
     @partial(compile_mode.whole, inputs=compiled_state + list(frozen), outputs=compiled_state)
     def step(x0: mx.array, key: mx.array, *labels: mx.array) -> mx.array:
         loss, grads = value_and_grad(x0, key, *labels)
-        if grad_clip > 0:
-            grads, _ = optim.clip_grad_norm(grads, grad_clip)
-        optimizer.update(model, grads)
+        clip_and_update(optimizer, model, grads, grad_clip)
         return loss
 
     return step
