@@ -24,22 +24,31 @@ def _params(seed):
     return {k: mx.array(rng.normal(size=s).astype(np.float32)) for k, s in shapes.items()}
 
 
-def test_fused_adamw_follows_mlx_adamw_with_bias_correction():
+def _follows_mlx_adamw(mine, params, grads_at, clip=0.0):
+    """8 steps of ``mine`` against MLX's AdamW (after MLX's clip): weights and state agree."""
     schedule = optim.join_schedules([optim.linear_schedule(1e-4, 2e-3, 3),
                                      optim.cosine_decay(2e-3, 10, 0.0)], [3])
     theirs = optim.AdamW(learning_rate=schedule, weight_decay=0.05, bias_correction=True)
-    mine = FusedAdamW(schedule, weight_decay=0.05)
-    a, b = _params(0), _params(0)
+    mine = mine(schedule, weight_decay=0.05)
+    a, b = params(0), params(0)
     for step in range(8):
-        grads = _params(100 + step)
-        a = theirs.apply_gradients(grads, a)
-        b = mine.apply_gradients(grads, b)
+        grads = grads_at(step)
+        if clip:
+            a = theirs.apply_gradients(optim.clip_grad_norm(grads, clip)[0], a)
+            b = mine.apply_gradients(grads, b, grad_clip=clip)
+        else:
+            a, b = theirs.apply_gradients(grads, a), mine.apply_gradients(grads, b)
         mx.eval(a, b, theirs.state, mine.state)
-    for (k, x), (_, y) in zip(tree_flatten(a), tree_flatten(b)):
+    for (k, x), (_, y) in zip(tree_flatten(a), tree_flatten(b), strict=True):
         np.testing.assert_allclose(np.array(x), np.array(y), rtol=2e-5, atol=2e-6, err_msg=k)
     assert [k for k, _ in tree_flatten(theirs.state)] == [k for k, _ in tree_flatten(mine.state)]
     for (k, x), (_, y) in zip(tree_flatten(theirs.state), tree_flatten(mine.state)):
         np.testing.assert_allclose(np.array(x), np.array(y), rtol=2e-5, atol=1e-7, err_msg=k)
+    return a
+
+
+def test_fused_adamw_follows_mlx_adamw_with_bias_correction():
+    a = _follows_mlx_adamw(FusedAdamW, _params, lambda step: _params(100 + step))
     assert float(np.abs(np.array(a["w"]) - np.array(_params(0)["w"])).max()) > 1e-3  # it moved
 
 
@@ -49,22 +58,9 @@ def _nested(seed):  # a tree like a model's: dicts and lists, arrays of several 
 
 
 def test_flat_adamw_follows_mlx_clip_and_adamw_with_bias_correction():
-    schedule = optim.join_schedules([optim.linear_schedule(1e-4, 2e-3, 3),
-                                     optim.cosine_decay(2e-3, 10, 0.0)], [3])
-    theirs = optim.AdamW(learning_rate=schedule, weight_decay=0.05, bias_correction=True)
-    mine = FlatAdamW(schedule, weight_decay=0.05)
-    a, b = _nested(0), _nested(0)
-    for step in range(8):
-        grads = tree_map(lambda g, s=step: g * (0.2 + s), _nested(100 + step))  # some clipped
-        clipped, _ = optim.clip_grad_norm(grads, 1.5)
-        a = theirs.apply_gradients(clipped, a)
-        b = mine.apply_gradients(grads, b, grad_clip=1.5)
-        mx.eval(a, b, theirs.state, mine.state)
-    for (k, x), (_, y) in zip(tree_flatten(a), tree_flatten(b), strict=True):
-        np.testing.assert_allclose(np.array(x), np.array(y), rtol=2e-5, atol=2e-6, err_msg=k)
-    assert [k for k, _ in tree_flatten(theirs.state)] == [k for k, _ in tree_flatten(mine.state)]
-    for (k, x), (_, y) in zip(tree_flatten(theirs.state), tree_flatten(mine.state)):
-        np.testing.assert_allclose(np.array(x), np.array(y), rtol=2e-5, atol=1e-7, err_msg=k)
+    a = _follows_mlx_adamw(  # gradients growing step by step: the later ones clipped
+        FlatAdamW, _nested, lambda step: tree_map(lambda g: g * (0.2 + step), _nested(100 + step)),
+        clip=1.5)
     assert float(np.abs(np.array(a["emb"]) - np.array(_nested(0)["emb"])).max()) > 1e-3
 
 
