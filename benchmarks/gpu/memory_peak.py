@@ -68,6 +68,36 @@ def _mlx_env() -> dict[str, str]:
             ("MLX_BFS_MAX_WIDTH", "MLX_MAX_MB_PER_BUFFER", "MLX_MAX_OPS_PER_BUFFER")}
 
 
+def _mlx_row(**fields: Any) -> dict[str, Any]:
+    """A row of the MLX side: the device and the settings that move a peak, then ``fields``."""
+    mx = _mlx()
+    return {"framework": "mlx", "device": str(mx.default_device()), **_mlx_env(), **fields}
+
+
+def _timed(run: Callable[[], Any], rounds: int, steps: int) -> dict[str, Any]:
+    """``run`` (which evaluates its result) ``steps`` times a round: the median ms a call."""
+    import numpy as np
+
+    mx = _mlx()
+    times = []
+    for _ in range(rounds):
+        mx.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            run()
+        mx.synchronize()
+        times.append((time.perf_counter() - start) / steps * 1e3)
+    return {"ms_median": round(float(np.median(times)), 2),
+            "ms_rounds": [round(t, 2) for t in times]}
+
+
+def _unet(data: dict[str, Any]) -> Any:
+    """A throughput.py config as the engine's validated ``UNetConfig``."""
+    from engine.config import Config
+
+    return Config.from_dict({"unet": data}).unet
+
+
 def _mlx_peak(run: Callable[[], Any]) -> float:
     """MiB that ``run`` allocates at its peak above what was alive before it (warmed first)."""
     mx = _mlx()
@@ -85,15 +115,13 @@ def _mlx_peak(run: Callable[[], Any]) -> float:
 def mlx_steps(configs: list[str], batches: list[int], rounds: int, steps: int) -> None:
     """The engine's eager step: its peak and its median time."""
     mx = _mlx()
-    import numpy as np
-
     from benchmarks.throughput import _load_configs, _mlx_eager_step
-    from engine.config import Config, ScheduleConfig, TrainConfig, UNetConfig
+    from engine.config import Config, ScheduleConfig, TrainConfig
     from engine.model.formulation import cpu_layers
     from engine.training import train as etrain
 
     for name, data in _load_configs(configs).items():
-        ucfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        ucfg = _unet(data)
         for b in batches:
             cfg = Config(unet=ucfg, schedule=ScheduleConfig(sampler="ddim", steps=20),
                          train=TrainConfig(batch_size=b, steps=10**6))
@@ -108,19 +136,9 @@ def mlx_steps(configs: list[str], batches: list[int], rounds: int, steps: int) -
                 return loss, state.model.parameters(), state.optimizer.state
 
             peak = _mlx_peak(one)
-            times = []
-            for _ in range(rounds):
-                mx.synchronize()
-                start = time.perf_counter()
-                for _ in range(steps):
-                    mx.eval(one())
-                mx.synchronize()
-                times.append((time.perf_counter() - start) / steps * 1e3)
-            _emit({"framework": "mlx", "device": str(mx.default_device()),
-                   "layers": "cpu" if cpu_layers() else "mlx", **_mlx_env(), "config": name,
-                   "piece": "step", "batch": b, "peak_mib": round(peak, 1),
-                   "ms_median": round(float(np.median(times)), 2),
-                   "ms_rounds": [round(t, 2) for t in times]})
+            _emit(_mlx_row(layers="cpu" if cpu_layers() else "mlx", config=name, piece="step",
+                           batch=b, peak_mib=round(peak, 1),
+                           **_timed(lambda one=one: mx.eval(one()), rounds, steps)))
 
 
 def mlx_sampling(configs: list[str], batches: list[int], rounds: int, steps: int) -> None:
@@ -128,37 +146,26 @@ def mlx_sampling(configs: list[str], batches: list[int], rounds: int, steps: int
     ``rounds`` times, with the graph cap in the row (a cap can move where MLX cuts its CUDA
     graphs, and so the latency objective)."""
     mx = _mlx()
-    import numpy as np
-
     from benchmarks.throughput import _load_configs
-    from engine.config import ScheduleConfig, UNetConfig
+    from engine.config import ScheduleConfig
     from engine.model.unet import UNet
     from engine.sampling.samplers import generate
 
     for name, data in _load_configs(configs).items():
-        ucfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        ucfg = _unet(data)
         model = UNet(ucfg)
         mx.eval(model.parameters())
         sched = ScheduleConfig(sampler="ddim", steps=20)
         for b in batches:
             def run(b: int = b, model: Any = model, sched: Any = sched, u: Any = ucfg) -> None:
-                generate(model, sched, b, 0, u.image_size, u.channels)
+                generate(model, sched, b, 0, u.image_size, u.channels)  # ends with mx.eval
 
             run()
-            times = []
-            for _ in range(rounds):
-                start = time.perf_counter()
-                for _ in range(steps):
-                    run()
-                times.append((time.perf_counter() - start) / steps * 1e3)
-            _emit({"framework": "mlx", "device": str(mx.default_device()), **_mlx_env(),
-                   "config": name, "piece": "ddim20", "batch": b,
-                   "ms_median": round(float(np.median(times)), 2),
-                   "ms_rounds": [round(t, 2) for t in times]})
+            _emit(_mlx_row(config=name, piece="ddim20", batch=b, **_timed(run, rounds, steps)))
 
 
 def mlx_layers(batches: list[int]) -> None:
-    """Single layers at the demo's shapes: peak of the input and weight gradients."""
+    """Single layers (:data:`LAYERS`): the peak of their input and weight gradients."""
     mx = _mlx()
     from mlx import nn
 
@@ -187,15 +194,15 @@ def mlx_layers(batches: list[int]) -> None:
                 return (layer(xx) * cot).sum()
 
             g = mx.grad(value, argnums=(0, 1) if weights else 1)
-            _emit({"framework": "mlx", "device": str(mx.default_device()),
-                   "layers": "cpu" if cpu_layers() else "mlx",
-                   **_mlx_env(), "piece": name, "batch": b,
-                   "peak_mib": round(_mlx_peak(lambda g=g, w=weights, x=x: g(w, x)), 1),
-                   "activation_mib": round(x.nbytes / MIB, 1)})
+            _emit(_mlx_row(layers="cpu" if cpu_layers() else "mlx", piece=name, batch=b,
+                           peak_mib=round(_mlx_peak(lambda g=g, w=weights, x=x: g(w, x)), 1),
+                           activation_mib=round(x.nbytes / MIB, 1)))
 
 
 def torch_rows(batches: list[int]) -> None:
     import torch
+
+    from benchmarks.torch_unet import Attention, UNetCfg
 
     dev = torch.device("cuda")
     common = {"framework": "torch", "device": torch.cuda.get_device_name(dev),
@@ -216,25 +223,11 @@ def torch_rows(batches: list[int]) -> None:
         torch.cuda.synchronize(dev)
         return (torch.cuda.max_memory_allocated(dev) - base) / MIB
 
-    class Attn(torch.nn.Module):
-        def __init__(self, c: int, heads: int) -> None:
-            super().__init__()
-            self.heads, self.norm = heads, torch.nn.GroupNorm(8, c)
-            self.qkv, self.out = torch.nn.Linear(c, 3 * c), torch.nn.Linear(c, c)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            b, c, h, w = x.shape
-            q, k, v = self.qkv(self.norm(x).flatten(2).transpose(1, 2)).reshape(
-                b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-            o = self.out(o.transpose(1, 2).reshape(b, h * w, c))
-            return x + o.transpose(1, 2).reshape(b, c, h, w)
-
     for b in batches:
         for name, (kind, (h, w, c)) in LAYERS.items():
             layer = (torch.nn.Conv2d(c, c, 3, padding=1) if kind == "conv" else
                      torch.nn.GroupNorm(8, c) if kind == "groupnorm" else
-                     Attn(c, c // HEAD_DIM) if kind == "attention" else
+                     Attention(UNetCfg(head_dim=HEAD_DIM), c) if kind == "attention" else
                      torch.nn.ReLU() if kind == "relu" else torch.nn.SiLU()).to(dev)
             x = torch.randn(b, c, h, w, device=dev)
             cot = torch.randn_like(layer(x))
