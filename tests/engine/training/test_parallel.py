@@ -146,12 +146,18 @@ def test_memory_measurements_keep_the_whole_job_in_one_process(monkeypatch):
     for block in (one_process(), enforce_limit(10_000)):
         with block:
             assert parallel.processes_for(cfg) == sample_processes(model, schedule, 8) == 1
-    split = sampling_peak_mb(model, Config(unet=UNET, schedule=schedule), 8)
+
+    def peak() -> float:  # the least of three: MLX's main thread running ahead only adds
+        return min(sampling_peak_mb(model, Config(unet=UNET, schedule=schedule), 8)
+                   for _ in range(3))
+
+    split = peak()
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
-    whole = sampling_peak_mb(model, Config(unet=UNET, schedule=schedule), 8)
-    # Measured: about 1.9 MB whole, 1.0 MB when the peer draws half the rows; a busy
-    # machine moves the whole job's peak by about 6% (MLX's main thread runs ahead).
-    assert split == pytest.approx(whole, rel=0.2)
+    whole = peak()
+    # Measured: about 1.9 MB whole, 1.0 MB when the peer draws half the rows. A busy
+    # machine only raises a peak (CI once read 2.17 MB against 1.72), so the bound is
+    # one-sided: a split would show as about half.
+    assert split > 0.75 * whole, (split, whole)
 
 
 def test_a_failed_step_ends_the_peers_so_no_answer_is_left_behind():
