@@ -66,14 +66,14 @@ def measure(model, config, pin: bool) -> dict:
     start = time.perf_counter()
     stat = measure_latency(model, config, pin=pin)
     seconds = time.perf_counter() - start
-    rounds, start_ms, usual_ms = last_measurement()
+    rounds, start_ms, usual_ms, max_rounds = last_measurement()
     plain = sampling_latency(model, config, batch=1).median_ms
     return {"ms": stat.median_ms, "plain_ms": plain, "ci": stat.ci, "rounds": stat.rounds,
             "disturbed_rounds": stat.disturbed_rounds, "disturbed": stat.disturbed,
             "ratio": stat.reference_ratio, "wait": stat.wait_share,
             "shift": stat.reference_shift, "slowdown": stat.host_slowdown,
             "seconds": seconds, "load": os.getloadavg()[0],
-            "raw": {"start_ms": start_ms, "usual_ms": usual_ms,
+            "raw": {"start_ms": start_ms, "usual_ms": usual_ms, "max_rounds": max_rounds,
                     "rounds": [{"others": r.others, "samples": [
                         [s.ms, s.before_ms, s.after_ms, s.wait, s.before_wait, s.after_wait]
                         for s in r.samples]} for r in rounds]}}

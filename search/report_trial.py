@@ -151,7 +151,7 @@ def _trust_lines(m: rec.Measured) -> list[str]:
 def _trust(ms: float, ci: float, rounds: int, disturbed_rounds: int, ratio: float,
            disturbed: bool, wait_share: float = 0.0, shift: float = 1.0,
            slowdown: float = 1.0) -> str:
-    mark = "DISTURBED (too few clean samples) " if disturbed else ""
+    mark = "DISTURBED (too few clean samples, or too wide an interval) " if disturbed else ""
     waited = f", waited {wait_share:.0%} for the core" if wait_share else ""
     moved = f", host speed moved the reference x{shift:.3g}" if shift != 1.0 else ""
     scaled = (f", at the host's usual speed (it ran x{slowdown:.3g}: {ms * slowdown:.4g} ms as "
@@ -161,13 +161,15 @@ def _trust(ms: float, ci: float, rounds: int, disturbed_rounds: int, ratio: floa
 
 
 def disturbed_note(r: rec.TrialRecord) -> str:
-    """``latency disturbed (reference x1.8)`` for a trial whose latency had too few clean
-    samples, even when measured again; empty otherwise."""
+    """``latency disturbed (reference x1.8, median +-4.1%)`` for a trial whose latency had
+    too few clean samples, or too wide an interval, even when measured again; empty
+    otherwise."""
     m = r.measured
     if m is None or not m.disturbed:
         return ""
     again = ", also when re-measured" if m.latency_attempts else ""
-    return f"latency disturbed (reference x{m.reference_ratio:.3g}{again})"
+    return (f"latency disturbed (reference x{m.reference_ratio:.3g}, median +-{m.latency_ci:.1%}"
+            f"{again})")
 
 
 def _decision(stage: str, answer: str, reason: str, evidence: str) -> str:

@@ -59,8 +59,10 @@ ROW_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "reason": ({"type": "string"}, ("why it was pruned, failed or is infeasible (may be "
                "empty)")),
     "latency_disturbed": ({"type": ["boolean", "null"]}, ("the latency had too few clean "
-                          "samples, even when measured again (another process took the CPU); "
-                          "null: not measured. Optional: absent from older documents")),
+                          "samples, or their median's 95% interval stayed wider than +-5% "
+                          "to the last round, even when measured again (another process took "
+                          "the CPU, or the host's speed kept moving); null: not measured. "
+                          "Optional: absent from older documents")),
 }
 """Each row's fields: JSON Schema of the value, and its meaning (the README's table)."""
 

@@ -113,8 +113,9 @@ class Measurement:
 
     The latency's trust, from the steady protocol (``engine.device.bench.LatencyStat``, ``engine.device.steady``):
     ``latency_ci`` (relative half-width of the median's 95% interval), ``latency_rounds``,
-    ``disturbed_rounds``, ``reference_ratio``, ``disturbed`` (too few clean samples:
-    another process kept taking the CPU), ``wait_share`` (the median share of the kept
+    ``disturbed_rounds``, ``reference_ratio``, ``disturbed`` (too few clean samples,
+    or their median's interval still wider than +-5% after the last round: another process
+    kept taking the CPU, or the host's speed kept moving), ``wait_share`` (the median share of the kept
     samples' time the process waited for its core) and ``reference_shift`` (how far the
     host's own speed moved the reference's calibration during the measurement) and
     ``host_slowdown`` (how much slower than usual the host ran: the latency is scaled back

@@ -87,7 +87,8 @@ class LatencyStat:
     rounds timed; ``disturbed_rounds``, those with a sample set aside because a reference
     probe beside it strayed; ``reference_ratio``, the reference's time beside the kept
     samples over its calibrated time (the one furthest from 1); ``disturbed``, too few
-    samples were clean, so the samples are the least disturbed ones; ``wait_share``, the
+    samples were clean, so the samples are the least disturbed ones, or the clean ones'
+    interval stayed wider than the protocol's target to its last round; ``wait_share``, the
     median share of the kept samples' time that the process waited on the run queue (a CPU
     hog on its core); ``reference_shift``, the calibration the last round was judged by over
     the one the measurement started with (the host's own speed moved); ``host_slowdown``,

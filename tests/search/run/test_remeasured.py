@@ -81,7 +81,7 @@ def test_a_clean_re_measurement_replaces_the_disturbed_latency(tmp_path):
     assert m.latency_attempts[0]["latency_ms"] == 118.0
     assert r.value("latency_ms") == 61.0
     text = report_trial.trial_text(study, 0)
-    assert "DISTURBED (too few clean samples) 118 ms" in text and "after evaluation: 61 ms" in text
+    assert "DISTURBED (too few clean samples, or too wide an interval) 118 ms" in text and "after evaluation: 61 ms" in text
     assert "latency disturbed" not in text.splitlines()[0]
 
 
@@ -92,7 +92,8 @@ def test_a_latency_that_stays_disturbed_is_marked_in_status_and_pareto_rows(tmp_
     assert r.measured.disturbed and r.measured.latency_ms == 118.0  # the less disturbed
     assert len(r.measured.latency_attempts) == 2
     head = report_trial.trial_text(study, 0).splitlines()[0]
-    assert head == "trial 0: COMPLETE -- latency disturbed (reference x1.8, also when re-measured)"
+    assert head == ("trial 0: COMPLETE -- latency disturbed (reference x1.8, median +-8.0%, "
+                    "also when re-measured)")
     assert "latency disturbed" in report.status_text(study)
     doc = rows.document(study, report.front(study, st.stored_space(study)), everything=True)
     jsonschema.validate(doc, rows.SCHEMA)
