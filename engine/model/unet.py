@@ -26,6 +26,18 @@ from engine.model.norm import GroupNorm
 _ACTIVATIONS = {"silu": silu, "gelu": nn.gelu, "relu": nn.relu}
 
 
+def embed(table: mx.array, y: mx.array) -> mx.array:
+    """``table[y]``, the rows of integer labels ``y``, as a one-hot multiply and sum.
+
+    The same values (one term of each sum is the row, the rest exact zeros; a one-hot matmul
+    would round the rows to TF32, MLX's default for float32 GEMMs on CUDA), without the
+    gather, and the scatter-add of its gradient, that MLX's CUDA backend compiles with
+    NVRTC in every process that starts with an empty kernel cache (seconds each).
+    """
+    onehot = mx.expand_dims(y, -1) == mx.arange(table.shape[0])
+    return (mx.expand_dims(onehot.astype(table.dtype), -1) * table).sum(axis=-2)
+
+
 def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
     """Sinusoidal embedding of continuous time ``t`` in [0, 1], shape (B,) -> (B, dim).
 
@@ -97,7 +109,10 @@ class Attention(nn.Module):
         qkv = self.qkv(self.norm(x).reshape(b, h * w, c))
         # (B, L, 3C) -> 3 x (B, heads, L, head_dim)
         qkv = qkv.reshape(b, h * w, 3, self.heads, c // self.heads).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        # A split, not qkv[0], qkv[1], qkv[2]: MLX indexes with an integer through a gather
+        # (and differentiates it with a scatter), two kernels its CUDA backend compiles with
+        # NVRTC in every fresh process: 6.3 s of a cold first train step on an H200.
+        q, k, v = (a.squeeze(0) for a in mx.split(qkv, 3, axis=0))
         scale = 1.0 / math.sqrt(c // self.heads)
         if cpu_layers():
             # softmax(q k^T / sqrt(d)) v, spelled out: MLX's CPU attention kernel runs its
@@ -184,7 +199,7 @@ class UNet(nn.Module):
         if self.config.num_classes > 0:
             if y is None:
                 y = mx.full((x.shape[0],), self.config.num_classes, dtype=mx.int32)
-            temb = temb + self.label_emb(y).astype(dtype)
+            temb = temb + embed(self.label_emb.weight, y).astype(dtype)
         h = self.conv_in(x.astype(dtype))
         hs = [h]
         run = _checkpointed if self.checkpointing else _direct

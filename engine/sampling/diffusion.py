@@ -104,8 +104,10 @@ def diffusion_loss(model: nn.Module, x0: mx.array, key: mx.array, prediction: st
     t = mx.random.uniform(T_MIN, 1.0, shape=(x0.shape[0],), key=k_t)
     eps = mx.random.normal(x0.shape, key=k_eps)
     if labels is not None:
-        labels = drop_labels(labels, mx.random.split(k_t)[1], label_dropout,
-                             model.config.num_classes)
+        # Unpacked, not [1]: MLX indexes with an integer through a gather, a kernel that its
+        # CUDA backend compiles at run time (tests/engine/model/test_cuda_kernels.py).
+        _, k_drop = mx.random.split(k_t)
+        labels = drop_labels(labels, k_drop, label_dropout, model.config.num_classes)
     share = 1.0
     if rows is not None:
         lo, hi = rows

@@ -58,8 +58,8 @@ def labelled(nets: Sequence[Any], config: Config, key: mx.array,
     Without labels (an unconditional network) the nets are returned as they are."""
     if not labels:
         return tuple(nets)
-    y = drop_labels(labels[0], mx.random.split(key, 3)[2], config.train.label_dropout,
-                    config.unet.num_classes)
+    *_, k_drop = mx.random.split(key, 3)  # unpacked, not [2]: see diffusion_loss
+    y = drop_labels(labels[0], k_drop, config.train.label_dropout, config.unet.num_classes)
     return tuple(Labelled(n, y) for n in nets)
 
 
