@@ -124,6 +124,35 @@ def held_still(pin: bool) -> Iterator[bool]:
             gc.enable()
 
 
+@contextlib.contextmanager
+def batch_scheduled() -> Iterator[None]:
+    """The calling thread under ``SCHED_BATCH`` while this process may run on one core only
+    (Linux; elsewhere, or on more cores, nothing changes).
+
+    MLX builds the graph on the caller's thread and computes on a thread of its own, waking
+    the caller every ten ops. On one core each wake-up preempted the computing thread: about
+    4,900 context switches per DDIM-20 run of the demo at batch 1. A ``SCHED_BATCH`` thread
+    does not preempt when woken, so it encodes more ops a turn: 480 switches, and the run
+    8-12% faster (98.2 -> 86.3 ms, 110.5 -> 101.5 ms, two in-process A/Bs on the 2-core VM;
+    batch 16 and a training step within 1-2%). On two cores the same policy made batch 1
+    14% slower, hence one core only (benchmarks/cpu_speed.md).
+    """
+    policy = getattr(os, "SCHED_BATCH", None)
+    try:
+        alone = policy is not None and len(os.sched_getaffinity(0)) == 1 \
+            and os.sched_getscheduler(0) == os.SCHED_OTHER
+    except (AttributeError, OSError):
+        alone = False
+    if not alone:
+        yield
+        return
+    os.sched_setscheduler(0, policy, os.sched_param(0))
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
 def current_core() -> int | None:
     """The core this thread runs on now (Linux: ``/proc/thread-self/stat``), else None."""
     try:

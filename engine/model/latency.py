@@ -44,6 +44,7 @@ from mlx import nn
 
 from engine.config import Config, UNetConfig
 from engine.device.bench import LatencyStat, device_fingerprint, time_call
+from engine.device.contention import batch_scheduled
 from engine.model.blocks import Block, walk
 from engine.model.cost import block_layers
 from engine.model.unet import UNet, timestep_embedding
@@ -243,12 +244,14 @@ def measure_ms(probe: Probe, clock: str = "wall", runs: int = 7) -> float:
 
     A table entry takes the lower quartile rather than the median: on a shared machine a
     burst of other work inflates a few of these short timings, and only ever slows them.
+    Timed as sampling runs (:func:`engine.device.contention.batch_scheduled`).
     """
-    mx.eval(probe())  # build and first touch
-    single = time_ms(lambda: mx.eval(probe()), clock, runs=3, retries=0).median_ms
-    copies = max(1, min(MAX_COPIES, math.ceil(TARGET_MS / max(single, 1e-3))))
-    stat = time_ms(lambda: mx.eval([y for _ in range(copies) for y in probe()]), clock,
-                   runs=runs, retries=0)
+    with batch_scheduled():
+        mx.eval(probe())  # build and first touch
+        single = time_ms(lambda: mx.eval(probe()), clock, runs=3, retries=0).median_ms
+        copies = max(1, min(MAX_COPIES, math.ceil(TARGET_MS / max(single, 1e-3))))
+        stat = time_ms(lambda: mx.eval([y for _ in range(copies) for y in probe()]), clock,
+                       runs=runs, retries=0)
     return float(np.percentile(stat.samples_ms, 25)) / copies
 
 

@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from engine.config import ScheduleConfig, UNetConfig
 from engine.device.blas import blas_threads
+from engine.device.contention import batch_scheduled
 from engine.device.peers import Layout, Peer, process_count, serve, shares
 from engine.model.unet import UNet
 from engine.sampling.adaptive import sample_adaptive
@@ -125,8 +126,9 @@ def generate(model: nn.Module, schedule: ScheduleConfig, n: int, seed: int, imag
     processes = sample_processes(model, schedule, n)
     if processes > 1:
         return _generate_split(model, schedule, x, k_sample, clip_x0, labels, processes)
-    # A batch split over CPU streams gives each stream one BLAS thread (diffusion.cpu_streams).
-    with blas_threads(1) if min(cpu_streams(), n) > 1 else nullcontext():
+    # A batch split over CPU streams gives each stream one BLAS thread (diffusion.cpu_streams);
+    # on one core, the thread that builds the graph yields to MLX's (batch_scheduled).
+    with blas_threads(1) if min(cpu_streams(), n) > 1 else nullcontext(), batch_scheduled():
         out = _draw(model, schedule, x, k_sample, clip_x0, labels)
         mx.eval(out)
     return out
