@@ -60,9 +60,15 @@ ROUNDS = 3  # a missing entry is timed once per round and keeps its fastest
 Probe = Callable[[], list[mx.array]]
 
 
+TIMING = 2
+"""How entries are timed, hashed into a table's name: a table cached before a change in how
+the engine times (2: sampling on one core as a ``SCHED_BATCH`` thread,
+:func:`engine.device.contention.batch_scheduled`) is measured afresh, not mixed with it."""
+
+
 def device_key(fingerprint: dict[str, Any]) -> str:
-    """A short stable hash of a device fingerprint: the table's file name."""
-    text = json.dumps(fingerprint, sort_keys=True, default=str)
+    """A short stable hash of a device fingerprint and :data:`TIMING`: the table's file name."""
+    text = json.dumps({"device": fingerprint, "timing": TIMING}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
