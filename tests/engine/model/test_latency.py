@@ -59,6 +59,15 @@ def test_table_round_trips_through_its_cache_keyed_by_fingerprint(tmp_path, quic
         latency.LatencyTable.load(tmp_path, FP_A, clock="cpu")
 
 
+def test_a_table_timed_the_old_way_is_measured_afresh(tmp_path, quick_timing, monkeypatch):
+    old = latency.LatencyTable.load(tmp_path, FP_A, clock="cpu")
+    latency.predict_latency_ms(config(steps=2), old)
+    assert old.entries and old.path.exists()
+    monkeypatch.setattr(latency, "TIMING", latency.TIMING + 1)
+    new = latency.LatencyTable.load(tmp_path, FP_A, clock="cpu")
+    assert new.entries == {} and new.path != old.path and old.path.exists()  # kept, unread
+
+
 def test_saving_merges_entries_from_other_processes(tmp_path):
     one = latency.LatencyTable.load(tmp_path, FP_A, clock="cpu")
     two = latency.LatencyTable.load(tmp_path, FP_A, clock="cpu")
