@@ -22,16 +22,17 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 import engine  # noqa: F401, I001  (binds OpenBLAS before mlx loads)
 import mlx.core as mx
+from throughput import CONFIGS
 
 from engine.config import ScheduleConfig, UNetConfig
 from engine.model.unet import UNet
 from engine.sampling import samplers
 
-DEMO = UNetConfig(image_size=16, channels=1, base_width=32, width_mults=(1, 2),
-                  num_res_blocks=1, attn_levels=(1,), head_dim=32)
+DEMO = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v
+                     for k, v in CONFIGS["demo"].items()})
 
 
 def switches() -> int:

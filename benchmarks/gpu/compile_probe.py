@@ -45,9 +45,7 @@ from engine.training.objective import base_loss, loss_and_grad
 
 
 def _modules() -> set[str]:
-    """The names of the modules in this process's kernel cache (none without one)."""
-    folder = Path(kernel_cache.describe()["kernel_cache"])
-    return {f.stem for f in folder.rglob("*.ptx")} if folder.is_absolute() else set()
+    return kernel_cache.modules() or set()
 
 
 def _stage(run: Callable[[], None]) -> tuple[float, list[str]]:

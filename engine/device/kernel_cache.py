@@ -99,10 +99,18 @@ def configure(environ: dict[str, str] | os._Environ[str] | None = None,
     return status
 
 
+def modules() -> set[str] | None:
+    """The names of the modules in this process's cache now (None: no cache folder)."""
+    folder = Path(STATUS["kernel_cache"])
+    if not (folder.is_absolute() and folder.is_dir()):
+        return None
+    return {f.stem for f in folder.rglob("*.ptx")}
+
+
 def describe() -> dict[str, Any]:
     """The cache this process uses and how many compiled modules it holds now."""
     out = dict(STATUS)
-    folder = Path(out["kernel_cache"])
-    if folder.is_absolute() and folder.is_dir():
-        out["kernel_cache_modules"] = sum(1 for _ in folder.rglob("*.ptx"))
+    names = modules()
+    if names is not None:
+        out["kernel_cache_modules"] = len(names)
     return out

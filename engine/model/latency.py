@@ -20,7 +20,8 @@ over all missing blocks, keeping the fastest: a burst of other work on a shared 
 only ever slows a timing down). A table belongs to one device: it is cached as JSON under
 ``results/latency-tables/``, named by a hash of :func:`engine.device.bench.device_fingerprint`.
 A machine that is not the device (the coordinator) loads it with ``measure=False`` and
-estimates any missing block from the measured blocks of its kind by FLOPs.
+estimates any missing block from the measured blocks of its kind by FLOPs. How an entry is
+timed (its probe, K copies, the clock) is :mod:`engine.model.latency_timing`.
 """
 
 from __future__ import annotations
@@ -31,33 +32,33 @@ import json
 import math
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx import nn
 
 from engine.config import Config, UNetConfig
-from engine.device.bench import LatencyStat, device_fingerprint, time_call
-from engine.device.contention import batch_scheduled
+from engine.device.bench import device_fingerprint
 from engine.model.blocks import Block, walk
 from engine.model.cost import block_layers
-from engine.model.unet import UNet, timestep_embedding
-from engine.sampling.samplers import generate
+from engine.model.latency_timing import (  # noqa: F401  (sampling_latency, time_ms: the API)
+    Probe,
+    block_probe,
+    measure_ms,
+    sampler_probe,
+    sampling_latency,
+    time_ms,
+)
+from engine.model.unet import UNet
 
 TABLE_DIR = Path("results") / "latency-tables"
 FORMAT = 1
-TARGET_MS = 4.0  # each timed call runs enough block copies to take about this long
-MAX_COPIES = 64
 MIN_POINTS_2D = 8  # calibration points before per_block_ms is fitted too
 ROUNDS = 3  # a missing entry is timed once per round and keeps its fastest
-
-Probe = Callable[[], list[mx.array]]
 
 
 TIMING = 2
@@ -227,40 +228,6 @@ def _read(path: Path) -> LatencyTable:
         raise ValueError(f"{path}: corrupt latency table ({err})") from None
 
 
-# --------------------------------------------------------------------------- measuring
-
-
-def time_ms(fn: Callable[[], Any], clock: str = "wall", runs: int = 5, warmup: int = 1,
-            retries: int = 2) -> LatencyStat:
-    """:func:`engine.device.bench.time_call` on the ``wall`` or ``cpu`` clock."""
-    timer = time.perf_counter if clock == "wall" else time.process_time
-    return time_call(fn, runs, warmup, retries, clock=timer)
-
-
-def sampling_latency(model: UNet, config: Config, batch: int = 1, clock: str = "wall",
-                     runs: int = 5) -> LatencyStat:
-    """:func:`engine.device.bench.sampling_latency` on a chosen clock: what the table predicts."""
-    u = config.unet
-    return time_ms(lambda: generate(model, config.schedule, batch, 0, u.image_size, u.channels),
-                   clock, runs=runs)
-
-
-def measure_ms(probe: Probe, clock: str = "wall", runs: int = 7) -> float:
-    """Milliseconds per call of ``probe``: K copies per ``mx.eval``, lower quartile of ``runs``.
-
-    A table entry takes the lower quartile rather than the median: on a shared machine a
-    burst of other work inflates a few of these short timings, and only ever slows them.
-    Timed as sampling runs (:func:`engine.device.contention.batch_scheduled`).
-    """
-    with batch_scheduled():
-        mx.eval(probe())  # build and first touch
-        single = time_ms(lambda: mx.eval(probe()), clock, runs=3, retries=0).median_ms
-        copies = max(1, min(MAX_COPIES, math.ceil(TARGET_MS / max(single, 1e-3))))
-        stat = time_ms(lambda: mx.eval([y for _ in range(copies) for y in probe()]), clock,
-                       runs=runs, retries=0)
-    return float(np.percentile(stat.samples_ms, 25)) / copies
-
-
 # --------------------------------------------------------------------------- block keys
 
 
@@ -323,56 +290,6 @@ def _estimate(entries: dict[str, dict[str, float]], key: str, flops: float) -> f
     return max(a + b * flops, float(y.min()) * 0.5)
 
 
-# --------------------------------------------------------------------------- probes
-
-
-def _probe(model: UNet, block: Block, batch: int) -> Probe:
-    """A call that runs ``block`` of ``model`` once on fixed random inputs."""
-    cfg, kind = model.config, block.kind
-    xs = [mx.random.normal((batch, block.res, block.res, w)) for _, w in block.ins]
-    temb = mx.random.normal((batch, cfg.time_emb_dim))
-    t = mx.full((batch,), 0.5)
-    mx.eval(xs, temb, t)
-    if kind == "time":
-        return lambda: [model.time_out(model.act(model.time_in(
-            timestep_embedding(t, cfg.base_width))))]
-    if kind == "conv_in":
-        return lambda: [model.conv_in(xs[0])]
-    if kind == "out":
-        return lambda: [model.conv_out(model.act(model.norm_out(xs[0])))]
-    module = _submodule(model, block.path)
-    if kind == "res" and len(xs) == 2:
-        return lambda: [module(mx.concatenate(xs, axis=-1), temb)]
-    if kind == "res":
-        return lambda: [module(xs[0], temb)]
-    return lambda: [module(xs[0])]
-
-
-def _submodule(model: UNet, path: str) -> Any:
-    node: Any = model
-    for part in path.split("."):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    return node
-
-
-def _sampler_probe(config: Config, batch: int) -> Probe:
-    """The sampling call with a network that costs nothing: the per-call overhead.
-
-    Guidance's own arithmetic (one subtract, multiply and add a step) is left out of it:
-    its network calls on twice the batch are the blocks' part (:func:`raw_latency_ms`).
-    """
-    u, s = config.unet, replace(config.schedule, guidance=1.0)
-    free = _Free()
-    return lambda: [generate(free, s, batch, 0, u.image_size, u.channels)]
-
-
-class _Free(nn.Module):
-    """A network that returns its input: costs no time, keeps the sampler's arithmetic."""
-
-    def __call__(self, x: mx.array, t: mx.array) -> mx.array:
-        return x
-
-
 # --------------------------------------------------------------------------- prediction
 
 
@@ -394,7 +311,7 @@ def forward_needs(cfg: UNetConfig, batch: int = 1) -> list[Need]:
             if not built:  # built once, only when something must be measured
                 built.append(UNet(cfg))
                 mx.eval(built[0].parameters())
-            return _probe(built[0], block, batch)
+            return block_probe(built[0], block, batch)
         return make
 
     return [Need(block_key(cfg, b, batch), block_flops(cfg, b, batch), probe_for(b))
@@ -416,7 +333,7 @@ def raw_latency_ms(config: Config, table: LatencyTable, batch: int = 1) -> tuple
     u, s = config.unet, config.schedule
     needs = forward_needs(u, batch * config.passes)
     pixels = float(s.steps * u.image_size ** 2 * u.channels * batch)
-    sampler = Need(sampler_key(config, batch), pixels, lambda: _sampler_probe(config, batch))
+    sampler = Need(sampler_key(config, batch), pixels, lambda: sampler_probe(config, batch))
     table.fill([*needs, sampler])
     forward = sum(table.lookup(n.key, n.flops) for n in needs)
     return table.lookup(sampler.key, sampler.flops) + s.steps * forward, float(s.steps * len(needs))

@@ -3,8 +3,8 @@
 MLX on CUDA compiles some kernels with NVRTC at first use (``get_jit_module`` in
 ``mlx/backend/cuda``: indexing by arrays, scatters, slice updates, fused graphs), seconds
 each in a process that starts with an empty kernel cache. On an H200 two of them, a gather
-and its gradient's scatter-add from ``qkv[0]``, were 6.3 s of a fresh process's first train
-step (benchmarks/gpu/README.md, session 17). The graphs are read here on the CPU, traced as
+and its gradient's scatter-add from ``qkv[0]``, were 5.1 of the 6.3 s of a fresh process's
+first forward and gradient (benchmarks/gpu/README.md, session 17). The graphs are read here on the CPU, traced as
 the GPU runs them: MLX's own layers (``DIFFNAS_LAYERS=mlx``), nothing compiled.
 """
 
